@@ -1,0 +1,14 @@
+//! Burn modules of bit-ttt: ternary [`BitLinear`] layers (BitNet b1.58) and their packed
+//! inference form [`PackedBitLinear`].
+//!
+//! Every module is generic over the Burn backend `B`; wrap it in `Autodiff<B>` to train.
+#![warn(missing_docs)]
+
+pub mod bit_linear;
+pub mod error;
+pub mod packed_bit_linear;
+pub mod quantize;
+
+pub use bit_linear::{BitLinear, BitLinearConfig};
+pub use error::BitTttError;
+pub use packed_bit_linear::PackedBitLinear;

@@ -1,0 +1,147 @@
+//! `PackedBitLinear`: the inference-only form of [`BitLinear`], with weights packed 2 bits each.
+
+use bit_ttt_kernels::cpu::{reference, QuantizedActivations};
+use bit_ttt_kernels::PackedTernary;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::quantize::ternary_codes;
+use crate::{BitLinear, BitTttError};
+
+/// A [`BitLinear`] frozen for inference: ternary weights packed 2 bits each
+/// ([`PackedTernary`]) with their scale, plus the f32 bias.
+///
+/// Its forward equals [`BitLinear::forward`] (without gradients) up to float rounding: both
+/// see the same ternary codes and the same int8 activation codes; only the order of the final
+/// multiplications differs.
+#[derive(Debug, Clone)]
+pub struct PackedBitLinear<B: Backend> {
+    /// The packed ternary weights, `[d_output, d_input]`.
+    pub weight: PackedTernary,
+    /// Optional bias, `[d_output]`.
+    pub bias: Option<Tensor<B, 1>>,
+    /// Whether activations are quantized to int8 (W1.58A8) or kept in f32 (W1.58A16).
+    pub quantize_activations: bool,
+    /// Lower bound of the activation absmax.
+    pub eps: f64,
+}
+
+impl<B: Backend> PackedBitLinear<B> {
+    /// Packs a trained layer's weights.
+    ///
+    /// # Errors
+    /// [`BitTttError::Kernel`] if the weights cannot be packed (a non-finite scale: the latent
+    /// weights hold NaN or infinity).
+    pub fn from_bit_linear(layer: &BitLinear<B>) -> Result<Self, BitTttError> {
+        let [d_output, d_input] = layer.weight.dims();
+        let (codes, gamma) = ternary_codes(layer.weight.val(), layer.eps);
+        let codes: Vec<i8> = codes
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()?
+            .into_iter()
+            .map(|c| c as i8)
+            .collect();
+        let gamma = gamma.into_data().convert::<f32>().into_vec::<f32>()?[0];
+        let weight = PackedTernary::pack(&codes, d_output, d_input, gamma)?;
+        Ok(Self {
+            weight,
+            bias: layer.bias.as_ref().map(|b| b.val()),
+            quantize_activations: layer.quantize_activations,
+            eps: layer.eps,
+        })
+    }
+
+    /// Applies the layer with the packed weights.
+    ///
+    /// # Shapes
+    /// - input: `[..., d_input]`
+    /// - output: `[..., d_output]`
+    ///
+    /// # Panics
+    /// If the last dimension of `input` is not `d_input` (a programmer error).
+    pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
+        let device = input.device();
+        let in_dims = input.dims();
+        let (d_input, d_output) = (self.weight.cols(), self.weight.rows());
+        assert_eq!(
+            in_dims[D - 1],
+            d_input,
+            "PackedBitLinear: input shape {in_dims:?} does not end in d_input = {d_input}"
+        );
+        let tokens = in_dims[..D - 1].iter().product::<usize>();
+        let x: Vec<f32> = input
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("converted tensor data holds f32");
+        let mut y = vec![0.0f32; tokens * d_output];
+        if self.quantize_activations {
+            let xq = QuantizedActivations::quantize(&x, d_input, self.eps as f32);
+            reference::gemm_i8(&self.weight, &xq, &mut y);
+        } else {
+            reference::gemm_f32(&self.weight, &x, tokens, &mut y);
+        }
+        let mut out_dims = in_dims;
+        out_dims[D - 1] = d_output;
+        let y = Tensor::<B, D>::from_data(TensorData::new(y, out_dims), &device);
+        match &self.bias {
+            Some(bias) => y.add(bias.clone().reshape(bias_shape::<D>(d_output))),
+            None => y,
+        }
+    }
+}
+
+/// `[1, ..., 1, d_output]`, so the bias broadcasts over every leading dimension.
+fn bias_shape<const D: usize>(d_output: usize) -> [usize; D] {
+    let mut shape = [1; D];
+    shape[D - 1] = d_output;
+    shape
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BitLinearConfig;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    type B = NdArray;
+
+    fn assert_close(packed: &[f32], trained: &[f32]) {
+        let scale = trained.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (i, (p, t)) in packed.iter().zip(trained).enumerate() {
+            assert!(
+                (p - t).abs() <= 1e-5 * scale,
+                "element {i}: packed {p} vs training-mode {t} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn packed_forward_equals_training_forward() {
+        let device = Default::default();
+        for &(d_in, d_out, bias, quantize) in
+            &[(37, 11, true, true), (128, 5, false, true), (200, 3, true, false)]
+        {
+            let layer = BitLinearConfig::new(d_in, d_out)
+                .with_bias(bias)
+                .with_quantize_activations(quantize)
+                .init::<B>(&device);
+            let packed = PackedBitLinear::from_bit_linear(&layer).unwrap();
+            let x = Tensor::<B, 3>::random([2, 3, d_in], Distribution::Normal(0.0, 1.0), &device);
+            let trained = layer.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+            let y = packed.forward(x);
+            assert_eq!(y.dims(), [2, 3, d_out]);
+            assert_close(&y.into_data().to_vec::<f32>().unwrap(), &trained);
+        }
+    }
+
+    #[test]
+    fn packed_weights_unpack_to_the_codes() {
+        let device = Default::default();
+        let layer = BitLinearConfig::new(9, 4).init::<B>(&device);
+        let packed = PackedBitLinear::from_bit_linear(&layer).unwrap();
+        let effective = layer.effective_weight().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(packed.weight.dequantize(), effective);
+    }
+}

@@ -1,0 +1,16 @@
+//! Packed ternary weights and the kernels that read them.
+//!
+//! - [`packing`]: the 2-bit packed layout of ternary (BitNet b1.58) weight matrices, with
+//!   [`pack`](packing::PackedTernary::pack) and [`unpack`](packing::PackedTernary::unpack).
+//! - [`cpu`]: matrix products of packed weights with int8 or f32 activations. A scalar reference
+//!   always exists; faster kernels are checked against it.
+//!
+//! This crate has no dependency on the other bit-ttt crates: `bit-ttt-burn` uses it, never the reverse.
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod error;
+pub mod packing;
+
+pub use error::KernelError;
+pub use packing::{BlockTernary, PackedTernary, QK_TERNARY};
