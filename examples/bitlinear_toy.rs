@@ -9,6 +9,7 @@
 //! Gaussian inputs. Both students have the same shape (32 → 128 → 8, GELU) and the same optimizer.
 
 use bit_ttt::bit_ttt_burn::{BitLinear, BitLinearConfig};
+use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::{Linear, LinearConfig};
@@ -64,7 +65,11 @@ struct Teacher<B: Backend> {
 
 impl<B: Backend> Teacher<B> {
     fn new(device: &B::Device) -> Self {
-        let w1 = Tensor::random([D_IN, 64], Distribution::Normal(0.0, 1.0 / (D_IN as f64).sqrt()), device);
+        let w1 = Tensor::random(
+            [D_IN, 64],
+            Distribution::Normal(0.0, 1.0 / (D_IN as f64).sqrt()),
+            device,
+        );
         let w2 = Tensor::random([64, D_OUT], Distribution::Normal(0.0, 1.0 / 8.0), device);
         Self { w1, w2 }
     }
@@ -77,7 +82,7 @@ impl<B: Backend> Teacher<B> {
 }
 
 /// Trains `model` with Adam and returns the loss every 50 steps and the final held-out loss.
-fn train<M>(mut model: M, teacher: &Teacher<B>, device: &<B as Backend>::Device) -> (Vec<f32>, f32)
+fn train<M>(mut model: M, teacher: &Teacher<B>, device: &NdArrayDevice) -> (Vec<f32>, f32)
 where
     M: Student<B> + AutodiffModule<B>,
     M::InnerModule: Student<NdArray>,
@@ -95,7 +100,9 @@ where
     }
     <B as Backend>::seed(device, 1234);
     let (x, y) = teacher.batch(device);
-    let held_out = (model.valid().forward(x.inner()) - y.inner()).powi_scalar(2).mean();
+    let held_out = (model.valid().forward(x.inner()) - y.inner())
+        .powi_scalar(2)
+        .mean();
     (curve, held_out.into_scalar())
 }
 
@@ -106,8 +113,12 @@ fn main() {
     // Both students start from the same seed so that only the layer type differs.
     <B as Backend>::seed(&device, 7);
     let ternary = TernaryMlp {
-        up: BitLinearConfig::new(D_IN, D_HIDDEN).with_bias(true).init(&device),
-        down: BitLinearConfig::new(D_HIDDEN, D_OUT).with_bias(true).init(&device),
+        up: BitLinearConfig::new(D_IN, D_HIDDEN)
+            .with_bias(true)
+            .init(&device),
+        down: BitLinearConfig::new(D_HIDDEN, D_OUT)
+            .with_bias(true)
+            .init(&device),
     };
     <B as Backend>::seed(&device, 7);
     let float = FloatMlp {
@@ -125,7 +136,10 @@ fn main() {
     <B as Backend>::seed(&device, 99);
     let (float_curve, float_final) = train(float, &teacher, &device);
 
-    println!("{:>6}  {:>14}  {:>14}", "step", "BitLinear MSE", "f32 Linear MSE");
+    println!(
+        "{:>6}  {:>14}  {:>14}",
+        "step", "BitLinear MSE", "f32 Linear MSE"
+    );
     for (i, (t, f)) in ternary_curve.iter().zip(&float_curve).enumerate() {
         println!("{:>6}  {t:>14.5}  {f:>14.5}", i * 50);
     }

@@ -9,7 +9,10 @@ use burn::module::Param;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 
 /// The same layer on another backend: same latent weights, bias and settings.
-fn to_backend<B1: Backend, B2: Backend>(layer: &BitLinear<B1>, device: &B2::Device) -> BitLinear<B2> {
+fn to_backend<B1: Backend, B2: Backend>(
+    layer: &BitLinear<B1>,
+    device: &B2::Device,
+) -> BitLinear<B2> {
     BitLinear {
         weight: Param::from_tensor(Tensor::from_data(layer.weight.val().into_data(), device)),
         bias: layer
@@ -35,10 +38,18 @@ fn bit_linear_ndarray_and_wgpu_agree() {
             .init::<NdArray>(&cpu);
         let x = Tensor::<NdArray, 3>::random([2, 5, 67], Distribution::Normal(0.0, 1.0), &cpu);
 
-        let expected = layer.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+        let expected = layer
+            .forward(x.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         let layer_gpu = to_backend::<NdArray, Wgpu>(&layer, &gpu);
         let x_gpu = Tensor::<Wgpu, 3>::from_data(x.into_data(), &gpu);
-        let got = layer_gpu.forward(x_gpu).into_data().to_vec::<f32>().unwrap();
+        let got = layer_gpu
+            .forward(x_gpu)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
 
         let diff = common::max_abs_diff(&got, &expected);
         assert!(

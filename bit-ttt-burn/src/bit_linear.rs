@@ -64,8 +64,12 @@ impl BitLinearConfig {
             device,
         );
         let bias = self.bias.then(|| {
-            self.initializer
-                .init_with([self.d_output], Some(self.d_input), Some(self.d_output), device)
+            self.initializer.init_with(
+                [self.d_output],
+                Some(self.d_input),
+                Some(self.d_output),
+                device,
+            )
         });
         BitLinear {
             weight,
@@ -159,7 +163,11 @@ mod tests {
         let device = Default::default();
         let layer = BitLinearConfig::new(37, 11).init::<B>(&device);
         let gamma = layer.weight.val().abs().mean().into_scalar();
-        let effective = layer.effective_weight().into_data().to_vec::<f32>().unwrap();
+        let effective = layer
+            .effective_weight()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         assert!(effective.iter().any(|&v| v != 0.0));
         for v in effective {
             let code = v / gamma;
@@ -193,18 +201,30 @@ mod tests {
         type A = Autodiff<NdArray>;
         let device = Default::default();
         let (tokens, d_in, d_out) = (5, 7, 4);
-        let layer = BitLinearConfig::new(d_in, d_out).with_bias(true).init::<A>(&device);
+        let layer = BitLinearConfig::new(d_in, d_out)
+            .with_bias(true)
+            .init::<A>(&device);
         let x_values: Vec<f32> = (0..tokens * d_in)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
             .collect();
-        let x = Tensor::<A, 2>::from_data(TensorData::new(x_values.clone(), [tokens, d_in]), &device)
-            .require_grad();
+        let x =
+            Tensor::<A, 2>::from_data(TensorData::new(x_values.clone(), [tokens, d_in]), &device)
+                .require_grad();
         // L = Σ c ⊙ y with fixed, distinct coefficients, so dL/dy = c.
-        let c_values: Vec<f32> = (0..tokens * d_out).map(|i| (i as f32 * 0.37).sin()).collect();
-        let c = Tensor::<A, 2>::from_data(TensorData::new(c_values.clone(), [tokens, d_out]), &device);
+        let c_values: Vec<f32> = (0..tokens * d_out)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let c =
+            Tensor::<A, 2>::from_data(TensorData::new(c_values.clone(), [tokens, d_out]), &device);
         let loss = layer.forward(x.clone()).mul(c).sum();
         let grads = loss.backward();
-        let grad_w = layer.weight.grad(&grads).unwrap().to_data().to_vec::<f32>().unwrap();
+        let grad_w = layer
+            .weight
+            .grad(&grads)
+            .unwrap()
+            .to_data()
+            .to_vec::<f32>()
+            .unwrap();
         let grad_x = x.grad(&grads).unwrap().to_data().to_vec::<f32>().unwrap();
 
         // Explicit STE formulas, computed here in plain Rust:
@@ -227,16 +247,26 @@ mod tests {
             .collect();
         for o in 0..d_out {
             for i in 0..d_in {
-                let expected: f32 = (0..tokens).map(|t| c_values[t * d_out + o] * xq[t * d_in + i]).sum();
+                let expected: f32 = (0..tokens)
+                    .map(|t| c_values[t * d_out + o] * xq[t * d_in + i])
+                    .sum();
                 let got = grad_w[o * d_in + i];
-                assert!((got - expected).abs() < 1e-5, "dL/dW[{o},{i}] = {got}, expected {expected}");
+                assert!(
+                    (got - expected).abs() < 1e-5,
+                    "dL/dW[{o},{i}] = {got}, expected {expected}"
+                );
             }
         }
         for t in 0..tokens {
             for i in 0..d_in {
-                let expected: f32 = (0..d_out).map(|o| c_values[t * d_out + o] * w_eff[o * d_in + i]).sum();
+                let expected: f32 = (0..d_out)
+                    .map(|o| c_values[t * d_out + o] * w_eff[o * d_in + i])
+                    .sum();
                 let got = grad_x[t * d_in + i];
-                assert!((got - expected).abs() < 1e-5, "dL/dx[{t},{i}] = {got}, expected {expected}");
+                assert!(
+                    (got - expected).abs() < 1e-5,
+                    "dL/dx[{t},{i}] = {got}, expected {expected}"
+                );
             }
         }
     }

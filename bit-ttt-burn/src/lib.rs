@@ -7,8 +7,10 @@
 pub mod bit_linear;
 pub mod error;
 pub mod packed_bit_linear;
+pub mod projection;
 pub mod quantize;
 
 pub use bit_linear::{BitLinear, BitLinearConfig};
 pub use error::BitTttError;
 pub use packed_bit_linear::PackedBitLinear;
+pub use projection::{Projection, ProjectionConfig};

@@ -120,16 +120,22 @@ mod tests {
     #[test]
     fn packed_forward_equals_training_forward() {
         let device = Default::default();
-        for &(d_in, d_out, bias, quantize) in
-            &[(37, 11, true, true), (128, 5, false, true), (200, 3, true, false)]
-        {
+        for &(d_in, d_out, bias, quantize) in &[
+            (37, 11, true, true),
+            (128, 5, false, true),
+            (200, 3, true, false),
+        ] {
             let layer = BitLinearConfig::new(d_in, d_out)
                 .with_bias(bias)
                 .with_quantize_activations(quantize)
                 .init::<B>(&device);
             let packed = PackedBitLinear::from_bit_linear(&layer).unwrap();
             let x = Tensor::<B, 3>::random([2, 3, d_in], Distribution::Normal(0.0, 1.0), &device);
-            let trained = layer.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+            let trained = layer
+                .forward(x.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
             let y = packed.forward(x);
             assert_eq!(y.dims(), [2, 3, d_out]);
             assert_close(&y.into_data().to_vec::<f32>().unwrap(), &trained);
@@ -141,7 +147,11 @@ mod tests {
         let device = Default::default();
         let layer = BitLinearConfig::new(9, 4).init::<B>(&device);
         let packed = PackedBitLinear::from_bit_linear(&layer).unwrap();
-        let effective = layer.effective_weight().into_data().to_vec::<f32>().unwrap();
+        let effective = layer
+            .effective_weight()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         assert_eq!(packed.weight.dequantize(), effective);
     }
 }

@@ -39,10 +39,7 @@ pub fn quantize_weight<B: Backend>(weight: Tensor<B, 2>, eps: f64) -> Tensor<B, 
 /// - `x`, returns: `[..., d]`, quantized over the last dimension
 pub fn quantize_activations<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
     let scale = activation_scale(x.clone(), eps); // [..., 1]
-    x.mul(scale.clone())
-        .round()
-        .clamp(-128.0, 127.0)
-        .div(scale)
+    x.mul(scale.clone()).round().clamp(-128.0, 127.0).div(scale)
 }
 
 /// The per-token scale `s = 127 / max(max|x|, eps)`, computed as `(1 / m) · 127`.
@@ -94,7 +91,10 @@ mod tests {
         let device = Default::default();
         // absmax 2 → s = 63.5: [63.5, -127, 0.635] → [64, -127, 1] (half to even) → / 63.5.
         let x = Tensor::<B, 2>::from_floats([[1.0, -2.0, 0.01]], &device);
-        let q = quantize_activations(x, 1e-5).into_data().to_vec::<f32>().unwrap();
+        let q = quantize_activations(x, 1e-5)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         let expected = [64.0 / 63.5, -127.0 / 63.5, 1.0 / 63.5];
         for (a, e) in q.iter().zip(expected) {
             assert!((a - e).abs() < 1e-6, "{q:?} vs {expected:?}");

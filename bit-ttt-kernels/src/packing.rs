@@ -141,9 +141,10 @@ impl PackedTernary {
         let mut values = Vec::with_capacity(self.rows * self.cols);
         for row in 0..self.rows {
             let row_blocks = &self.blocks[row * bpr..(row + 1) * bpr];
-            values.extend((0..self.cols).map(|col| {
-                row_blocks[col / QK_TERNARY].code(col % QK_TERNARY) as i8 - 1
-            }));
+            values.extend(
+                (0..self.cols)
+                    .map(|col| row_blocks[col / QK_TERNARY].code(col % QK_TERNARY) as i8 - 1),
+            );
         }
         values
     }
@@ -214,7 +215,9 @@ mod tests {
 
     /// Deterministic ternary values without a random-number dependency.
     fn ternary_values(n: usize, seed: u64) -> Vec<i8> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
                 state = state
@@ -227,12 +230,21 @@ mod tests {
 
     #[test]
     fn round_trip_on_odd_shapes() {
-        for &(rows, cols) in &[(1, 1), (3, 31), (17, 127), (2, 128), (5, 129), (33, 1000), (1, 4097)] {
+        for &(rows, cols) in &[
+            (1, 1),
+            (3, 31),
+            (17, 127),
+            (2, 128),
+            (5, 129),
+            (33, 1000),
+            (1, 4097),
+        ] {
             let values = ternary_values(rows * cols, (rows * 31 + cols) as u64);
             let packed = PackedTernary::pack(&values, rows, cols, 0.5).unwrap();
             assert_eq!(packed.blocks().len(), rows * cols.div_ceil(128));
             assert_eq!(packed.unpack(), values, "round trip {rows}x{cols}");
-            let again = PackedTernary::from_blocks(packed.blocks().to_vec(), rows, cols, 0.5).unwrap();
+            let again =
+                PackedTernary::from_blocks(packed.blocks().to_vec(), rows, cols, 0.5).unwrap();
             assert_eq!(again, packed);
         }
     }
@@ -269,10 +281,16 @@ mod tests {
         );
         assert!(matches!(
             PackedTernary::pack(&[0, 1], 1, 3, 1.0),
-            Err(KernelError::LengthMismatch { expected: 3, actual: 2, .. })
+            Err(KernelError::LengthMismatch {
+                expected: 3,
+                actual: 2,
+                ..
+            })
         ));
         assert_eq!(
-            PackedTernary::pack(&[0], 1, 1, f32::NAN).unwrap_err().to_string(),
+            PackedTernary::pack(&[0], 1, 1, f32::NAN)
+                .unwrap_err()
+                .to_string(),
             "invalid scale NaN: must be finite and > 0"
         );
         let mut block = BlockTernary::ZERO;

@@ -6,8 +6,9 @@
 /// `BIT_TTT_REQUIRE_WGPU=1` is set: then a missing adapter fails the test, so CI can never
 /// skip the wgpu tests silently.
 pub fn wgpu_available(test: &str) -> bool {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::from_env_or_default());
-    let adapters = futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapters =
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     if !adapters.is_empty() {
         return true;
     }
@@ -21,5 +22,7 @@ pub fn wgpu_available(test: &str) -> bool {
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "slices of different lengths");
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
 }

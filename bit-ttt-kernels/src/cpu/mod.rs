@@ -16,7 +16,12 @@ pub use activations::QuantizedActivations;
 use crate::PackedTernary;
 
 /// Checks the shapes of a product and panics with a message naming them (a programmer error).
-pub(crate) fn assert_product_shapes(w: &PackedTernary, x_len: usize, tokens: usize, out_len: usize) {
+pub(crate) fn assert_product_shapes(
+    w: &PackedTernary,
+    x_len: usize,
+    tokens: usize,
+    out_len: usize,
+) {
     assert_eq!(
         x_len,
         tokens * w.cols(),
