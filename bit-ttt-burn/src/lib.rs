@@ -4,13 +4,18 @@
 //! Every module is generic over the Burn backend `B`; wrap it in `Autodiff<B>` to train.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod bit_linear;
 pub mod error;
+pub mod model;
 pub mod packed_bit_linear;
 pub mod projection;
 pub mod quantize;
+pub mod rope;
+pub mod swiglu;
 
 pub use bit_linear::{BitLinear, BitLinearConfig};
 pub use error::BitTttError;
+pub use model::{BitLlama, BitLlamaConfig, MixerKind, ModelState};
 pub use packed_bit_linear::PackedBitLinear;
 pub use projection::{Projection, ProjectionConfig};

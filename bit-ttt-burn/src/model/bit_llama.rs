@@ -1,0 +1,107 @@
+//! `BitLlama`: token embedding → blocks → final RMSNorm → LM head.
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::{backend::Backend, Int, Tensor};
+
+use crate::model::block::Block;
+use crate::model::mixer::MixerState;
+use crate::model::BitLlamaConfig;
+use crate::{Projection, ProjectionConfig};
+
+/// A Llama-shaped language model whose projections are ternary and whose mixers are TTT layers
+/// (or attention, as a baseline).
+#[derive(Module, Debug)]
+pub struct BitLlama<B: Backend> {
+    /// Token embedding, `[vocab_size, d_model]`, full precision.
+    pub embedding: Embedding<B>,
+    /// The residual blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// LM head `d_model → vocab_size` (f32 unless `ternary_head`).
+    pub lm_head: Projection<B>,
+}
+
+/// What a model remembers of one batch of sequences: one [`MixerState`] per block, and how
+/// many tokens it has read.
+#[derive(Debug, Clone)]
+pub struct ModelState<B: Backend> {
+    /// One state per block.
+    pub layers: Vec<MixerState<B>>,
+    /// Tokens read so far.
+    pub position: usize,
+}
+
+impl<B: Backend> ModelState<B> {
+    /// Number of f32 values held by all layers.
+    pub fn num_elements(&self) -> usize {
+        self.layers.iter().map(MixerState::num_elements).sum()
+    }
+}
+
+impl BitLlamaConfig {
+    /// Initializes a new model with random weights.
+    ///
+    /// # Panics
+    /// If the configuration does not [`validate`](Self::validate) (a programmer error; loading
+    /// a model from files reports it as an error instead).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> BitLlama<B> {
+        if let Err(problem) = self.validate() {
+            panic!("invalid BitLlamaConfig: {problem}");
+        }
+        BitLlama {
+            embedding: EmbeddingConfig::new(self.vocab_size, self.d_model)
+                .with_initializer(burn::module::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .init(device),
+            blocks: (0..self.n_layers).map(|_| Block::init(self, device)).collect(),
+            norm: RmsNormConfig::new(self.d_model)
+                .with_epsilon(self.norm_eps)
+                .init(device),
+            lm_head: ProjectionConfig::new(self.d_model, self.vocab_size)
+                .with_ternary(self.ternary_head)
+                .init(device),
+        }
+    }
+}
+
+impl<B: Backend> BitLlama<B> {
+    /// Logits for every position of a batch of whole sequences.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`; returns `[batch, seq, vocab_size]`
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let mut x = self.embedding.forward(tokens); // [batch, seq, d_model]
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// An empty state for reading new sequences.
+    pub fn new_state(&self) -> ModelState<B> {
+        ModelState {
+            layers: self.blocks.iter().map(|b| b.mixer.new_state()).collect(),
+            position: 0,
+        }
+    }
+
+    /// Logits for `tokens`, which follow the tokens `state` has read; updates `state`.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`; returns `[batch, seq, vocab_size]`
+    pub fn forward_with_state(&self, tokens: Tensor<B, 2, Int>, state: &mut ModelState<B>) -> Tensor<B, 3> {
+        let seq = tokens.dims()[1];
+        let mut x = self.embedding.forward(tokens);
+        for (block, layer_state) in self.blocks.iter().zip(&mut state.layers) {
+            x = block.forward_with_state(x, layer_state);
+        }
+        state.position += seq;
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Vocabulary size (rows of the embedding).
+    pub fn vocab_size(&self) -> usize {
+        self.embedding.weight.dims()[0]
+    }
+}

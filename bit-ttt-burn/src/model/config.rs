@@ -1,0 +1,159 @@
+//! `BitLlamaConfig`: the shape of a model, saved beside its weights as `config.json`.
+
+use burn::config::Config;
+use serde::{Deserialize, Serialize};
+
+/// Which sequence mixer the blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MixerKind {
+    /// TTT-Linear: fast weights `W1, b1` learn the context (no KV cache).
+    TttLinear,
+    /// TTT-MLP: a two-layer fast-weight MLP learns the context (no KV cache).
+    TttMlp,
+    /// Causal multi-head attention with RoPE and a KV cache (the baseline).
+    Attention,
+}
+
+impl MixerKind {
+    /// The name used in `config.json` and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            MixerKind::TttLinear => "ttt_linear",
+            MixerKind::TttMlp => "ttt_mlp",
+            MixerKind::Attention => "attention",
+        }
+    }
+}
+
+impl std::str::FromStr for MixerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ttt_linear" => Ok(MixerKind::TttLinear),
+            "ttt_mlp" => Ok(MixerKind::TttMlp),
+            "attention" => Ok(MixerKind::Attention),
+            other => Err(format!(
+                "unknown mixer {other:?}: expected ttt_linear, ttt_mlp or attention"
+            )),
+        }
+    }
+}
+
+/// Configuration of a [`BitLlama`](super::BitLlama) model.
+///
+/// Presets: [`tiny`](Self::tiny) for tests and the sizes of the TTT paper
+/// ([`ttt_125m`](Self::ttt_125m), [`ttt_350m`](Self::ttt_350m), [`ttt_760m`](Self::ttt_760m),
+/// [`ttt_1_3b`](Self::ttt_1_3b)). Their parameter counts (vocabulary 32,000, f32 head):
+///
+/// | preset | d_model | layers | heads | d_ffn | parameters (TTT-Linear) |
+/// |--------|---------|--------|-------|-------|------------|
+/// | tiny   | 64      | 2      | 4     | 128   | see `parameter_counts_of_presets` test |
+/// | 125m   | 768     | 12     | 12    | 2048  | ≈ 0.13 B |
+/// | 350m   | 1024    | 24     | 16    | 2736  | ≈ 0.36 B |
+/// | 760m   | 1536    | 24     | 16    | 4096  | ≈ 0.77 B |
+/// | 1.3b   | 2048    | 24     | 32    | 5504  | ≈ 1.4 B |
+#[derive(Config, Debug, PartialEq)]
+pub struct BitLlamaConfig {
+    /// Vocabulary size (token ids are `0..vocab_size`).
+    pub vocab_size: usize,
+    /// Model width.
+    pub d_model: usize,
+    /// Number of blocks.
+    pub n_layers: usize,
+    /// Number of heads of the mixer.
+    pub n_heads: usize,
+    /// Hidden width of the SwiGLU feed-forward network.
+    pub d_ffn: usize,
+    /// The sequence mixer of every block.
+    #[config(default = "MixerKind::TttLinear")]
+    pub mixer: MixerKind,
+    /// Ternary (BitLinear) projections in the blocks; false gives an f32 model with the same code.
+    #[config(default = true)]
+    pub ternary: bool,
+    /// Ternary LM head (BitNet keeps it in full precision; so does the default).
+    #[config(default = false)]
+    pub ternary_head: bool,
+    /// TTT mini-batch size.
+    #[config(default = 16)]
+    pub mini_batch_size: usize,
+    /// TTT inner-loop base learning rate; `None` takes the paper's (1.0 linear, 0.1 MLP).
+    #[config(default = "None")]
+    pub ttt_base_lr: Option<f64>,
+    /// RoPE base.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    #[config(default = 1e-6)]
+    pub norm_eps: f64,
+}
+
+impl BitLlamaConfig {
+    /// A model small enough for tests (< 1M parameters with a vocabulary up to 2,048).
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self::new(vocab_size, 64, 2, 4, 128).with_mini_batch_size(4)
+    }
+
+    /// TTT paper, 125M: d_model 768, 12 layers, 12 heads, FFN 2048.
+    pub fn ttt_125m(vocab_size: usize) -> Self {
+        Self::new(vocab_size, 768, 12, 12, 2048)
+    }
+
+    /// TTT paper, 350M: d_model 1024, 24 layers, 16 heads, FFN 2736.
+    pub fn ttt_350m(vocab_size: usize) -> Self {
+        Self::new(vocab_size, 1024, 24, 16, 2736)
+    }
+
+    /// TTT paper, 760M: d_model 1536, 24 layers, 16 heads, FFN 4096.
+    pub fn ttt_760m(vocab_size: usize) -> Self {
+        Self::new(vocab_size, 1536, 24, 16, 4096)
+    }
+
+    /// TTT paper, 1.3B: d_model 2048, 24 layers, 32 heads, FFN 5504.
+    pub fn ttt_1_3b(vocab_size: usize) -> Self {
+        Self::new(vocab_size, 2048, 24, 32, 5504)
+    }
+
+    /// A preset by name: `tiny`, `125m`, `350m`, `760m`, `1.3b` (or `1b`).
+    pub fn preset(name: &str, vocab_size: usize) -> Option<Self> {
+        Some(match name {
+            "tiny" => Self::tiny(vocab_size),
+            "125m" => Self::ttt_125m(vocab_size),
+            "350m" => Self::ttt_350m(vocab_size),
+            "760m" => Self::ttt_760m(vocab_size),
+            "1.3b" | "1b" => Self::ttt_1_3b(vocab_size),
+            _ => return None,
+        })
+    }
+
+    /// Width of one head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Checks the shape parameters fit together.
+    ///
+    /// # Errors
+    /// A description of the first problem found.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("d_ffn", self.d_ffn),
+            ("mini_batch_size", self.mini_batch_size),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be > 0"));
+        }
+        if self.d_model % self.n_heads != 0 || self.head_dim() % 2 != 0 {
+            return Err(format!(
+                "d_model {} must split into {} heads of even size",
+                self.d_model, self.n_heads
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,11 @@
+//! The BitLlama model: configuration, blocks, mixers and the model itself.
+
+mod bit_llama;
+mod block;
+mod config;
+mod mixer;
+
+pub use bit_llama::{BitLlama, ModelState};
+pub use block::Block;
+pub use config::{BitLlamaConfig, MixerKind};
+pub use mixer::{Mixer, MixerState};

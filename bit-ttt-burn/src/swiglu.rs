@@ -1,0 +1,92 @@
+//! `SwiGlu`: the gated feed-forward network of Llama-style blocks.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{activation::silu, backend::Backend, Tensor};
+
+use crate::{Projection, ProjectionConfig};
+
+/// Configuration of a [`SwiGlu`] feed-forward network.
+#[derive(Config, Debug)]
+pub struct SwiGluConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Hidden width.
+    pub d_ffn: usize,
+    /// Ternary projections (BitLinear) or f32.
+    #[config(default = true)]
+    pub ternary: bool,
+}
+
+/// `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Module, Debug)]
+pub struct SwiGlu<B: Backend> {
+    /// `d_model → d_ffn`, through SiLU.
+    pub gate_proj: Projection<B>,
+    /// `d_model → d_ffn`.
+    pub up_proj: Projection<B>,
+    /// `d_ffn → d_model`.
+    pub down_proj: Projection<B>,
+}
+
+impl SwiGluConfig {
+    /// Initializes a new [`SwiGlu`] on `device`.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> SwiGlu<B> {
+        let proj = |d_in, d_out| {
+            ProjectionConfig::new(d_in, d_out)
+                .with_ternary(self.ternary)
+                .init(device)
+        };
+        SwiGlu {
+            gate_proj: proj(self.d_model, self.d_ffn),
+            up_proj: proj(self.d_model, self.d_ffn),
+            down_proj: proj(self.d_ffn, self.d_model),
+        }
+    }
+}
+
+impl<B: Backend> SwiGlu<B> {
+    /// Applies the network.
+    ///
+    /// # Shapes
+    /// - x: `[..., d_model]`; returns `[..., d_model]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Projection;
+    use burn::backend::NdArray;
+    use burn::module::Param;
+
+    #[test]
+    fn forward_by_hand_with_f32_projections() {
+        let device = Default::default();
+        let mut ffn = SwiGluConfig::new(2, 1).with_ternary(false).init::<NdArray>(&device);
+        let set = |p: &mut Projection<NdArray>, w: [[f32; 1]; 2]| {
+            if let Projection::Float(linear) = p {
+                linear.weight = Param::from_tensor(Tensor::from_floats(w, &device));
+                linear.bias = None;
+            }
+        };
+        // Linear weights are [d_in, d_out]: gate = x0, up = x1.
+        set(&mut ffn.gate_proj, [[1.0], [0.0]]);
+        set(&mut ffn.up_proj, [[0.0], [1.0]]);
+        if let Projection::Float(linear) = &mut ffn.down_proj {
+            linear.weight = Param::from_tensor(Tensor::from_floats([[2.0, -1.0]], &device));
+            linear.bias = None;
+        }
+        let y = ffn
+            .forward(Tensor::<NdArray, 2>::from_floats([[1.0, 3.0]], &device))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        // silu(1) · 3 = 3 / (1 + e^-1); down = [2h, -h].
+        let h = 3.0 / (1.0 + (-1.0f32).exp());
+        assert!((y[0] - 2.0 * h).abs() < 1e-5 && (y[1] + h).abs() < 1e-5, "{y:?}");
+    }
+}
