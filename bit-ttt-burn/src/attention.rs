@@ -86,7 +86,8 @@ impl AttentionConfig {
     /// If `d_model` is not a multiple of `num_heads` or the head size is odd.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
         assert!(
-            self.d_model % self.num_heads == 0 && (self.d_model / self.num_heads) % 2 == 0,
+            self.d_model.is_multiple_of(self.num_heads)
+                && (self.d_model / self.num_heads).is_multiple_of(2),
             "d_model {} must split into {} heads of even size",
             self.d_model,
             self.num_heads
@@ -127,12 +128,23 @@ impl<B: Backend> Attention<B> {
         let split = |t: Tensor<B, 3>| {
             t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2) // [batch, heads, seq, head_dim]
         };
-        let q = apply_rope(split(self.q_proj.forward(x.clone())), start, self.rope_theta);
-        let k = apply_rope(split(self.k_proj.forward(x.clone())), start, self.rope_theta);
+        let q = apply_rope(
+            split(self.q_proj.forward(x.clone())),
+            start,
+            self.rope_theta,
+        );
+        let k = apply_rope(
+            split(self.k_proj.forward(x.clone())),
+            start,
+            self.rope_theta,
+        );
         let v = split(self.v_proj.forward(x));
 
         let (k, v) = match (cache.keys.take(), cache.values.take()) {
-            (Some(k_old), Some(v_old)) => (Tensor::cat(vec![k_old, k], 2), Tensor::cat(vec![v_old, v], 2)),
+            (Some(k_old), Some(v_old)) => (
+                Tensor::cat(vec![k_old, k], 2),
+                Tensor::cat(vec![v_old, v], 2),
+            ),
             _ => (k, v),
         };
         cache.keys = Some(k.clone());
@@ -142,7 +154,7 @@ impl<B: Backend> Attention<B> {
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .div_scalar((head_dim as f64).sqrt()); // [batch, heads, seq, total]
-        // Query i (absolute position start + i) may see keys 0..=start + i.
+                                                   // Query i (absolute position start + i) may see keys 0..=start + i.
         let mask = Tensor::<B, 2, Bool>::tril_mask([seq, total], start as i64, &scores.device());
         let scores = scores.mask_fill(mask.reshape([1, 1, seq, total]), f32::NEG_INFINITY);
         let out = softmax(scores, 3).matmul(v); // [batch, heads, seq, head_dim]
@@ -167,7 +179,9 @@ mod tests {
     fn single_token_attends_to_itself_only() {
         // With one token the softmax is 1: the output is o_proj(v_proj(x)).
         let device = Default::default();
-        let attn = AttentionConfig::new(8, 2).with_ternary(false).init::<B>(&device);
+        let attn = AttentionConfig::new(8, 2)
+            .with_ternary(false)
+            .init::<B>(&device);
         let x = Tensor::<B, 3>::random([1, 1, 8], Distribution::Normal(0.0, 1.0), &device);
         let expected = attn.o_proj.forward(attn.v_proj.forward(x.clone()));
         assert!(max_diff(attn.forward(x), expected) < 1e-6);

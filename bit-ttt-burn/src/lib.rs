@@ -7,15 +7,20 @@
 pub mod attention;
 pub mod bit_linear;
 pub mod error;
+pub mod files;
+pub mod generate;
 pub mod model;
 pub mod packed_bit_linear;
 pub mod projection;
 pub mod quantize;
 pub mod rope;
+pub mod sampling;
 pub mod swiglu;
 
 pub use bit_linear::{BitLinear, BitLinearConfig};
 pub use error::BitTttError;
+pub use generate::GenerationConfig;
 pub use model::{BitLlama, BitLlamaConfig, MixerKind, ModelState};
 pub use packed_bit_linear::PackedBitLinear;
 pub use projection::{Projection, ProjectionConfig};
+pub use sampling::SamplingConfig;

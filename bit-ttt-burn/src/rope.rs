@@ -16,7 +16,11 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 /// If `head_dim` is odd (a programmer error).
 pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, start: usize, theta: f64) -> Tensor<B, 4> {
     let [batch, heads, seq, head_dim] = x.dims();
-    assert!(head_dim % 2 == 0, "RoPE needs an even head_dim, got x of shape {:?}", x.dims());
+    assert!(
+        head_dim.is_multiple_of(2),
+        "RoPE needs an even head_dim, got x of shape {:?}",
+        x.dims()
+    );
     let half = head_dim / 2;
     let (cos, sin) = rope_tables::<B>(start, seq, half, theta, &x.device()); // [seq, half] each
     let cos = cos.reshape([1, 1, seq, half, 1]);
@@ -24,7 +28,10 @@ pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, start: usize, theta: f64) -> Tens
     let pairs = x.reshape([batch, heads, seq, half, 2]); // [batch, heads, seq, half, 2]
     let even = pairs.clone().narrow(4, 0, 1); // [batch, heads, seq, half, 1]
     let odd = pairs.narrow(4, 1, 1);
-    let rotated_even = even.clone().mul(cos.clone()).sub(odd.clone().mul(sin.clone()));
+    let rotated_even = even
+        .clone()
+        .mul(cos.clone())
+        .sub(odd.clone().mul(sin.clone()));
     let rotated_odd = even.mul(sin).add(odd.mul(cos));
     Tensor::cat(vec![rotated_even, rotated_odd], 4).reshape([batch, heads, seq, head_dim])
 }
@@ -63,12 +70,22 @@ mod tests {
     fn rotates_pairs_by_hand() {
         let device = Default::default();
         // head_dim 4: pair 0 turns by p, pair 1 by p / 100 (theta = 10^4, exponent -2/4).
-        let x = Tensor::<B, 4>::from_floats([[[[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]]]], &device);
-        let y = apply_rope(x, 3, 10_000.0).into_data().to_vec::<f32>().unwrap();
+        let x =
+            Tensor::<B, 4>::from_floats([[[[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]]]], &device);
+        let y = apply_rope(x, 3, 10_000.0)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         let (a, b) = (3.0f32, 4.0f32 / 100.0); // positions 3 and 4
         let expected = [
-            a.cos(), a.sin(), (a / 100.0).cos(), (a / 100.0).sin(),
-            4.0f32.cos(), 4.0f32.sin(), -b.sin(), b.cos(),
+            a.cos(),
+            a.sin(),
+            (a / 100.0).cos(),
+            (a / 100.0).sin(),
+            4.0f32.cos(),
+            4.0f32.sin(),
+            -b.sin(),
+            b.cos(),
         ];
         for (g, e) in y.iter().zip(expected) {
             assert!((g - e).abs() < 1e-6, "{y:?} vs {expected:?}");

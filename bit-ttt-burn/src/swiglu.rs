@@ -66,7 +66,9 @@ mod tests {
     #[test]
     fn forward_by_hand_with_f32_projections() {
         let device = Default::default();
-        let mut ffn = SwiGluConfig::new(2, 1).with_ternary(false).init::<NdArray>(&device);
+        let mut ffn = SwiGluConfig::new(2, 1)
+            .with_ternary(false)
+            .init::<NdArray>(&device);
         let set = |p: &mut Projection<NdArray>, w: [[f32; 1]; 2]| {
             if let Projection::Float(linear) = p {
                 linear.weight = Param::from_tensor(Tensor::from_floats(w, &device));
@@ -87,6 +89,9 @@ mod tests {
             .unwrap();
         // silu(1) · 3 = 3 / (1 + e^-1); down = [2h, -h].
         let h = 3.0 / (1.0 + (-1.0f32).exp());
-        assert!((y[0] - 2.0 * h).abs() < 1e-5 && (y[1] + h).abs() < 1e-5, "{y:?}");
+        assert!(
+            (y[0] - 2.0 * h).abs() < 1e-5 && (y[1] + h).abs() < 1e-5,
+            "{y:?}"
+        );
     }
 }

@@ -52,9 +52,14 @@ impl BitLlamaConfig {
         }
         BitLlama {
             embedding: EmbeddingConfig::new(self.vocab_size, self.d_model)
-                .with_initializer(burn::module::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .with_initializer(burn::module::Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
                 .init(device),
-            blocks: (0..self.n_layers).map(|_| Block::init(self, device)).collect(),
+            blocks: (0..self.n_layers)
+                .map(|_| Block::init(self, device))
+                .collect(),
             norm: RmsNormConfig::new(self.d_model)
                 .with_epsilon(self.norm_eps)
                 .init(device),
@@ -90,7 +95,11 @@ impl<B: Backend> BitLlama<B> {
     ///
     /// # Shapes
     /// - tokens: `[batch, seq]`; returns `[batch, seq, vocab_size]`
-    pub fn forward_with_state(&self, tokens: Tensor<B, 2, Int>, state: &mut ModelState<B>) -> Tensor<B, 3> {
+    pub fn forward_with_state(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        state: &mut ModelState<B>,
+    ) -> Tensor<B, 3> {
         let seq = tokens.dims()[1];
         let mut x = self.embedding.forward(tokens);
         for (block, layer_state) in self.blocks.iter().zip(&mut state.layers) {

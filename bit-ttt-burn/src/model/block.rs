@@ -53,7 +53,10 @@ impl<B: Backend> Block<B> {
     /// # Shapes
     /// - x: `[batch, seq, d_model]`; returns the same
     pub fn forward_with_state(&self, x: Tensor<B, 3>, state: &mut MixerState<B>) -> Tensor<B, 3> {
-        let x = x.clone() + self.mixer.forward_with_state(self.mixer_norm.forward(x), state);
+        let x = x.clone()
+            + self
+                .mixer
+                .forward_with_state(self.mixer_norm.forward(x), state);
         x.clone() + self.ffn.forward(self.ffn_norm.forward(x))
     }
 }

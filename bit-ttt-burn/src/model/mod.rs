@@ -3,6 +3,7 @@
 mod bit_llama;
 mod block;
 mod config;
+pub mod files;
 mod mixer;
 
 pub use bit_llama::{BitLlama, ModelState};
