@@ -11,6 +11,9 @@ pub enum BitTttError {
     /// Tensor data could not be read in the expected element type.
     #[error("tensor data: {0:?}")]
     Data(burn::tensor::DataError),
+    /// The parts of a TTT cache do not fit together.
+    #[error("invalid TTT cache: {0}")]
+    InvalidCache(String),
 }
 
 impl From<burn::tensor::DataError> for BitTttError {
