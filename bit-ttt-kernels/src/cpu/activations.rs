@@ -25,7 +25,7 @@ impl QuantizedActivations {
     /// If `x.len()` is not a multiple of `cols` (a programmer error).
     pub fn quantize(x: &[f32], cols: usize, eps: f32) -> Self {
         assert!(
-            cols > 0 && x.len() % cols == 0,
+            cols > 0 && x.len().is_multiple_of(cols),
             "activations of length {} are not [tokens, cols={cols}]",
             x.len()
         );
