@@ -218,8 +218,8 @@ impl PackedTernary {
 /// The fields are private so that the invariant the kernels rely on always holds:
 /// `blocks.len() == rows * ceil(cols / 128)` and the scale is finite and positive. The codes are
 /// not checked by [`new`](Self::new) (that would read every weight); a `0b11` code is not a memory
-/// hazard, every kernel reads it as the weight `+2`. Use [`verify_codes`](Self::verify_codes) to
-/// reject such data.
+/// hazard, but the products of such a row are unspecified (the reference reads it as `+2`, the
+/// SIMD kernels may differ). Use [`verify_codes`](Self::verify_codes) to reject such data.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TernaryView<'a> {
     rows: usize,

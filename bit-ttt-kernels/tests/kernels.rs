@@ -90,6 +90,7 @@ fn i8_kernels_on_large_and_extreme_inputs() {
     let mut rng = Lcg(7);
     let cases: Vec<(usize, usize, Vec<i8>, Vec<i8>)> = vec![
         (257, 4097, rng.ternary(257 * 4097), rng.codes(9 * 4097)),
+        (1031, 1000, rng.ternary(1031 * 1000), rng.codes(9 * 1000)),
         (64, 2048, vec![1; 64 * 2048], vec![-128; 9 * 2048]),
         (64, 2048, vec![-1; 64 * 2048], vec![-128; 9 * 2048]),
         (64, 2048, vec![1; 64 * 2048], vec![127; 9 * 2048]),
@@ -97,23 +98,24 @@ fn i8_kernels_on_large_and_extreme_inputs() {
     ];
     for (rows, cols, wv, xv) in cases {
         let w = PackedTernary::pack(&wv, rows, cols, 1.5).unwrap();
-        let x = QuantizedActivations {
-            tokens: 9,
-            cols,
-            values: xv,
-            scales: vec![3.0; 9],
-        };
-        let mut want = vec![0.0; 9 * rows];
-        reference::gemm_i8(&w, &x, &mut want);
-        for kernel in available_kernels() {
-            for threads in [1, 2] {
-                let mut got = vec![f32::NAN; 9 * rows];
-                cpu::gemm_i8_with(&w, &x, &mut got, CpuOptions::new(kernel, threads)).unwrap();
-                assert_eq!(
-                    bits(&got),
-                    bits(&want),
-                    "{kernel:?} {rows}x{cols} t{threads}"
-                );
+        // Nine tokens (prefill) and the first one alone (decode).
+        for tokens in [9, 1] {
+            let x = QuantizedActivations {
+                tokens,
+                cols,
+                values: xv[..tokens * cols].to_vec(),
+                scales: (0..tokens).map(|t| 3.0 + t as f32).collect(),
+            };
+            let mut want = vec![0.0; tokens * rows];
+            reference::gemm_i8(&w, &x, &mut want);
+            for kernel in available_kernels() {
+                for threads in [1, 2, 3] {
+                    let mut got = vec![f32::NAN; tokens * rows];
+                    let opts = CpuOptions::new(kernel, threads);
+                    cpu::gemm_i8_with(&w, &x, &mut got, opts).unwrap();
+                    let what = format!("{kernel:?} {rows}x{cols} b{tokens} t{threads}");
+                    assert_eq!(bits(&got), bits(&want), "{what}");
+                }
             }
         }
     }
