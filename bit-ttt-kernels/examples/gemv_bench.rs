@@ -128,6 +128,7 @@ struct Row {
     source: &'static str,
     threads: usize,
     ternary_gw: f64,
+    ternary_pool_gw: f64,
     ternary_gb: f64,
     read_gb: f64,
     f32_loop_gw: f64,
@@ -148,6 +149,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         MIN_TIME.as_millis()
     );
+    println!("load average at start: {}", loadavg());
     let pools: Vec<rayon::ThreadPool> = THREADS.iter().map(|&t| pool(t)).collect();
     let mut rng = Lcg(0x5eed);
 
@@ -223,12 +225,16 @@ fn main() {
         let xq = QuantizedActivations::quantize(&x_f32, cols, 1e-5);
         for (ti, &threads) in THREADS.iter().enumerate() {
             let opts = CpuOptions::new(KernelChoice::Auto, threads);
-            let gw = measure(weights * n_t as f64, || {
+            let mut round = || {
                 for w in &set {
                     cpu::gemm_i8_with(w, &xq, &mut y, opts).expect("kernel");
                 }
                 black_box(&y);
-            }) / 1e9;
+            };
+            // Each call from this (non-pool) thread, as a naive caller does.
+            let gw = measure(weights * n_t as f64, &mut round) / 1e9;
+            // The calls made from a worker of the pool (`cpu::install`), as a decode loop should.
+            let gw_pool = cpu::install(threads, || measure(weights * n_t as f64, &mut round)) / 1e9;
             results.push(Row {
                 shape: shape.clone(),
                 rows,
@@ -237,6 +243,7 @@ fn main() {
                 source: if dram { "dram" } else { "cache" },
                 threads,
                 ternary_gw: gw,
+                ternary_pool_gw: gw_pool,
                 ternary_gb: gw * bytes as f64 / weights,
                 read_gb: read[ti],
                 f32_loop_gw: f32_loop[ti],
@@ -273,10 +280,12 @@ fn main() {
     }) / 1e9;
     for (ti, &threads) in THREADS.iter().enumerate() {
         let opts = CpuOptions::new(KernelChoice::Auto, threads);
-        let gw = measure(work, || {
+        let mut round = || {
             cpu::gemm_i8_with(&packed, &xq, &mut y, opts).expect("kernel");
             black_box(&y);
-        }) / 1e9;
+        };
+        let gw = measure(work, &mut round) / 1e9;
+        let gw_pool = cpu::install(threads, || measure(work, &mut round)) / 1e9;
         results.push(Row {
             shape: format!("{rows}x{cols}"),
             rows,
@@ -285,6 +294,7 @@ fn main() {
             source: "gemm",
             threads,
             ternary_gw: gw,
+            ternary_pool_gw: gw_pool,
             ternary_gb: gw * packed.size_in_bytes() as f64 / (rows * cols) as f64,
             read_gb: read[ti],
             f32_loop_gw: 0.0,
@@ -297,9 +307,9 @@ fn main() {
         "\n## packed ternary W1.58A8 vs f32 (G weights/s = 1e9 weights, times tokens, per second)"
     );
     println!(
-        "| shape | tokens | data | threads | ternary Gw/s | ternary GB/s | read GB/s | ternary/read | f32 loop Gw/s | f32 Burn Gw/s | ternary/f32 |"
+        "| shape | tokens | data | threads | ternary Gw/s | in pool Gw/s | ternary GB/s | read GB/s | ternary/read | f32 loop Gw/s | f32 Burn Gw/s | ternary/f32 |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         let f32_loop = if r.f32_loop_gw > 0.0 {
             format!("{:.2}", r.f32_loop_gw)
@@ -307,12 +317,13 @@ fn main() {
             "-".into()
         };
         println!(
-            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.1} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.1} |",
             r.shape,
             r.tokens,
             r.source,
             r.threads,
             r.ternary_gw,
+            r.ternary_pool_gw,
             r.ternary_gb,
             r.read_gb,
             r.ternary_gb / r.read_gb,
@@ -345,12 +356,15 @@ fn main() {
             _ => {}
         }
     }
-    println!("(f32 = the faster of the plain loop at the same thread count and Burn's matmul)\n");
+    println!("(f32 = the faster of the plain loop at the same thread count and Burn's matmul)");
+    println!("(ternary Gw/s: each call made from the main thread; in pool: the same calls made");
+    println!(" inside cpu::install, from a worker of the kernel's pool)");
+    println!("load average at end: {}\n", loadavg());
 
     for r in &results {
         println!(
             "{{\"shape\":\"{}\",\"rows\":{},\"cols\":{},\"tokens\":{},\"data\":\"{}\",\"threads\":{},\
-             \"kernel\":\"{:?}\",\"ternary_gweights_per_s\":{:.3},\"ternary_gbytes_per_s\":{:.3},\
+             \"kernel\":\"{:?}\",\"ternary_gweights_per_s\":{:.3},\"ternary_in_pool_gweights_per_s\":{:.3},\"ternary_gbytes_per_s\":{:.3},\
              \"read_gbytes_per_s\":{:.3},\"f32_gweights_per_s\":{:.3},\"f32_loop_gweights_per_s\":{:.3},\
              \"f32_burn_gweights_per_s\":{:.3}}}",
             r.shape,
@@ -361,6 +375,7 @@ fn main() {
             r.threads,
             kernel,
             r.ternary_gw,
+            r.ternary_pool_gw,
             r.ternary_gb,
             r.read_gb,
             r.f32_gw(),
@@ -368,6 +383,13 @@ fn main() {
             r.f32_burn_gw
         );
     }
+}
+
+/// The first three fields of /proc/loadavg (other processes on the machine skew the numbers).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn pass(ok: bool) -> &'static str {

@@ -194,8 +194,26 @@ fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     Some(built)
 }
 
-/// Below this many block·token products (about 10 µs of work) a call stays on one thread.
-const MIN_PARALLEL_WORK: usize = 2 * 1024;
+/// Runs `f` on a thread of this crate's pool of `threads` threads (`0`: [`num_threads`]).
+///
+/// Products called inside `f` with the same thread count then split their rows among warm
+/// workers directly, instead of handing each call to the pool and sleeping until it is done.
+/// That hand-off costs several microseconds per call (a wake-up of a sleeping thread), which
+/// matters for small matrices: run a whole decode step inside `install`.
+pub fn install<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    let threads = if threads == 0 { num_threads() } else { threads };
+    match pool(threads) {
+        Some(p) if threads > 1 => p.install(f),
+        _ => f(),
+    }
+}
+
+/// Below this many block·token products (about 40 µs of decode work) a call from outside the
+/// pool stays on its own thread: handing work to the pool and waiting for it costs a thread
+/// wake-up each way, several microseconds (much more in a virtual machine).
+const MIN_PARALLEL_WORK: usize = 32 * 1024;
+/// The same limit for a call from a worker of the pool ([`install`]), where splitting is cheap.
+const MIN_PARALLEL_WORK_IN_POOL: usize = 2 * 1024;
 /// Row chunks per thread, for load balance.
 const CHUNKS_PER_THREAD: usize = 4;
 
@@ -208,16 +226,16 @@ where
     if rows == 0 || tokens == 0 {
         return;
     }
+    let pool = if threads > 1 { pool(threads) } else { None };
     let work = rows * bpr.max(1) * tokens;
-    let max_chunks = (work / MIN_PARALLEL_WORK).max(1);
-    let n_chunks = (threads * CHUNKS_PER_THREAD)
-        .min(max_chunks)
-        .min(rows.div_ceil(4));
-    let pool = if threads > 1 && n_chunks > 1 {
-        pool(threads)
-    } else {
-        None
+    let min_work = match &pool {
+        Some(p) if p.current_thread_index().is_some() => MIN_PARALLEL_WORK_IN_POOL,
+        _ => MIN_PARALLEL_WORK,
     };
+    let n_chunks = (threads * CHUNKS_PER_THREAD)
+        .min(work / min_work)
+        .min(rows.div_ceil(4));
+    let pool = pool.filter(|_| n_chunks > 1);
     let Some(pool) = pool else {
         let mut outs: Vec<&mut [f32]> = out.chunks_mut(rows).collect();
         f(0, &mut outs);
