@@ -218,3 +218,26 @@ fn kernels_read_a_memory_mapped_file_in_place() {
         "{err}"
     );
 }
+
+/// Calls from a worker of the pool split smaller products than calls from outside it.
+#[test]
+fn products_inside_the_pool_equal_the_reference() {
+    let mut rng = Lcg(13);
+    for (rows, cols, tokens) in [(257, 1000, 1), (100, 640, 1), (33, 4097, 2), (64, 300, 7)] {
+        let w = PackedTernary::pack(&rng.ternary(rows * cols), rows, cols, 0.3).unwrap();
+        let x = activations(&mut rng, tokens, cols);
+        let mut want = vec![0.0; tokens * rows];
+        reference::gemm_i8(&w, &x, &mut want);
+        for kernel in available_kernels() {
+            for threads in [2, 3] {
+                let got = cpu::install(threads, || {
+                    let mut got = vec![f32::NAN; tokens * rows];
+                    cpu::gemm_i8_with(&w, &x, &mut got, CpuOptions::new(kernel, threads)).unwrap();
+                    got
+                });
+                let what = format!("{kernel:?} t{threads} {rows}x{cols} b{tokens}");
+                assert_eq!(bits(&got), bits(&want), "{what}");
+            }
+        }
+    }
+}
