@@ -323,6 +323,12 @@ impl<'a> TernaryView<'a> {
     }
 }
 
+impl<'a> From<&TernaryView<'a>> for TernaryView<'a> {
+    fn from(w: &TernaryView<'a>) -> Self {
+        *w
+    }
+}
+
 impl<'a> From<&'a PackedTernary> for TernaryView<'a> {
     fn from(w: &'a PackedTernary) -> Self {
         w.view()

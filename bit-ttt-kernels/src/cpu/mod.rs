@@ -13,6 +13,13 @@
 //! [`gemm_i8_with`] and [`gemm_f32_with`] take [`CpuOptions`] to force a kernel or a thread count
 //! for one call; [`set_kernel_choice`] and [`set_num_threads`] change the defaults.
 //!
+//! # Threads
+//! The rows are split over a rayon pool of this crate (one pool per thread count asked for).
+//! A call from an ordinary thread hands its chunks to the pool and sleeps until they are done;
+//! each hand-off costs a thread wake-up, so calls smaller than about 40 µs of work stay on the
+//! calling thread. Run a decode step inside [`install`] instead: calls made from a worker of the
+//! pool split even small matrices (a few µs of work) among warm workers.
+//!
 //! # Kernels
 //! - [`reference`]: scalar loops, always available, the ground truth. The fast W1.58A8 kernels
 //!   produce bit-identical outputs: the integer sums are exact and the final scaling is the same
@@ -24,17 +31,21 @@
 //!   kernel is used.
 
 pub mod activations;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod reference;
 
 pub use activations::QuantizedActivations;
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use aligned::pad_rows;
 
 use crate::packing::{TernaryView, QK_TERNARY};
 use crate::KernelError;
@@ -278,18 +289,6 @@ pub(crate) fn assert_product_shapes(
         "output holds {out_len} values, expected [tokens={tokens}, rows={}]",
         w.rows()
     );
-}
-
-/// Activations zero-padded to whole blocks, borrowed when no padding is needed.
-fn pad_rows<T: Copy + Default>(x: &[T], tokens: usize, cols: usize, kp: usize) -> Cow<'_, [T]> {
-    if cols == kp {
-        return Cow::Borrowed(x);
-    }
-    let mut padded = vec![T::default(); tokens * kp];
-    for (dst, src) in padded.chunks_exact_mut(kp).zip(x.chunks_exact(cols.max(1))) {
-        dst[..cols].copy_from_slice(src);
-    }
-    Cow::Owned(padded)
 }
 
 /// W1.58A8 product `out[t, r] = (Σ_k W[r, k] · q[t, k]) · gamma / s_t` with the default kernel
