@@ -299,7 +299,7 @@ impl<B: Backend> TttLayer<B> {
                 inner_loop
             };
             let state = cache.state();
-            let earlier = cache.earlier();
+            let earlier = cache.earlier_grads();
             let step = match implementation {
                 InnerLoopImpl::Dual => dual_mini_batch(&self.inner, state, earlier, &mini_batch),
                 InnerLoopImpl::Autodiff => {
