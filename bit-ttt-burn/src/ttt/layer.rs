@@ -253,7 +253,8 @@ impl<B: Backend> TttLayer<B> {
     /// - output: `[batch, heads, seq, head_dim]`
     ///
     /// # Panics
-    /// If the cache was made for another batch size, head count or mini-batch size.
+    /// If `x` has no tokens, or the cache was made for another batch size, head count or
+    /// mini-batch size.
     pub fn inner_outputs(
         &self,
         x: Tensor<B, 3>,
@@ -262,6 +263,7 @@ impl<B: Backend> TttLayer<B> {
         single_token_primal: bool,
     ) -> Tensor<B, 4> {
         let [batch, seq, _] = x.dims();
+        assert!(seq > 0, "the input {:?} has no tokens", x.dims());
         assert!(
             cache.batch_size() == batch
                 && cache.num_heads() == self.num_heads
