@@ -31,15 +31,16 @@ use crate::model::{BitLlama, BitLlamaConfig, Mixer};
 use crate::packed_bit_linear::TernaryWeights;
 use crate::{BitTttError, Projection};
 
+/// A visitor of the projections of a model: their module path, and the projection.
+type ProjectionVisitor<'a, B> =
+    dyn FnMut(String, &mut Projection<B>) -> Result<(), BitTttError> + 'a;
+
 const FORMAT: &str = "bit-ttt-packed";
 const VERSION: &str = "1";
 
 impl<B: Backend> BitLlama<B> {
     /// Calls `f` with the module path and a mutable reference of every projection.
-    fn for_each_projection(
-        &mut self,
-        f: &mut dyn FnMut(String, &mut Projection<B>) -> Result<(), BitTttError>,
-    ) -> Result<(), BitTttError> {
+    fn for_each_projection(&mut self, f: &mut ProjectionVisitor<'_, B>) -> Result<(), BitTttError> {
         for (i, block) in self.blocks.iter_mut().enumerate() {
             let mixer = format!("blocks.{i}.mixer");
             match &mut block.mixer {

@@ -619,7 +619,15 @@ mod tests {
     fn prefill_then_decode_and_uneven_chunks_match_whole_sequence() {
         let device = Default::default();
         for inner in [TttInner::Linear, TttInner::Mlp] {
-            let layer = small(inner, 8);
+            // f32 projections: the chunks sum in another order, and int8 activation quantization
+            // would turn those 1e-7 differences into whole 1/127 steps; this test is about the
+            // inner loop, not the quantizer.
+            let layer = TttConfig::new(16, 2)
+                .with_inner(inner)
+                .with_mini_batch_size(8)
+                .with_use_gate(true)
+                .with_ternary(false)
+                .init::<NdArray>(&device);
             let x = input::<NdArray>([2, 37, 16], 5, 1.0, &device);
             let whole = layer.forward(x.clone());
 
