@@ -240,16 +240,23 @@ fn main() {
         let xq = QuantizedActivations::quantize(&x_f32, cols, 1e-5);
         for (ti, &threads) in THREADS.iter().enumerate() {
             let opts = CpuOptions::new(KernelChoice::Auto, threads);
+            // In cache, a round repeats the call so that the cache misses after the read pass
+            // of the previous round are a negligible part of it.
+            let (reps_t, reps_f) = if dram { (1, 1) } else { (400, 20) };
             let mut round = || {
-                for w in &set {
-                    cpu::gemm_i8_with(w, &xq, &mut y, opts).expect("kernel");
+                for _ in 0..reps_t {
+                    for w in &set {
+                        cpu::gemm_i8_with(w, &xq, &mut y, opts).expect("kernel");
+                    }
                 }
                 black_box(&y);
             };
             let p = &pools[ti];
             let mut f32_round = || {
-                for w in &f32_set {
-                    gemv_f32_loop(w, &x_f32, &mut y_f32, p);
+                for _ in 0..reps_f {
+                    for w in &f32_set {
+                        gemv_f32_loop(w, &x_f32, &mut y_f32, p);
+                    }
                 }
                 black_box(&y_f32);
             };
@@ -257,12 +264,14 @@ fn main() {
             // from this (non-pool) thread, as a naive caller makes it.
             let rates = measure_interleaved(&mut [
                 (data_bytes, &mut || read_pass(&data, threads)),
-                (weights * n_t as f64, &mut round),
-                (weights * n_f32 as f64, &mut f32_round),
+                (weights * (n_t * reps_t) as f64, &mut round),
+                (weights * (n_f32 * reps_f) as f64, &mut f32_round),
             ]);
             let (read_gb, gw, f32_loop) = (rates[0] / 1e9, rates[1] / 1e9, rates[2] / 1e9);
             // The calls made from a worker of the pool (`cpu::install`), as a decode loop should.
-            let gw_pool = cpu::install(threads, || measure(weights * n_t as f64, &mut round)) / 1e9;
+            let gw_pool = cpu::install(threads, || {
+                measure(weights * (n_t * reps_t) as f64, &mut round)
+            }) / 1e9;
             results.push(Row {
                 shape: shape.clone(),
                 rows,
