@@ -99,7 +99,11 @@ pub fn compute(train: &[u32], valid: &[u32], vocab: usize) -> Baselines {
         let counts = Counts::new(fit, vocab);
         (1..=19)
             .map(|i| i as f64 * 0.05)
-            .min_by(|&a, &b| counts.bigram_ce(held, a).total_cmp(&counts.bigram_ce(held, b)))
+            .min_by(|&a, &b| {
+                counts
+                    .bigram_ce(held, a)
+                    .total_cmp(&counts.bigram_ce(held, b))
+            })
             .expect("a non-empty grid")
     } else {
         0.5

@@ -70,7 +70,9 @@ fn ctrl_c_flag() -> Arc<AtomicBool> {
             eprintln!("\nsecond Ctrl-C: quitting without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)");
+        eprintln!(
+            "\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)"
+        );
     });
     if let Err(e) = installed {
         eprintln!("warning: cannot catch Ctrl-C ({e}); an interrupted run resumes from its last periodic checkpoint");
@@ -178,6 +180,26 @@ pub fn tokenizer(args: TokenizerArgs) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
+fn settings_of(args: &TrainArgs) -> TrainSettings {
+    TrainSettings {
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        steps: args.steps,
+        lr: args.lr,
+        min_lr: args.min_lr,
+        warmup_steps: args.warmup_steps,
+        beta1: args.beta1,
+        beta2: args.beta2,
+        weight_decay: args.weight_decay,
+        grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
+        eval_every: args.eval_every,
+        eval_batches: args.eval_batches,
+        checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints,
+        seed: args.seed,
+    }
+}
+
 fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
     let mut config = match &args.config {
         Some(path) => BitLlamaConfig::load_json(path)?,
@@ -229,8 +251,16 @@ pub fn train(args: TrainArgs) -> Result<Exit> {
         } else {
             args.data.clone()
         };
-        (paths, info.valid_fraction, Tokenizer::load(&tokenizer_path)?)
+        (
+            paths,
+            info.valid_fraction,
+            Tokenizer::load(&tokenizer_path)?,
+        )
     } else {
+        // Check the settings before the (slower) tokenizer training.
+        settings_of(&args).validate()?;
+        model_config(&args, bit_ttt_train::tokenizer::MIN_VOCAB_SIZE)?;
+        check_mixer(args.mixer)?;
         if checkpoint::latest(&run_dir).is_ok() {
             bail!(
                 "{} already holds a training run; continue it with --resume, or choose another --out",
@@ -264,25 +294,23 @@ pub fn train(args: TrainArgs) -> Result<Exit> {
     };
     let texts = data::read_texts(&data_paths)?;
     let split = data::tokenize_and_split(&tokenizer, &texts, valid_fraction)?;
-    let config = model_config(&args, tokenizer.vocab_size())?;
-    check_mixer(config.mixer)?;
-    let settings = TrainSettings {
-        seq_len: args.seq_len,
-        batch_size: args.batch_size,
-        steps: args.steps,
-        lr: args.lr,
-        min_lr: args.min_lr,
-        warmup_steps: args.warmup_steps,
-        beta1: args.beta1,
-        beta2: args.beta2,
-        weight_decay: args.weight_decay,
-        grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
-        eval_every: args.eval_every,
-        eval_batches: args.eval_batches,
-        checkpoint_every: args.checkpoint_every,
-        keep_checkpoints: args.keep_checkpoints,
-        seed: args.seed,
+    let (config, settings) = if args.resume {
+        // The run's own model and settings, from its latest checkpoint.
+        let state = checkpoint::load_state(&checkpoint::latest(&run_dir)?)?;
+        eprintln!(
+            "resuming {} at step {} of {}",
+            run_dir.display(),
+            state.step,
+            state.settings.steps
+        );
+        (state.model, state.settings)
+    } else {
+        (
+            model_config(&args, tokenizer.vocab_size())?,
+            settings_of(&args),
+        )
     };
+    check_mixer(config.mixer)?;
     if !args.resume {
         settings.validate()?;
         data::check_length(&split, settings.seq_len)?;
@@ -364,7 +392,10 @@ pub fn eval(args: EvalArgs) -> Result<Exit> {
         tokens.extend(tokenizer.encode(t)?);
     }
     if tokens.len() < 2 {
-        bail!("the data has {} token(s); at least 2 are needed", tokens.len());
+        bail!(
+            "the data has {} token(s); at least 2 are needed",
+            tokens.len()
+        );
     }
     if args.seq_len == 0 || args.batch_size == 0 {
         bail!("--seq-len and --batch-size must be at least 1");
@@ -424,7 +455,11 @@ fn generate_text<B: Backend>(
     };
     let mut out = std::io::stdout().lock();
     let mut text = prompt.to_string();
-    write!(out, "{indent}{}", prompt.replace('\n', &format!("\n{indent}")))?;
+    write!(
+        out,
+        "{indent}{}",
+        prompt.replace('\n', &format!("\n{indent}"))
+    )?;
     let mut stream = TextStream::default();
     let mut failure = None;
     model.generate(&ids, &config, &mut model.new_state(), |id| {
@@ -455,7 +490,14 @@ pub fn generate(args: GenerateArgs) -> Result<Exit> {
     sampling.validate()?;
     with_backend!(device, |B, dev| {
         let (model, _) = BitLlama::<B>::load(&args.model, &dev)?;
-        generate_text(&model, &tokenizer, &args.prompt, args.max_tokens, sampling, "")?;
+        generate_text(
+            &model,
+            &tokenizer,
+            &args.prompt,
+            args.max_tokens,
+            sampling,
+            "",
+        )?;
         Ok(Exit::Ok)
     })
 }

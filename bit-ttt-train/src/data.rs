@@ -105,14 +105,20 @@ mod tests {
     fn bad_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.txt");
-        assert!(matches!(read_text(&missing), Err(TrainError::MissingFile(_))));
+        assert!(matches!(
+            read_text(&missing),
+            Err(TrainError::MissingFile(_))
+        ));
         let empty = dir.path().join("empty.txt");
         std::fs::write(&empty, " \n").unwrap();
         assert!(matches!(read_text(&empty), Err(TrainError::EmptyFile(_))));
         let latin1 = dir.path().join("latin1.txt");
         std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
         let err = read_text(&latin1).unwrap_err();
-        assert!(matches!(err, TrainError::NotUtf8 { offset: 3, .. }), "{err}");
+        assert!(
+            matches!(err, TrainError::NotUtf8 { offset: 3, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("not UTF-8"));
         assert!(read_texts(&[]).is_err());
     }

@@ -169,9 +169,9 @@ pub fn plot_loss(
                 .draw_series(LineSeries::new(val, RED.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?;
             if labels {
-                series
-                    .label("validation")
-                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+                series.label("validation").legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2))
+                });
             }
         }
         let colors = [RGBColor(120, 120, 120), RGBColor(0, 140, 0), MAGENTA];
@@ -188,7 +188,9 @@ pub fn plot_loss(
             if labels {
                 series
                     .label(format!("{name} ({value:.3})"))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
             }
         }
         if labels {

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bit_ttt_burn::{BitLlama, BitLlamaConfig};
+use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::grad_clipping::GradientClippingConfig;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -90,8 +90,13 @@ impl TrainSettings {
         if self.seq_len == 0 || self.batch_size == 0 || self.steps == 0 {
             return bad("--seq-len, --batch-size and --steps must be at least 1".into());
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) || !(self.min_lr.is_finite() && self.min_lr >= 0.0) {
-            return bad(format!("learning rates must be finite and positive (--lr {}, --min-lr {})", self.lr, self.min_lr));
+        if !(self.lr.is_finite() && self.lr > 0.0)
+            || !(self.min_lr.is_finite() && self.min_lr >= 0.0)
+        {
+            return bad(format!(
+                "learning rates must be finite and positive (--lr {}, --min-lr {})",
+                self.lr, self.min_lr
+            ));
         }
         for (name, b) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
             if !(0.0..1.0).contains(&b) {
@@ -99,7 +104,10 @@ impl TrainSettings {
             }
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad(format!("--weight-decay must be >= 0, got {}", self.weight_decay));
+            return bad(format!(
+                "--weight-decay must be >= 0, got {}",
+                self.weight_decay
+            ));
         }
         if let Some(c) = self.grad_clip {
             if !(c.is_finite() && c > 0.0) {
@@ -361,7 +369,11 @@ pub fn train<B: AutodiffBackend>(
         .with_beta_2(settings.beta2 as f32)
         .with_epsilon(1e-8)
         .with_weight_decay(settings.weight_decay as f32)
-        .with_grad_clipping(settings.grad_clip.map(|c| GradientClippingConfig::Norm(c as f32)))
+        .with_grad_clipping(
+            settings
+                .grad_clip
+                .map(|c| GradientClippingConfig::Norm(c as f32)),
+        )
         .init::<B, BitLlama<B>>();
     let mut model = model;
     let mut last_checkpoint = None;
@@ -373,7 +385,9 @@ pub fn train<B: AutodiffBackend>(
     }
 
     let schedule = settings.schedule();
-    let end = job.stop_at.map_or(settings.steps, |s| s.min(settings.steps));
+    let end = job
+        .stop_at
+        .map_or(settings.steps, |s| s.min(settings.steps));
     let progress = match job.progress {
         ProgressMode::Bar => {
             let bar = ProgressBar::new(settings.steps as u64);
@@ -396,7 +410,9 @@ pub fn train<B: AutodiffBackend>(
     let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
     let plot_title = format!(
         "{} ({}, d_model {}, {} layers)",
-        run_dir.file_name().map_or("run".into(), |n| n.to_string_lossy()),
+        run_dir
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy()),
         config.mixer.name(),
         config.d_model,
         config.n_layers
@@ -447,7 +463,8 @@ pub fn train<B: AutodiffBackend>(
         let tokens_per_s =
             ((state.step - step_at_start) as u64 * tokens_per_step) as f64 / run_time.max(1e-9);
 
-        let eval_now = settings.eval_every > 0 && step % settings.eval_every == 0 && step < settings.steps;
+        let eval_now =
+            settings.eval_every > 0 && step % settings.eval_every == 0 && step < settings.steps;
         let val_loss = eval_now.then(|| {
             evaluate(
                 &model.valid(),
@@ -467,7 +484,9 @@ pub fn train<B: AutodiffBackend>(
         });
         let message = format!(
             "loss {loss_value:.3}{} | {tokens_per_s:.0} tok/s | lr {lr:.2e}",
-            val_loss.map(|v| format!(" (val {v:.3})")).unwrap_or_default()
+            val_loss
+                .map(|v| format!(" (val {v:.3})"))
+                .unwrap_or_default()
         );
         match (&progress, job.progress) {
             (Some(bar), _) => {
