@@ -92,6 +92,9 @@ pub enum BitTttError {
     /// A caller-supplied value is out of range (a token id, a length, a sampling parameter).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The parts of a TTT cache do not fit together.
+    #[error("invalid TTT cache: {0}")]
+    InvalidCache(String),
 }
 
 impl From<burn::tensor::DataError> for BitTttError {

@@ -127,6 +127,36 @@ mod tests {
     }
 
     #[test]
+    fn greedy_generation_matches_full_forward_ttt_linear() {
+        greedy_matches_full_forward(MixerKind::TttLinear);
+    }
+
+    #[test]
+    fn greedy_generation_matches_full_forward_ttt_mlp() {
+        greedy_matches_full_forward(MixerKind::TttMlp);
+    }
+
+    #[test]
+    fn ttt_state_size_is_constant_over_2000_tokens() {
+        let device = Default::default();
+        let model = BitLlamaConfig::tiny(40).init::<B>(&device);
+        let mut state = model.new_state();
+        model.read(&[1], &mut state).unwrap();
+        let size_after_one = state.num_elements();
+        assert!(size_after_one > 0);
+        for t in 1..2000u32 {
+            model.read(&[t % 40], &mut state).unwrap();
+            assert_eq!(
+                state.num_elements(),
+                size_after_one,
+                "after {} tokens",
+                t + 1
+            );
+        }
+        assert_eq!(state.position, 2000);
+    }
+
+    #[test]
     fn sampling_is_reproducible_and_stops() {
         let device = Default::default();
         let model = BitLlamaConfig::tiny(40)

@@ -1,5 +1,6 @@
-//! Burn modules of bit-ttt: ternary [`BitLinear`] layers (BitNet b1.58) and their packed
-//! inference form [`PackedBitLinear`].
+//! Burn modules of bit-ttt: ternary [`BitLinear`] layers (BitNet b1.58), their packed
+//! inference form [`PackedBitLinear`], and Test-Time-Training layers ([`ttt`]: [`TttLayer`],
+//! TTT-Linear and TTT-MLP).
 //!
 //! Every module is generic over the Burn backend `B`; wrap it in `Autodiff<B>` to train.
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@ pub mod quantize;
 pub mod rope;
 pub mod sampling;
 pub mod swiglu;
+pub mod ttt;
 
 pub use bit_linear::{BitLinear, BitLinearConfig};
 pub use error::BitTttError;
@@ -24,3 +26,4 @@ pub use model::{BitLlama, BitLlamaConfig, MixerKind, ModelState};
 pub use packed_bit_linear::PackedBitLinear;
 pub use projection::{Projection, ProjectionConfig};
 pub use sampling::SamplingConfig;
+pub use ttt::{InnerLoopImpl, TttCache, TttConfig, TttInner, TttLayer};

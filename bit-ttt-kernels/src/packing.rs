@@ -52,6 +52,29 @@ impl BlockTernary {
         (self.qs[i % 32] >> (2 * (i / 32))) & 0b11
     }
 
+    /// Reinterprets bytes as blocks without copying; `None` unless the length is a multiple of 32.
+    pub fn slice_from_bytes(bytes: &[u8]) -> Option<&[BlockTernary]> {
+        if !bytes
+            .len()
+            .is_multiple_of(std::mem::size_of::<BlockTernary>())
+        {
+            return None;
+        }
+        let n = bytes.len() / std::mem::size_of::<BlockTernary>();
+        // SAFETY: `BlockTernary` is `#[repr(C)]` around `[u8; 32]`: size 32 and align 1 (both
+        // checked at compile time above), and every byte pattern is a valid value. The new slice
+        // covers exactly the `n · 32` bytes of `bytes` and borrows it for the same lifetime.
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<BlockTernary>(), n) })
+    }
+
+    /// The bytes of blocks, as stored in a packed file.
+    pub fn slice_as_bytes(blocks: &[BlockTernary]) -> &[u8] {
+        // SAFETY: as in `slice_from_bytes`: plain bytes, no padding, align 1; same memory range.
+        unsafe {
+            std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
+        }
+    }
+
     /// Sets the 2-bit code of weight `i` (0..128).
     #[inline]
     fn set_code(&mut self, i: usize, code: u8) {
@@ -116,17 +139,7 @@ impl PackedTernary {
         cols: usize,
         scale: f32,
     ) -> Result<Self, KernelError> {
-        check_len("packed blocks", rows * blocks_per_row(cols), blocks.len())?;
-        check_scale(scale)?;
-        let bpr = blocks_per_row(cols);
-        for (b, block) in blocks.iter().enumerate() {
-            for i in 0..QK_TERNARY {
-                if block.code(i) == 0b11 {
-                    let (row, col) = (b / bpr, (b % bpr) * QK_TERNARY + i);
-                    return Err(KernelError::InvalidCode { row, col });
-                }
-            }
-        }
+        TernaryView::new(&blocks, rows, cols, scale)?.verify_codes()?;
         Ok(Self {
             rows,
             cols,
@@ -186,6 +199,139 @@ impl PackedTernary {
     /// Size of the packed weights in bytes (without the scale).
     pub fn size_in_bytes(&self) -> usize {
         std::mem::size_of_val(self.blocks.as_slice())
+    }
+
+    /// A borrowed view of this matrix, the form every kernel takes.
+    pub fn view(&self) -> TernaryView<'_> {
+        TernaryView {
+            rows: self.rows,
+            cols: self.cols,
+            scale: self.scale,
+            blocks: &self.blocks,
+        }
+    }
+}
+
+/// A borrowed packed ternary matrix: shape, scale and blocks that live elsewhere (in a
+/// [`PackedTernary`], or in a memory-mapped [`PackedFile`](crate::file::PackedFile)).
+///
+/// The fields are private so that the invariant the kernels rely on always holds:
+/// `blocks.len() == rows * ceil(cols / 128)` and the scale is finite and positive. The codes are
+/// not checked by [`new`](Self::new) (that would read every weight); a `0b11` code is not a memory
+/// hazard, but the products of such a row are unspecified (the reference reads it as `+2`, the
+/// SIMD kernels may differ). Use [`verify_codes`](Self::verify_codes) to reject such data.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TernaryView<'a> {
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    blocks: &'a [BlockTernary],
+}
+
+impl<'a> TernaryView<'a> {
+    /// A view of `blocks` as a `rows × cols` matrix with the given scale.
+    ///
+    /// # Errors
+    /// [`KernelError::LengthMismatch`] if there are not `rows * ceil(cols / 128)` blocks,
+    /// [`KernelError::InvalidScale`] for a bad scale.
+    pub fn new(
+        blocks: &'a [BlockTernary],
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> Result<Self, KernelError> {
+        let expected =
+            rows.checked_mul(blocks_per_row(cols))
+                .ok_or(KernelError::LengthMismatch {
+                    what: "packed blocks",
+                    expected: usize::MAX,
+                    actual: blocks.len(),
+                })?;
+        check_len("packed blocks", expected, blocks.len())?;
+        check_scale(scale)?;
+        Ok(Self {
+            rows,
+            cols,
+            scale,
+            blocks,
+        })
+    }
+
+    /// Number of rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The per-tensor scale (`gamma`).
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// Blocks per row, `ceil(cols / 128)`.
+    pub fn blocks_per_row(&self) -> usize {
+        blocks_per_row(self.cols)
+    }
+
+    /// All blocks, row after row.
+    pub fn blocks(&self) -> &'a [BlockTernary] {
+        self.blocks
+    }
+
+    /// The blocks of one row.
+    pub fn row_blocks(&self, row: usize) -> &'a [BlockTernary] {
+        let bpr = blocks_per_row(self.cols);
+        &self.blocks[row * bpr..(row + 1) * bpr]
+    }
+
+    /// Size of the packed weights in bytes (without the scale).
+    pub fn size_in_bytes(&self) -> usize {
+        std::mem::size_of_val(self.blocks)
+    }
+
+    /// Checks that no weight, padding included, holds the invalid code `0b11`.
+    ///
+    /// # Errors
+    /// [`KernelError::InvalidCode`] naming the first offending weight.
+    pub fn verify_codes(&self) -> Result<(), KernelError> {
+        let bpr = blocks_per_row(self.cols);
+        for (b, block) in self.blocks.iter().enumerate() {
+            // A byte holds an invalid code iff some 2-bit field is 0b11.
+            if block.qs.iter().all(|&q| q & (q >> 1) & 0b0101_0101 == 0) {
+                continue;
+            }
+            for i in 0..QK_TERNARY {
+                if block.code(i) == 0b11 {
+                    let (row, col) = (b / bpr, (b % bpr) * QK_TERNARY + i);
+                    return Err(KernelError::InvalidCode { row, col });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the view into an owned [`PackedTernary`], checking the codes.
+    ///
+    /// # Errors
+    /// As [`PackedTernary::from_blocks`].
+    pub fn to_owned(&self) -> Result<PackedTernary, KernelError> {
+        PackedTernary::from_blocks(self.blocks.to_vec(), self.rows, self.cols, self.scale)
+    }
+}
+
+impl<'a> From<&TernaryView<'a>> for TernaryView<'a> {
+    fn from(w: &TernaryView<'a>) -> Self {
+        *w
+    }
+}
+
+impl<'a> From<&'a PackedTernary> for TernaryView<'a> {
+    fn from(w: &'a PackedTernary) -> Self {
+        w.view()
     }
 }
 

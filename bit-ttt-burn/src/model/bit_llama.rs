@@ -83,10 +83,19 @@ impl<B: Backend> BitLlama<B> {
         self.lm_head.forward(self.norm.forward(x))
     }
 
-    /// An empty state for reading new sequences.
+    /// An empty state for reading one new sequence.
     pub fn new_state(&self) -> ModelState<B> {
+        self.new_batch_state(1)
+    }
+
+    /// An empty state for reading `batch_size` new sequences side by side.
+    pub fn new_batch_state(&self, batch_size: usize) -> ModelState<B> {
         ModelState {
-            layers: self.blocks.iter().map(|b| b.mixer.new_state()).collect(),
+            layers: self
+                .blocks
+                .iter()
+                .map(|b| b.mixer.new_state(batch_size))
+                .collect(),
             position: 0,
         }
     }

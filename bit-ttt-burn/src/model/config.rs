@@ -49,11 +49,14 @@ impl std::str::FromStr for MixerKind {
 ///
 /// | preset | d_model | layers | heads | d_ffn | parameters (TTT-Linear) |
 /// |--------|---------|--------|-------|-------|------------|
-/// | tiny   | 64      | 2      | 4     | 128   | see `parameter_counts_of_presets` test |
-/// | 125m   | 768     | 12     | 12    | 2048  | ≈ 0.13 B |
-/// | 350m   | 1024    | 24     | 16    | 2736  | ≈ 0.36 B |
-/// | 760m   | 1536    | 24     | 16    | 4096  | ≈ 0.77 B |
-/// | 1.3b   | 2048    | 24     | 32    | 5504  | ≈ 1.4 B |
+/// | tiny   | 64      | 2      | 4     | 128   | 347,600 (vocabulary 2,048) |
+/// | 125m   | 768     | 12     | 12    | 2048  | 134,852,688 |
+/// | 350m   | 1024    | 24     | 16    | 2736  | 370,059,008 |
+/// | 760m   | 1536    | 24     | 16    | 4096  | 782,170,368 |
+/// | 1.3b   | 2048    | 24     | 32    | 5504  | 1,350,388,864 |
+///
+/// (Counted by the `parameter_counts_of_presets` test; the embedding and the head are
+/// 2 × 32,000 × d_model of them.)
 #[derive(Config, Debug, PartialEq)]
 pub struct BitLlamaConfig {
     /// Vocabulary size (token ids are `0..vocab_size`).
@@ -155,5 +158,63 @@ impl BitLlamaConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Block;
+    use burn::backend::NdArray;
+    use burn::module::Module;
+
+    /// Parameters of a model of `config`'s shape: the blocks are identical, so one block is
+    /// materialized and counted, plus the embedding, the final norm and the f32 head.
+    fn parameter_count(config: &BitLlamaConfig) -> usize {
+        let block = Block::<NdArray>::init(config, &Default::default()).num_params();
+        let (v, d) = (config.vocab_size, config.d_model);
+        v * d + config.n_layers * block + d + d * v
+    }
+
+    #[test]
+    fn parameter_counts_of_presets() {
+        let tiny = BitLlamaConfig::tiny(2048);
+        let model = tiny.init::<NdArray>(&Default::default());
+        assert_eq!(parameter_count(&tiny), model.num_params());
+        assert!(
+            model.num_params() < 1_000_000,
+            "tiny has {}",
+            model.num_params()
+        );
+
+        // (preset, mixer, expected range in millions), vocabulary 32,000.
+        for (name, lo, hi) in [
+            ("125m", 100, 200),
+            ("350m", 300, 450),
+            ("760m", 650, 900),
+            ("1.3b", 1200, 1600),
+        ] {
+            let config = BitLlamaConfig::preset(name, 32_000).unwrap();
+            let n = parameter_count(&config);
+            println!("{name}: {n} parameters (TTT-Linear)");
+            assert!(
+                (lo * 1_000_000..hi * 1_000_000).contains(&n),
+                "{name} has {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn mixer_names_round_trip() {
+        for kind in [
+            MixerKind::TttLinear,
+            MixerKind::TttMlp,
+            MixerKind::Attention,
+        ] {
+            assert_eq!(kind.name().parse::<MixerKind>(), Ok(kind));
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.name()));
+        }
+        assert!("lstm".parse::<MixerKind>().is_err());
     }
 }

@@ -205,6 +205,7 @@ fn dtype_name(dtype: burn::tensor::DType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MixerKind;
     use burn::backend::NdArray;
     use burn::tensor::{Int, Tensor};
     use std::fs;
@@ -212,7 +213,7 @@ mod tests {
     type B = NdArray;
 
     fn tiny() -> BitLlamaConfig {
-        BitLlamaConfig::tiny(50).with_mixer(crate::MixerKind::Attention)
+        BitLlamaConfig::tiny(50)
     }
 
     fn logits(model: &BitLlama<B>) -> Vec<f32> {
@@ -233,10 +234,26 @@ mod tests {
 
     #[test]
     fn save_load_gives_identical_logits() {
-        let (dir, model, _, _) = saved();
-        let (loaded, config) = BitLlama::<B>::load(dir.path(), &Default::default()).unwrap();
-        assert_eq!(config, tiny());
-        assert_eq!(logits(&loaded), logits(&model));
+        for mixer in [
+            MixerKind::TttLinear,
+            MixerKind::TttMlp,
+            MixerKind::Attention,
+        ] {
+            for ternary in [true, false] {
+                let dir = tempfile::tempdir().unwrap();
+                let config = tiny().with_mixer(mixer).with_ternary(ternary);
+                let model = config.init::<B>(&Default::default());
+                model.save(&config, dir.path()).unwrap();
+                let (loaded, loaded_config) =
+                    BitLlama::<B>::load(dir.path(), &Default::default()).unwrap();
+                assert_eq!(loaded_config, config);
+                assert_eq!(
+                    logits(&loaded),
+                    logits(&model),
+                    "{mixer:?}, ternary {ternary}"
+                );
+            }
+        }
     }
 
     #[test]

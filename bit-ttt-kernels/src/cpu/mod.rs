@@ -1,23 +1,278 @@
 //! CPU matrix products of packed ternary weights.
 //!
-//! `y[t, r] = Σ_k W[r, k] · x[t, k]` for a batch of `t` tokens, where `W` is a [`PackedTernary`]
-//! matrix. Two activation formats:
+//! `y[t, r] = Σ_k W[r, k] · x[t, k]` for a batch of `t` tokens, where `W` is a packed ternary
+//! matrix ([`PackedTernary`](crate::PackedTernary) or a borrowed [`TernaryView`], for example one
+//! memory-mapped from a [`PackedFile`](crate::file::PackedFile)). Two activation formats:
 //! - **W1.58A8** ([`QuantizedActivations`]): int8 activations with one scale per token,
 //!   integer accumulation, one float multiply at the end: `y = acc · gamma / s_t`.
 //! - **W1.58A16** (plain f32 activations), for experiments with activation quantization off.
 //!
-//! [`reference`] holds the scalar kernels every faster kernel is tested against.
+//! # Entry points
+//! [`gemm_i8`] and [`gemm_f32`] pick the best kernel for this CPU and split the output rows over
+//! this crate's own thread pool; one token is the decode GEMV, many tokens the prefill GEMM.
+//! [`gemm_i8_with`] and [`gemm_f32_with`] take [`CpuOptions`] to force a kernel or a thread count
+//! for one call; [`set_kernel_choice`] and [`set_num_threads`] change the defaults.
+//!
+//! # Threads
+//! The rows are split over a rayon pool of this crate (one pool per thread count asked for).
+//! A call from an ordinary thread hands its chunks to the pool and sleeps until they are done;
+//! each hand-off costs a thread wake-up, so calls smaller than about 40 µs of work stay on the
+//! calling thread. Run a decode step inside [`install`] instead: calls made from a worker of the
+//! pool split even small matrices (a few µs of work) among warm workers.
+//!
+//! # Kernels
+//! - [`reference`]: scalar loops, always available, the ground truth. The fast W1.58A8 kernels
+//!   produce bit-identical outputs: the integer sums are exact and the final scaling is the same
+//!   expression ([`finish_i8`]).
+//! - `avx2` (x86_64 with AVX2 and FMA, detected at run time): see the module source for the
+//!   decoding scheme.
+//! - No AVX-512 / VNNI kernel: the development machine (AMD EPYC, Zen 3) has no AVX-512, so such
+//!   a kernel could be neither tested nor measured here. On other architectures the reference
+//!   kernel is used.
 
 pub mod activations;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod aligned;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod reference;
 
 pub use activations::QuantizedActivations;
 
-use crate::PackedTernary;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use aligned::pad_rows;
+
+use crate::packing::{TernaryView, QK_TERNARY};
+use crate::KernelError;
+
+/// The `gamma / s_t` factor of a W1.58A8 output; every kernel uses this expression.
+#[inline]
+pub fn i8_factor(gamma: f32, s_t: f32) -> f32 {
+    gamma / s_t
+}
+
+/// The final W1.58A8 output from the exact integer sum and [`i8_factor`]; every kernel uses it,
+/// so their outputs are bit-identical.
+#[inline]
+pub fn finish_i8(acc: i32, factor: f32) -> f32 {
+    acc as f32 * factor
+}
+
+/// The final W1.58A16 output from the unscaled sum and `gamma`.
+#[inline]
+pub fn finish_f32(acc: f32, gamma: f32) -> f32 {
+    acc * gamma
+}
+
+/// Which kernel runs a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelChoice {
+    /// The fastest kernel this CPU can run (AVX2 where present, else the reference).
+    Auto,
+    /// The scalar [`reference`] kernel (still multi-threaded through the pool).
+    Reference,
+    /// The AVX2 kernel (x86_64 with AVX2 and FMA only).
+    Avx2,
+}
+
+impl KernelChoice {
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Auto => 0,
+            Self::Reference => 1,
+            Self::Avx2 => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Reference,
+            2 => Self::Avx2,
+            _ => Self::Auto,
+        }
+    }
+
+    /// Whether this CPU can run the kernel (`Auto` and `Reference` always can).
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Auto | Self::Reference => true,
+            Self::Avx2 => avx2_available(),
+        }
+    }
+
+    /// The concrete kernel this choice runs on this CPU (`Auto` resolved).
+    ///
+    /// # Errors
+    /// [`KernelError::KernelUnavailable`] if the CPU cannot run the kernel.
+    pub fn resolve(self) -> Result<KernelChoice, KernelError> {
+        match self {
+            Self::Auto if avx2_available() => Ok(Self::Avx2),
+            Self::Auto | Self::Reference => Ok(Self::Reference),
+            Self::Avx2 if avx2_available() => Ok(Self::Avx2),
+            Self::Avx2 => Err(KernelError::KernelUnavailable("AVX2")),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_available() -> bool {
+    avx2::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_available() -> bool {
+    false
+}
+
+/// The concrete kernels this CPU can run, reference first.
+pub fn available_kernels() -> Vec<KernelChoice> {
+    [KernelChoice::Reference, KernelChoice::Avx2]
+        .into_iter()
+        .filter(|k| k.is_available())
+        .collect()
+}
+
+static KERNEL_CHOICE: AtomicU8 = AtomicU8::new(0);
+static NUM_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the kernel that [`gemm_i8`] and [`gemm_f32`] use (default [`KernelChoice::Auto`]).
+///
+/// # Errors
+/// [`KernelError::KernelUnavailable`] (and nothing changes) if the CPU cannot run it.
+pub fn set_kernel_choice(choice: KernelChoice) -> Result<(), KernelError> {
+    choice.resolve()?;
+    KERNEL_CHOICE.store(choice.to_u8(), Ordering::Relaxed);
+    Ok(())
+}
+
+/// The kernel choice [`gemm_i8`] and [`gemm_f32`] use.
+pub fn kernel_choice() -> KernelChoice {
+    KernelChoice::from_u8(KERNEL_CHOICE.load(Ordering::Relaxed))
+}
+
+/// Sets the number of threads of the default calls; `0` means one per available CPU.
+pub fn set_num_threads(threads: usize) {
+    NUM_THREADS.store(threads, Ordering::Relaxed);
+}
+
+/// The number of threads [`gemm_i8`] and [`gemm_f32`] use.
+pub fn num_threads() -> usize {
+    match NUM_THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Per-call settings of [`gemm_i8_with`] and [`gemm_f32_with`]; `None` takes the global setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// The kernel, or `None` for [`kernel_choice`].
+    pub kernel: Option<KernelChoice>,
+    /// The thread count, or `None` for [`num_threads`]. `Some(1)` runs on the calling thread.
+    pub threads: Option<usize>,
+}
+
+impl CpuOptions {
+    /// Options forcing a kernel and a thread count.
+    pub fn new(kernel: KernelChoice, threads: usize) -> Self {
+        Self {
+            kernel: Some(kernel),
+            threads: Some(threads),
+        }
+    }
+}
+
+/// The rayon pools of this crate, one per thread count asked for (usually just one).
+static POOLS: Mutex<Vec<Arc<rayon::ThreadPool>>> = Mutex::new(Vec::new());
+
+fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = pools.iter().find(|p| p.current_num_threads() == threads) {
+        return Some(Arc::clone(p));
+    }
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("bit-ttt-cpu-{i}"))
+        .build()
+        .ok()?;
+    let built = Arc::new(built);
+    pools.push(Arc::clone(&built));
+    Some(built)
+}
+
+/// Runs `f` on a thread of this crate's pool of `threads` threads (`0`: [`num_threads`]).
+///
+/// Products called inside `f` with the same thread count then split their rows among warm
+/// workers directly, instead of handing each call to the pool and sleeping until it is done.
+/// That hand-off costs several microseconds per call (a wake-up of a sleeping thread), which
+/// matters for small matrices: run a whole decode step inside `install`.
+pub fn install<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    let threads = if threads == 0 { num_threads() } else { threads };
+    match pool(threads) {
+        Some(p) if threads > 1 => p.install(f),
+        _ => f(),
+    }
+}
+
+/// Below this many block·token products (about 40 µs of decode work) a call from outside the
+/// pool stays on its own thread: handing work to the pool and waiting for it costs a thread
+/// wake-up each way, several microseconds (much more in a virtual machine).
+const MIN_PARALLEL_WORK: usize = 32 * 1024;
+/// The same limit for a call from a worker of the pool ([`install`]), where splitting is cheap.
+const MIN_PARALLEL_WORK_IN_POOL: usize = 2 * 1024;
+/// Row chunks per thread, for load balance.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// Splits the `[tokens, rows]` output into row chunks and runs `f(r0, outs)` on each, where
+/// `outs[t]` is token `t`'s slice of the chunk; on the pool when there is enough work.
+fn for_row_chunks<F>(rows: usize, bpr: usize, tokens: usize, out: &mut [f32], threads: usize, f: F)
+where
+    F: Fn(usize, &mut [&mut [f32]]) + Sync,
+{
+    if rows == 0 || tokens == 0 {
+        return;
+    }
+    let pool = if threads > 1 { pool(threads) } else { None };
+    let work = rows * bpr.max(1) * tokens;
+    let min_work = match &pool {
+        Some(p) if p.current_thread_index().is_some() => MIN_PARALLEL_WORK_IN_POOL,
+        _ => MIN_PARALLEL_WORK,
+    };
+    let n_chunks = (threads * CHUNKS_PER_THREAD)
+        .min(work / min_work)
+        .min(rows.div_ceil(4));
+    let pool = pool.filter(|_| n_chunks > 1);
+    let Some(pool) = pool else {
+        let mut outs: Vec<&mut [f32]> = out.chunks_mut(rows).collect();
+        f(0, &mut outs);
+        return;
+    };
+    // Chunks of a multiple of 4 rows (the GEMV kernel's row blocking).
+    let chunk_rows = rows.div_ceil(n_chunks).div_ceil(4) * 4;
+    let n_chunks = rows.div_ceil(chunk_rows);
+    let mut chunks: Vec<Vec<&mut [f32]>> =
+        (0..n_chunks).map(|_| Vec::with_capacity(tokens)).collect();
+    for token_out in out.chunks_mut(rows) {
+        for (c, part) in token_out.chunks_mut(chunk_rows).enumerate() {
+            chunks[c].push(part);
+        }
+    }
+    pool.install(|| {
+        chunks
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(c, mut outs)| f(c * chunk_rows, &mut outs));
+    });
+}
 
 /// Checks the shapes of a product and panics with a message naming them (a programmer error).
 pub(crate) fn assert_product_shapes(
-    w: &PackedTernary,
+    w: TernaryView<'_>,
     x_len: usize,
     tokens: usize,
     out_len: usize,
@@ -34,4 +289,138 @@ pub(crate) fn assert_product_shapes(
         "output holds {out_len} values, expected [tokens={tokens}, rows={}]",
         w.rows()
     );
+}
+
+/// W1.58A8 product `out[t, r] = (Σ_k W[r, k] · q[t, k]) · gamma / s_t` with the default kernel
+/// and thread count; bit-identical to [`reference::gemm_i8`].
+///
+/// `w` is a [`&PackedTernary`](crate::PackedTernary) or a [`TernaryView`].
+///
+/// # Shapes
+/// - `x`: `[tokens, cols]` codes with `tokens` scales
+/// - `out`: `[tokens, rows]`, row-major
+///
+/// # Panics
+/// On mismatched shapes (a programmer error).
+pub fn gemm_i8<'a>(w: impl Into<TernaryView<'a>>, x: &QuantizedActivations, out: &mut [f32]) {
+    gemm_i8_with(w, x, out, CpuOptions::default())
+        .expect("the global kernel choice was checked by set_kernel_choice");
+}
+
+/// [`gemm_i8`] with per-call [`CpuOptions`].
+///
+/// # Errors
+/// [`KernelError::KernelUnavailable`] if the options force a kernel this CPU cannot run.
+///
+/// # Panics
+/// On mismatched shapes (a programmer error).
+pub fn gemm_i8_with<'a>(
+    w: impl Into<TernaryView<'a>>,
+    x: &QuantizedActivations,
+    out: &mut [f32],
+    options: CpuOptions,
+) -> Result<(), KernelError> {
+    let w = w.into();
+    assert_product_shapes(w, x.values.len(), x.tokens, out.len());
+    assert_eq!(x.scales.len(), x.tokens, "one activation scale per token");
+    let kernel = options.kernel.unwrap_or_else(kernel_choice).resolve()?;
+    let threads = options.threads.unwrap_or_else(num_threads).max(1);
+    let (tokens, cols) = (x.tokens, w.cols());
+    let factors: Vec<f32> = x.scales.iter().map(|&s| i8_factor(w.scale(), s)).collect();
+    let bpr = w.blocks_per_row();
+
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        KernelChoice::Avx2 => {
+            let kp = bpr * QK_TERNARY;
+            let xp = pad_rows(&x.values, tokens, cols, kp);
+            let sums: Vec<i32> = (0..tokens)
+                // SAFETY: `resolve` returned Avx2, so the CPU has AVX2.
+                .map(|t| unsafe { avx2::sum_i8(x.row(t)) })
+                .collect();
+            let inputs = avx2::I8Inputs {
+                x: &xp,
+                kp,
+                sums: &sums,
+                factors: &factors,
+            };
+            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+                // SAFETY: `resolve` returned Avx2, so the CPU has AVX2; `xp` holds `tokens` rows
+                // of `kp` codes; the chunk's rows lie inside the matrix.
+                unsafe { avx2::gemm_i8_rows(w, &inputs, r0, outs) }
+            });
+        }
+        _ => {
+            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+                for (t, o) in outs.iter_mut().enumerate() {
+                    for (i, y) in o.iter_mut().enumerate() {
+                        let acc = reference::dot_i8(w.row_blocks(r0 + i), x.row(t));
+                        *y = finish_i8(acc, factors[t]);
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// W1.58A16 product `out[t, r] = (Σ_k W[r, k] · x[t, k]) · gamma` with the default kernel and
+/// thread count. Agrees with [`reference::gemm_f32`] up to float rounding (the sum order
+/// differs).
+///
+/// # Shapes
+/// - `x`: `[tokens, cols]`, row-major
+/// - `out`: `[tokens, rows]`, row-major
+///
+/// # Panics
+/// On mismatched shapes (a programmer error).
+pub fn gemm_f32<'a>(w: impl Into<TernaryView<'a>>, x: &[f32], tokens: usize, out: &mut [f32]) {
+    gemm_f32_with(w, x, tokens, out, CpuOptions::default())
+        .expect("the global kernel choice was checked by set_kernel_choice");
+}
+
+/// [`gemm_f32`] with per-call [`CpuOptions`].
+///
+/// # Errors
+/// [`KernelError::KernelUnavailable`] if the options force a kernel this CPU cannot run.
+///
+/// # Panics
+/// On mismatched shapes (a programmer error).
+pub fn gemm_f32_with<'a>(
+    w: impl Into<TernaryView<'a>>,
+    x: &[f32],
+    tokens: usize,
+    out: &mut [f32],
+    options: CpuOptions,
+) -> Result<(), KernelError> {
+    let w = w.into();
+    assert_product_shapes(w, x.len(), tokens, out.len());
+    let kernel = options.kernel.unwrap_or_else(kernel_choice).resolve()?;
+    let threads = options.threads.unwrap_or_else(num_threads).max(1);
+    let cols = w.cols();
+    let bpr = w.blocks_per_row();
+
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        KernelChoice::Avx2 => {
+            let kp = bpr * QK_TERNARY;
+            let xp = pad_rows(x, tokens, cols, kp);
+            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+                // SAFETY: `resolve` returned Avx2, so the CPU has AVX2 and FMA; `xp` holds
+                // `tokens` rows of `kp` floats; the chunk's rows lie inside the matrix.
+                unsafe { avx2::gemm_f32_rows(w, &xp, kp, r0, outs) }
+            });
+        }
+        _ => {
+            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+                for (t, o) in outs.iter_mut().enumerate() {
+                    let xs = &x[t * cols..(t + 1) * cols];
+                    for (i, y) in o.iter_mut().enumerate() {
+                        *y = finish_f32(reference::dot_f32(w.row_blocks(r0 + i), xs), w.scale());
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
 }

@@ -1,8 +1,10 @@
 //! Scalar reference kernels: plain loops, always available, the ground truth for every fast kernel.
+//!
+//! The final scaling of every kernel goes through [`finish_i8`](super::finish_i8) and
+//! [`finish_f32`](super::finish_f32), so the faster kernels produce bit-identical W1.58A8 outputs.
 
-use super::{assert_product_shapes, QuantizedActivations};
-use crate::packing::{BlockTernary, QK_TERNARY};
-use crate::PackedTernary;
+use super::{assert_product_shapes, finish_f32, finish_i8, i8_factor, QuantizedActivations};
+use crate::packing::{BlockTernary, TernaryView, QK_TERNARY};
 
 /// Integer dot product of one packed row with int8 activations: `Σ_k w_k · x_k`.
 ///
@@ -30,31 +32,37 @@ pub fn dot_f32(row: &[BlockTernary], x: &[f32]) -> f32 {
 
 /// W1.58A8 product: `out[t, r] = (Σ_k W[r, k] · q[t, k]) · gamma / s_t`.
 ///
+/// `w` is a [`&PackedTernary`](crate::PackedTernary) or a [`TernaryView`]. Single-threaded.
+///
 /// # Shapes
 /// - `x`: `[tokens, cols]` codes with `tokens` scales
 /// - `out`: `[tokens, rows]`, row-major
-pub fn gemm_i8(w: &PackedTernary, x: &QuantizedActivations, out: &mut [f32]) {
+pub fn gemm_i8<'a>(w: impl Into<TernaryView<'a>>, x: &QuantizedActivations, out: &mut [f32]) {
+    let w = w.into();
     assert_product_shapes(w, x.values.len(), x.tokens, out.len());
     for t in 0..x.tokens {
         let xs = x.row(t);
-        let factor = w.scale() / x.scales[t];
+        let factor = i8_factor(w.scale(), x.scales[t]);
         for (r, y) in out[t * w.rows()..(t + 1) * w.rows()].iter_mut().enumerate() {
-            *y = dot_i8(w.row_blocks(r), xs) as f32 * factor;
+            *y = finish_i8(dot_i8(w.row_blocks(r), xs), factor);
         }
     }
 }
 
 /// W1.58A16 product: `out[t, r] = (Σ_k W[r, k] · x[t, k]) · gamma`.
 ///
+/// `w` is a [`&PackedTernary`](crate::PackedTernary) or a [`TernaryView`]. Single-threaded.
+///
 /// # Shapes
 /// - `x`: `[tokens, cols]`, row-major
 /// - `out`: `[tokens, rows]`, row-major
-pub fn gemm_f32(w: &PackedTernary, x: &[f32], tokens: usize, out: &mut [f32]) {
+pub fn gemm_f32<'a>(w: impl Into<TernaryView<'a>>, x: &[f32], tokens: usize, out: &mut [f32]) {
+    let w = w.into();
     assert_product_shapes(w, x.len(), tokens, out.len());
     for t in 0..tokens {
         let xs = &x[t * w.cols()..(t + 1) * w.cols()];
         for (r, y) in out[t * w.rows()..(t + 1) * w.rows()].iter_mut().enumerate() {
-            *y = dot_f32(w.row_blocks(r), xs) * w.scale();
+            *y = finish_f32(dot_f32(w.row_blocks(r), xs), w.scale());
         }
     }
 }
@@ -62,6 +70,7 @@ pub fn gemm_f32(w: &PackedTernary, x: &[f32], tokens: usize, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PackedTernary;
 
     #[test]
     fn gemm_by_hand() {
@@ -80,6 +89,11 @@ mod tests {
 
         let mut out = [0.0f32; 2];
         gemm_f32(&w, &[2.0, -1.0, 1.0], 1, &mut out);
+        assert_eq!(out, [0.5, -1.0]);
+
+        // A view gives the same.
+        let mut out = [0.0f32; 2];
+        gemm_f32(w.view(), &[2.0, -1.0, 1.0], 1, &mut out);
         assert_eq!(out, [0.5, -1.0]);
     }
 

@@ -1,0 +1,456 @@
+//! AVX2 kernels (x86_64 only), selected at run time when the CPU has AVX2 and FMA.
+//!
+//! # W1.58A8 (int8 activations)
+//! A [`BlockTernary`] is one 32-byte load `v`. Byte `j` holds the codes of weights `j`, `j+32`,
+//! `j+64` and `j+96` at bits 0, 2, 4 and 6, so a mask (after a 16-bit shift for the upper
+//! fields) gives the 32 codes of group `g` in the byte order of the activations
+//! `x[32g .. 32g+32]` of that block. The codes are unsigned (`c = w + 1` in 0..=2), which is what
+//! `vpmaddubsw` wants as its first operand: `maddubs(c, x)` gives 16 sums of two `c·x` products.
+//! At the end `Σ c·x = Σ w·x + Σ x`, so the per-token activation sum (computed once per call) is
+//! subtracted. The activations are zero-padded to whole blocks once per call, so the loops have
+//! no tail and padded weights meet zero activations. The integer sums are exact; the final
+//! scaling is [`finish_i8`], the reference's expression, so outputs are bit-identical.
+//!
+//! - **Decode (one token)**, [`row_dot`]: groups 0 and 2 are `v & 3` and `(v >> 4) & 3`,
+//!   groups 1 and 3 are read scaled by four, `v & 0xC` and `(v >> 4) & 0xC`, which saves two
+//!   shifts: one shift, four ands, four `maddubs`, four adds per 128 weights. Rows are read in
+//!   memory order (one stream) with a software prefetch 2 KiB ahead, four rows share one
+//!   vectorized horizontal sum and scaling.
+//! - **Prefill (several tokens)**, [`row_dots`]: each block is decoded once into four code
+//!   vectors and multiplied with the activations of up to four tokens (register blocking), and
+//!   rows are processed in tiles that stay in L2 while every group of tokens reads them.
+//!
+//! Both accumulate in 16-bit lanes for [`FLUSH_BLOCKS`] blocks before widening with
+//! `vpmaddwd`; the bounds are given where the accumulators are.
+//!
+//! A code `0b11` (corrupt data, see [`TernaryView`]) cannot make these kernels read out of
+//! bounds, but its result is unspecified (16-bit sums may wrap).
+//!
+//! # W1.58A16 (f32 activations)
+//! Codes are decoded to `i8` weights, widened to `f32` eight at a time and multiplied with FMA.
+//! The sum order differs from the scalar reference, so results agree only to rounding.
+
+// The register tiles are indexed by row and token in lockstep over several arrays; index loops
+// say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use crate::packing::{BlockTernary, TernaryView, QK_TERNARY};
+
+use super::{finish_f32, finish_i8};
+
+/// Blocks accumulated in 16-bit lanes before widening to 32 bits. [`row_dot`]'s ×4 accumulator
+/// allows at most 8, [`row_dots`]'s at most 15.
+pub(crate) const FLUSH_BLOCKS: usize = 8;
+// `row_dot` reads the blocks of a full flush group in pairs.
+const _: () = assert!(FLUSH_BLOCKS.is_multiple_of(2) && FLUSH_BLOCKS <= 8);
+
+/// Weight bytes of a row tile, sized so a tile stays in L2 while every token group reads it.
+const TILE_BYTES: usize = 128 * 1024;
+
+/// Whether the CPU can run these kernels (AVX2 and FMA).
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Horizontal sum of eight `i32` lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Horizontal sum of eight `f32` lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Distance of the software prefetch of the decode kernel, in blocks (2 KiB) ahead of the block
+/// being read. The hardware prefetchers alone left the single-thread GEMV at about 80% of the
+/// read bandwidth; with this it streams at about the read bandwidth.
+const PREFETCH_BLOCKS: usize = 64;
+
+/// `Σ c·x` (codes, not weights) of one row with one token, as eight `i32` lanes.
+///
+/// The decode-path kernel. Groups 0 and 2 are read as `v & 3` and `(v >> 4) & 3`, groups 1 and
+/// 3 as `v & 0xC` and `(v >> 4) & 0xC`, that is four times their codes, so a block costs one
+/// shift, four ands, four `maddubs` and four adds. The ×4 sums go to their own 16-bit
+/// accumulator (per block at most ±4096 per lane, so [`FLUSH_BLOCKS`] = 8 blocks reach at most
+/// -32768..=32512) and are divided by 4 (exactly: they are multiples of 4) when widened.
+///
+/// # Safety
+/// The row is `bpr` blocks at `w`; the token is `bpr·128` bytes at `x`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn row_dot(w: *const BlockTernary, bpr: usize, x: *const i8) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc32 = _mm256_setzero_si256();
+    let mut k = 0;
+    while k < bpr {
+        let n = (bpr - k).min(FLUSH_BLOCKS);
+        let mut acc = [_mm256_setzero_si256(); 2];
+        if n == FLUSH_BLOCKS {
+            for j in (k..k + FLUSH_BLOCKS).step_by(2) {
+                // One prefetch per 64-byte line. Prefetches never fault, and `wrapping_add`
+                // keeps the address computation defined when it lies past the matrix.
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j + PREFETCH_BLOCKS).cast::<i8>());
+                // SAFETY: j + 1 < k + FLUSH_BLOCKS <= bpr.
+                unsafe {
+                    block_dot(w, x, j, &mut acc);
+                    block_dot(w, x, j + 1, &mut acc);
+                }
+            }
+        } else {
+            for j in k..k + n {
+                // SAFETY: j < bpr.
+                unsafe { block_dot(w, x, j, &mut acc) };
+            }
+        }
+        let wide0 = _mm256_madd_epi16(acc[0], ones);
+        let wide1 = _mm256_madd_epi16(_mm256_srai_epi16::<2>(acc[1]), ones);
+        acc32 = _mm256_add_epi32(acc32, _mm256_add_epi32(wide0, wide1));
+        k += n;
+    }
+    acc32
+}
+
+/// Adds block `k` of a row times its activations to the two 16-bit accumulators of
+/// [`row_dot`]: `acc[0] += c0·x0 + c2·x2`, `acc[1] += 4·(c1·x1 + c3·x3)`.
+///
+/// # Safety
+/// Block `k` at `w + k` and the 128 bytes at `x + 128·k` must be readable.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn block_dot(w: *const BlockTernary, x: *const i8, k: usize, acc: &mut [__m256i; 2]) {
+    let m_lo = _mm256_set1_epi8(0x03);
+    let m_hi = _mm256_set1_epi8(0x0c);
+    // SAFETY: by the contract.
+    let (v, x0, x1, x2, x3) = unsafe {
+        let xp = x.add(k * QK_TERNARY).cast::<__m256i>();
+        (
+            _mm256_loadu_si256(w.add(k).cast::<__m256i>()),
+            _mm256_loadu_si256(xp),
+            _mm256_loadu_si256(xp.add(1)),
+            _mm256_loadu_si256(xp.add(2)),
+            _mm256_loadu_si256(xp.add(3)),
+        )
+    };
+    let h = _mm256_srli_epi16::<4>(v);
+    let p0 = _mm256_maddubs_epi16(_mm256_and_si256(v, m_lo), x0);
+    let p2 = _mm256_maddubs_epi16(_mm256_and_si256(h, m_lo), x2);
+    let p1 = _mm256_maddubs_epi16(_mm256_and_si256(v, m_hi), x1);
+    let p3 = _mm256_maddubs_epi16(_mm256_and_si256(h, m_hi), x3);
+    acc[0] = _mm256_add_epi16(acc[0], _mm256_add_epi16(p0, p2));
+    acc[1] = _mm256_add_epi16(acc[1], _mm256_add_epi16(p1, p3));
+}
+
+/// Horizontal sums of four vectors of eight `i32` lanes: `[Σa, Σb, Σc, Σd]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
+    let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    _mm_add_epi32(
+        _mm256_castsi256_si128(abcd),
+        _mm256_extracti128_si256::<1>(abcd),
+    )
+}
+
+/// `Σ c·x` (codes, not weights) of one row with `T` tokens, each as eight `i32` lanes.
+///
+/// The prefill kernel: each block is decoded once (three shifts, four ands) and multiplied with
+/// the activations of `T` tokens, so the decoding cost is shared. Each `maddubs` pair sum is in
+/// -512..=508, a block adds four of them to a 16-bit lane (-2048..=2032), and
+/// [`FLUSH_BLOCKS`] = 8 blocks stay far inside `i16`.
+///
+/// # Safety
+/// The row is `bpr` blocks at `w`; token `t` is `bpr·128` bytes at `x + t·kp`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn row_dots<const T: usize>(
+    w: *const BlockTernary,
+    bpr: usize,
+    x: *const i8,
+    kp: usize,
+) -> [i32; T] {
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc32 = [_mm256_setzero_si256(); T];
+    let mut b = 0;
+    while b < bpr {
+        let n = (bpr - b).min(FLUSH_BLOCKS);
+        let mut acc16 = [_mm256_setzero_si256(); T];
+        for k in b..b + n {
+            // SAFETY: block k < bpr of the row.
+            let v = unsafe { _mm256_loadu_si256(w.add(k).cast::<__m256i>()) };
+            let c0 = _mm256_and_si256(v, mask);
+            let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(v), mask);
+            let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+            let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(v), mask);
+            for t in 0..T {
+                // SAFETY: bytes k·128 .. k·128+128 of token t < T, by the contract.
+                let (x0, x1, x2, x3) = unsafe {
+                    let xp = x.add(t * kp + k * QK_TERNARY).cast::<__m256i>();
+                    (
+                        _mm256_loadu_si256(xp),
+                        _mm256_loadu_si256(xp.add(1)),
+                        _mm256_loadu_si256(xp.add(2)),
+                        _mm256_loadu_si256(xp.add(3)),
+                    )
+                };
+                let p01 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
+                let p23 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(c2, x2), _mm256_maddubs_epi16(c3, x3));
+                acc16[t] = _mm256_add_epi16(acc16[t], _mm256_add_epi16(p01, p23));
+            }
+        }
+        for t in 0..T {
+            acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
+        }
+        b += n;
+    }
+    let mut dots = [0i32; T];
+    for t in 0..T {
+        dots[t] = hsum_epi32(acc32[t]);
+    }
+    dots
+}
+
+/// `Σ x` of int8 codes.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn sum_i8(x: &[i8]) -> i32 {
+    let ones8 = _mm256_set1_epi8(1);
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_si256();
+    let chunks = x.chunks_exact(32);
+    let tail: i32 = chunks.remainder().iter().map(|&v| v as i32).sum();
+    for c in chunks {
+        // SAFETY: `c` is 32 bytes.
+        let v = unsafe { _mm256_loadu_si256(c.as_ptr().cast::<__m256i>()) };
+        // 1·x pair sums (|.| <= 256) widened to i32 at once: no overflow for any length.
+        acc = _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16),
+        );
+    }
+    hsum_epi32(acc) + tail
+}
+
+/// The activations and per-token constants of one W1.58A8 call.
+pub(crate) struct I8Inputs<'a> {
+    /// `[tokens, kp]` codes, zero-padded to whole blocks.
+    pub x: &'a [i8],
+    /// Padded row length, `blocks_per_row · 128`.
+    pub kp: usize,
+    /// `Σ_k x[t, k]` per token.
+    pub sums: &'a [i32],
+    /// `gamma / s_t` per token.
+    pub factors: &'a [f32],
+}
+
+/// Rows `r0 .. r0 + n` of a W1.58A8 product; `outs[t]` holds the `n` outputs of token `t`.
+///
+/// # Safety
+/// The CPU must have AVX2 ([`available`]). `inputs.x` must hold `outs.len()` tokens of
+/// `inputs.kp = w.blocks_per_row() · 128` codes, and `r0 + n <= w.rows()`.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn gemm_i8_rows(
+    w: TernaryView<'_>,
+    inputs: &I8Inputs<'_>,
+    r0: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let tokens = outs.len();
+    let Some(n) = outs.first().map(|o| o.len()) else {
+        return;
+    };
+    let bpr = w.blocks_per_row();
+    let kp = inputs.kp;
+    assert!(r0 + n <= w.rows() && inputs.x.len() >= tokens * kp && kp == bpr * QK_TERNARY);
+    // SAFETY (all kernel calls below): rows r0 + i < w.rows() (checked above), so their `bpr`
+    // blocks lie inside `w.blocks()`; every token slice handed on is inside `inputs.x`.
+    let row = |i: usize| unsafe { w.blocks().as_ptr().add((r0 + i) * bpr) };
+
+    if tokens == 1 {
+        // Decode: rows in memory order (one stream for the prefetchers), four at a time so the
+        // horizontal sums and the final scaling are vectorized.
+        let x = inputs.x.as_ptr();
+        let out = &mut *outs[0];
+        let sum = _mm_set1_epi32(inputs.sums[0]);
+        let factor = _mm_set1_ps(inputs.factors[0]);
+        let mut quads = out.chunks_exact_mut(4);
+        let mut i = 0;
+        for quad in &mut quads {
+            let d = unsafe {
+                let a = row_dot(row(i), bpr, x);
+                let b = row_dot(row(i + 1), bpr, x);
+                let c = row_dot(row(i + 2), bpr, x);
+                let d = row_dot(row(i + 3), bpr, x);
+                hsum4_epi32(a, b, c, d)
+            };
+            // The same operations as `finish_i8`, four lanes at a time: exact i32 difference,
+            // round-to-nearest conversion, one f32 multiply.
+            let y = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(d, sum)), factor);
+            // SAFETY: `quad` is four floats.
+            unsafe { _mm_storeu_ps(quad.as_mut_ptr(), y) };
+            i += 4;
+        }
+        for y in quads.into_remainder() {
+            let d = hsum_epi32(unsafe { row_dot(row(i), bpr, x) });
+            *y = finish_i8(d - inputs.sums[0], inputs.factors[0]);
+            i += 1;
+        }
+        return;
+    }
+
+    // Prefill: tiles of rows that stay in L2 while every group of up to four tokens reads them.
+    let tile = (TILE_BYTES / (bpr * 32).max(1)).max(1);
+    let mut tile_start = 0;
+    while tile_start < n {
+        let tile_end = (tile_start + tile).min(n);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let tn = (tokens - t0).min(4);
+            let x = inputs.x[t0 * kp..].as_ptr();
+            macro_rules! run {
+                ($t:literal) => {{
+                    for i in tile_start..tile_end {
+                        let dots = unsafe { row_dots::<$t>(row(i), bpr, x, kp) };
+                        for t in 0..$t {
+                            let tok = t0 + t;
+                            outs[tok][i] =
+                                finish_i8(dots[t] - inputs.sums[tok], inputs.factors[tok]);
+                        }
+                    }
+                }};
+            }
+            match tn {
+                1 => run!(1),
+                2 => run!(2),
+                3 => run!(3),
+                _ => run!(4),
+            }
+            t0 += tn;
+        }
+        tile_start = tile_end;
+    }
+}
+
+/// Decodes group `G` (weights `32G .. 32G+32`) of a block to four vectors of eight f32 weights.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn decode_f32<const SHIFT: i32>(v: __m256i) -> [__m256; 4] {
+    let c = _mm256_and_si256(_mm256_srli_epi16::<SHIFT>(v), _mm256_set1_epi8(3));
+    let wv = _mm256_sub_epi8(c, _mm256_set1_epi8(1));
+    let lo = _mm256_castsi256_si128(wv);
+    let hi = _mm256_extracti128_si256::<1>(wv);
+    [
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo))),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(hi))),
+    ]
+}
+
+/// `Σ w·x` of one row with `T` f32 tokens.
+///
+/// # Safety
+/// The row is `bpr` blocks at `w`; token `t` is `bpr·128` floats at `x + t·kp`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_dots<const T: usize>(
+    w: *const BlockTernary,
+    bpr: usize,
+    x: *const f32,
+    kp: usize,
+) -> [f32; T] {
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    for b in 0..bpr {
+        // SAFETY: block b < bpr of the row.
+        let v = unsafe { _mm256_loadu_si256(w.add(b).cast::<__m256i>()) };
+        let groups = [
+            decode_f32::<0>(v),
+            decode_f32::<2>(v),
+            decode_f32::<4>(v),
+            decode_f32::<6>(v),
+        ];
+        for (g, ws) in groups.iter().enumerate() {
+            for t in 0..T {
+                // SAFETY: floats b·128 + 32g .. + 32 of token t < T.
+                let xp = unsafe { x.add(t * kp + b * QK_TERNARY + g * 32) };
+                for (k, &wk) in ws.iter().enumerate() {
+                    // SAFETY: as above, 8 floats at offset 8k < 32.
+                    let xv = unsafe { _mm256_loadu_ps(xp.add(8 * k)) };
+                    acc[t][k] = _mm256_fmadd_ps(wk, xv, acc[t][k]);
+                }
+            }
+        }
+    }
+    let mut dots = [0.0f32; T];
+    for t in 0..T {
+        let a = _mm256_add_ps(
+            _mm256_add_ps(acc[t][0], acc[t][1]),
+            _mm256_add_ps(acc[t][2], acc[t][3]),
+        );
+        dots[t] = hsum_ps(a);
+    }
+    dots
+}
+
+/// Rows `r0 .. r0 + n` of a W1.58A16 product over `[tokens, kp]` zero-padded f32 activations.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]). `x` must hold `outs.len()` tokens of
+/// `kp = w.blocks_per_row() · 128` floats, and `r0 + n <= w.rows()`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn gemm_f32_rows(
+    w: TernaryView<'_>,
+    x: &[f32],
+    kp: usize,
+    r0: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let tokens = outs.len();
+    let Some(n) = outs.first().map(|o| o.len()) else {
+        return;
+    };
+    let bpr = w.blocks_per_row();
+    assert!(r0 + n <= w.rows() && x.len() >= tokens * kp && kp == bpr * QK_TERNARY);
+    let blocks = w.blocks().as_ptr();
+    let tile = (TILE_BYTES / (bpr * 32).max(1)).max(1);
+    let mut tile_start = 0;
+    while tile_start < n {
+        let tile_end = (tile_start + tile).min(n);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let tn = (tokens - t0).min(2);
+            let xp = x[t0 * kp..].as_ptr();
+            for i in tile_start..tile_end {
+                // SAFETY: row r0 + i < w.rows(); tokens t0 .. t0 + tn are inside `x`.
+                let row = unsafe { blocks.add((r0 + i) * bpr) };
+                if tn == 2 {
+                    let d = unsafe { f32_dots::<2>(row, bpr, xp, kp) };
+                    outs[t0][i] = finish_f32(d[0], w.scale());
+                    outs[t0 + 1][i] = finish_f32(d[1], w.scale());
+                } else {
+                    let d = unsafe { f32_dots::<1>(row, bpr, xp, kp) };
+                    outs[t0][i] = finish_f32(d[0], w.scale());
+                }
+            }
+            t0 += tn;
+        }
+        tile_start = tile_end;
+    }
+}
