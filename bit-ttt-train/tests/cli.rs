@@ -1,7 +1,5 @@
 //! The binary end to end: every bad input is a clear error with a non-zero exit (never a
 //! panic), and a small run trains, stops, resumes, evaluates and generates.
-//!
-//! TODO(ttt): drop `--mixer attention` once the TTT mixers land in bit-ttt-burn.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -56,7 +54,7 @@ fn corpus(dir: &Path) -> PathBuf {
 
 const TINY: &[&str] = &[
     "--mixer",
-    "attention",
+    "ttt_linear",
     "--preset",
     "tiny",
     "--seq-len",

@@ -1,6 +1,5 @@
-//! The training loop on a tiny attention model: exact resume, Ctrl-C stop, divergence.
-//!
-//! TODO(ttt): switch `tiny()` to `MixerKind::TttLinear` once the TTT mixers land in bit-ttt-burn.
+//! The training loop on tiny models: exact resume (TTT-Linear and attention), Ctrl-C stop,
+//! divergence.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -15,8 +14,16 @@ use burn::tensor::{Int, Tensor};
 
 type B = Autodiff<NdArray>;
 
+/// NdArray's RNG is global: a model built (or loaded) by one test while another seeds and
+/// initializes its own would change the latter's weights. The tests here run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn tiny() -> BitLlamaConfig {
-    BitLlamaConfig::tiny(50).with_mixer(MixerKind::Attention)
+    BitLlamaConfig::tiny(50)
 }
 
 /// A token stream with some structure (a noisy cycle), so the loss moves.
@@ -70,13 +77,31 @@ fn job<'a>(dir: &'a std::path::Path, data: &'a Split) -> TrainJob<'a> {
     }
 }
 
+fn job_with<'a>(dir: &'a std::path::Path, data: &'a Split, mixer: MixerKind) -> TrainJob<'a> {
+    TrainJob {
+        model: tiny().with_mixer(mixer),
+        ..job(dir, data)
+    }
+}
+
 #[test]
-fn stopped_and_resumed_run_repeats_the_uninterrupted_one() {
+fn stopped_and_resumed_run_repeats_the_uninterrupted_one_ttt_linear() {
+    let _serial = serial();
+    resume_repeats(MixerKind::TttLinear);
+}
+
+#[test]
+fn stopped_and_resumed_run_repeats_the_uninterrupted_one_attention() {
+    let _serial = serial();
+    resume_repeats(MixerKind::Attention);
+}
+
+fn resume_repeats(mixer: MixerKind) {
     let data = data();
     let device = Default::default();
 
     let straight_dir = tempfile::tempdir().unwrap();
-    let straight = train::<B>(job(straight_dir.path(), &data), &device).unwrap();
+    let straight = train::<B>(job_with(straight_dir.path(), &data, mixer), &device).unwrap();
     assert_eq!(straight.outcome, Outcome::Finished);
     assert_eq!(straight.state.metrics.len(), 6);
 
@@ -84,7 +109,7 @@ fn stopped_and_resumed_run_repeats_the_uninterrupted_one() {
     let first = train::<B>(
         TrainJob {
             stop_at: Some(3),
-            ..job(split_dir.path(), &data)
+            ..job_with(split_dir.path(), &data, mixer)
         },
         &device,
     )
@@ -102,7 +127,7 @@ fn stopped_and_resumed_run_repeats_the_uninterrupted_one() {
                 lr: 123.0,
                 ..settings()
             },
-            ..job(split_dir.path(), &data)
+            ..job_with(split_dir.path(), &data, mixer)
         },
         &device,
     )
@@ -139,6 +164,7 @@ fn stopped_and_resumed_run_repeats_the_uninterrupted_one() {
 
 #[test]
 fn stop_flag_saves_a_checkpoint_after_the_current_step() {
+    let _serial = serial();
     let data = data();
     let dir = tempfile::tempdir().unwrap();
     let report = train::<B>(
@@ -159,6 +185,7 @@ fn stop_flag_saves_a_checkpoint_after_the_current_step() {
 
 #[test]
 fn divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint() {
+    let _serial = serial();
     let data = data();
     let dir = tempfile::tempdir().unwrap();
     // A learning rate of 1e30 overflows the weights within a few steps.
@@ -202,6 +229,7 @@ fn divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn resume_without_checkpoint_and_bad_settings_are_errors() {
+    let _serial = serial();
     let data = data();
     let dir = tempfile::tempdir().unwrap();
     let err = train::<B>(
