@@ -77,8 +77,8 @@ fn ensure_font() -> bool {
     })
 }
 
-/// Draws the training loss (raw and smoothed), the validation loss and `references` against
-/// the step, as a PNG.
+/// Draws the training loss (raw and smoothed), the validation loss (legend `val_label`) and
+/// `references` against the step, as a PNG.
 ///
 /// # Errors
 /// [`TrainError::Io`] if drawing or writing fails.
@@ -87,6 +87,7 @@ pub fn plot_loss(
     rows: &[MetricRow],
     references: &[Reference],
     title: &str,
+    val_label: &str,
 ) -> Result<(), TrainError> {
     let err = |e: String| TrainError::io(path, std::io::Error::other(e));
     if rows.is_empty() {
@@ -127,6 +128,8 @@ pub fn plot_loss(
             chart
                 .configure_mesh()
                 .x_desc("step")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.1}"))
                 .y_desc("cross-entropy (nats/token)")
                 .draw()
                 .map_err(|e| err(e.to_string()))?;
@@ -140,13 +143,14 @@ pub fn plot_loss(
                 raw,
             ))
             .map_err(|e| err(e.to_string()))?;
-        // Exponential moving average of the training loss.
-        let mut ema = rows[0].train_loss;
+        // Trailing mean of the training loss over the last 25 steps.
         let smooth: Vec<(f64, f64)> = rows
             .iter()
-            .map(|r| {
-                ema = 0.95 * ema + 0.05 * r.train_loss;
-                (r.step as f64, ema.clamp(lo, hi))
+            .enumerate()
+            .map(|(i, r)| {
+                let window = &rows[i.saturating_sub(24)..=i];
+                let mean = window.iter().map(|w| w.train_loss).sum::<f64>() / window.len() as f64;
+                (r.step as f64, mean.clamp(lo, hi))
             })
             .collect();
         let series = chart
@@ -154,7 +158,7 @@ pub fn plot_loss(
             .map_err(|e| err(e.to_string()))?;
         if labels {
             series
-                .label("train (moving average)")
+                .label("train (mean of the last 25 steps)")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
         }
         let val: Vec<(f64, f64)> = rows
@@ -169,7 +173,7 @@ pub fn plot_loss(
                 .draw_series(LineSeries::new(val, RED.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?;
             if labels {
-                series.label("validation").legend(|(x, y)| {
+                series.label(val_label).legend(|(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2))
                 });
             }
@@ -230,7 +234,7 @@ mod tests {
         assert_eq!(text.lines().count(), 51);
         assert!(text.lines().nth(10).unwrap().starts_with("10,1.000000e-3,"));
         let png = dir.path().join(PLOT_FILE);
-        plot_loss(&png, &rows, &[("bigram".into(), 1.5)], "test").unwrap();
+        plot_loss(&png, &rows, &[("bigram".into(), 1.5)], "test", "validation").unwrap();
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);

@@ -90,9 +90,9 @@ impl TrainSettings {
         if self.seq_len == 0 || self.batch_size == 0 || self.steps == 0 {
             return bad("--seq-len, --batch-size and --steps must be at least 1".into());
         }
-        if !(self.lr.is_finite() && self.lr > 0.0)
-            || !(self.min_lr.is_finite() && self.min_lr >= 0.0)
-        {
+        let rates_ok =
+            self.lr.is_finite() && self.lr > 0.0 && self.min_lr.is_finite() && self.min_lr >= 0.0;
+        if !rates_ok {
             return bad(format!(
                 "learning rates must be finite and positive (--lr {}, --min-lr {})",
                 self.lr, self.min_lr
@@ -417,6 +417,14 @@ pub fn train<B: AutodiffBackend>(
         config.d_model,
         config.n_layers
     );
+    let val_label = if settings.eval_batches == 0 {
+        "validation".to_string()
+    } else {
+        format!(
+            "validation (first {} batches; last point: all)",
+            settings.eval_batches
+        )
+    };
     let write_outputs = |state: &TrainerState| -> Result<(), TrainError> {
         metrics::write_csv(&run_dir.join(metrics::METRICS_FILE), &state.metrics)?;
         metrics::plot_loss(
@@ -424,6 +432,7 @@ pub fn train<B: AutodiffBackend>(
             &state.metrics,
             &job.references,
             &plot_title,
+            &val_label,
         )
     };
 
