@@ -1,0 +1,19 @@
+//! The library behind the `bit-ttt-train` command line: tokenizer training, data preparation,
+//! count-based baselines, the training loop with checkpoints and exact resume, evaluation,
+//! metrics and plots, and backend selection.
+//!
+//! Everything here returns the typed [`TrainError`]; the binary adds context with `anyhow`.
+#![warn(missing_docs)]
+
+pub mod baselines;
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod metrics;
+pub mod rng;
+pub mod schedule;
+pub mod tokenizer;
+pub mod train;
+
+pub use error::TrainError;

@@ -1,0 +1,574 @@
+//! The training loop: AdamW with warm-up + cosine, gradient clipping, periodic evaluation,
+//! atomic checkpoints, exact resume, divergence detection and Ctrl-C handling.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bit_ttt_burn::{BitLlama, BitLlamaConfig};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::Split;
+use crate::metrics::{self, MetricRow, Reference};
+use crate::rng::SplitMix64;
+use crate::schedule::Schedule;
+use crate::TrainError;
+
+/// How to train (everything but the model's shape and the data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Updates of the whole run.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine.
+    pub min_lr: f64,
+    /// Updates of linear warm-up.
+    pub warmup_steps: usize,
+    /// AdamW β1.
+    pub beta1: f64,
+    /// AdamW β2.
+    pub beta2: f64,
+    /// AdamW (decoupled) weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value.
+    pub grad_clip: Option<f64>,
+    /// Evaluate on the validation split every this many updates (0: only at the end).
+    pub eval_every: usize,
+    /// Batches of the validation split to use for the periodic evaluations (0: all of it).
+    pub eval_batches: usize,
+    /// Write a checkpoint every this many updates (0: only at the end and on Ctrl-C).
+    pub checkpoint_every: usize,
+    /// Checkpoints to keep.
+    pub keep_checkpoints: usize,
+    /// Seed of the weights and of the batch sampler.
+    pub seed: u64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            seq_len: 128,
+            batch_size: 16,
+            steps: 1000,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 50,
+            beta1: 0.9,
+            beta2: 0.95,
+            weight_decay: 0.01,
+            grad_clip: Some(1.0),
+            eval_every: 100,
+            eval_batches: 8,
+            checkpoint_every: 200,
+            keep_checkpoints: 3,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// Checks the values are usable.
+    ///
+    /// # Errors
+    /// [`TrainError::InvalidSetting`] naming the first bad value.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::InvalidSetting(m));
+        if self.seq_len == 0 || self.batch_size == 0 || self.steps == 0 {
+            return bad("--seq-len, --batch-size and --steps must be at least 1".into());
+        }
+        let rates_ok =
+            self.lr.is_finite() && self.lr > 0.0 && self.min_lr.is_finite() && self.min_lr >= 0.0;
+        if !rates_ok {
+            return bad(format!(
+                "learning rates must be finite and positive (--lr {}, --min-lr {})",
+                self.lr, self.min_lr
+            ));
+        }
+        for (name, b) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(format!("{name} must be in [0, 1), got {b}"));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "--weight-decay must be >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("--grad-clip must be > 0, got {c}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            peak_lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.steps,
+        }
+    }
+}
+
+/// How to show progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// An indicatif bar on stderr (step, loss, tokens/s, learning rate, ETA).
+    Bar,
+    /// A plain line on stderr every this many steps (for logs).
+    Lines(usize),
+    /// Nothing.
+    Quiet,
+}
+
+/// One training run.
+#[derive(Debug, Clone)]
+pub struct TrainJob<'a> {
+    /// The run directory (checkpoints, metrics, plot, final model).
+    pub run_dir: &'a Path,
+    /// The model's shape (ignored on resume: the checkpoint's is used).
+    pub model: BitLlamaConfig,
+    /// The settings (ignored on resume: the checkpoint's are used).
+    pub settings: TrainSettings,
+    /// The tokens.
+    pub data: &'a Split,
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// Stop after this update, with a checkpoint, as Ctrl-C would (for time-boxed runs).
+    pub stop_at: Option<usize>,
+    /// Set from outside (Ctrl-C) to stop after the current update, with a checkpoint.
+    pub stop_flag: Option<Arc<AtomicBool>>,
+    /// Progress display.
+    pub progress: ProgressMode,
+    /// Reference lines for the loss plot (e.g. the baselines).
+    pub references: Vec<Reference>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// All steps done.
+    Finished,
+    /// Stopped at `stop_at`.
+    Stopped,
+    /// Stopped by the stop flag (Ctrl-C).
+    Interrupted,
+}
+
+/// What a run leaves behind.
+#[derive(Debug)]
+pub struct TrainReport<B: Backend> {
+    /// The trained model, without autodiff.
+    pub model: BitLlama<B>,
+    /// Its shape.
+    pub config: BitLlamaConfig,
+    /// The final state (step, metrics, …).
+    pub state: TrainerState,
+    /// How the run ended.
+    pub outcome: Outcome,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Validation cross-entropy of the final model on the whole validation split (only when
+    /// the run finished).
+    pub final_val_loss: Option<f64>,
+}
+
+/// Serializes seeding the backend and initializing the weights: the NdArray backend's RNG is
+/// global, and concurrent initializations would otherwise interleave their draws.
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+/// FNV-1a over the token streams.
+pub fn fingerprint(split: &Split) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &t in split.train.iter().chain([&u32::MAX]).chain(&split.valid) {
+        for b in t.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// A batch of `batch` random windows of `seq_len + 1` tokens, `[batch, seq_len + 1]`.
+fn sample_batch<B: Backend>(
+    tokens: &[u32],
+    seq_len: usize,
+    batch: usize,
+    rng: &mut SplitMix64,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let starts = tokens.len() - seq_len; // windows [s, s + seq_len] with s < starts
+    let mut ids = Vec::with_capacity(batch * (seq_len + 1));
+    for _ in 0..batch {
+        let s = rng.below(starts);
+        ids.extend(tokens[s..=s + seq_len].iter().map(|&t| t as i64));
+    }
+    Tensor::from_data(TensorData::new(ids, [batch, seq_len + 1]), device)
+}
+
+/// Mean next-token cross-entropy (nats) of windows `[batch, n + 1]`, and the number of targets.
+pub fn lm_loss<B: Backend>(model: &BitLlama<B>, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [batch, len] = windows.dims();
+    let n = len - 1;
+    let inputs = windows.clone().narrow(1, 0, n);
+    let targets = windows.narrow(1, 1, n).reshape([batch * n, 1]);
+    let logits = model.forward(inputs); // [batch, n, vocab]
+    let vocab = logits.dims()[2];
+    let log_probs = log_softmax(logits.reshape([batch * n, vocab]), 1);
+    log_probs.gather(1, targets).mean().neg()
+}
+
+/// Mean next-token cross-entropy, nats/token, of `tokens` cut into consecutive windows of
+/// `seq_len` predictions (each window starts with no context). Every token but the first is
+/// predicted once. `max_batches` limits the work to the first batches (0: all).
+///
+/// # Panics
+/// If `tokens` has fewer than 2 tokens or holds ids outside the model's vocabulary.
+pub fn evaluate<B: Backend>(
+    model: &BitLlama<B>,
+    tokens: &[u32],
+    seq_len: usize,
+    batch_size: usize,
+    max_batches: usize,
+) -> f64 {
+    assert!(tokens.len() >= 2, "nothing to evaluate");
+    let device = model.embedding.weight.device();
+    let starts: Vec<usize> = (0..tokens.len() - 1).step_by(seq_len).collect();
+    let (full, last): (Vec<usize>, Vec<usize>) = starts
+        .into_iter()
+        .partition(|&s| s + seq_len < tokens.len());
+    let mut groups: Vec<(Vec<usize>, usize)> = full
+        .chunks(batch_size)
+        .map(|c| (c.to_vec(), seq_len))
+        .collect();
+    if let Some(&s) = last.first() {
+        groups.push((vec![s], tokens.len() - 1 - s));
+    }
+    if max_batches > 0 {
+        groups.truncate(max_batches);
+    }
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for (starts, n) in groups {
+        let ids: Vec<i64> = starts
+            .iter()
+            .flat_map(|&s| tokens[s..=s + n].iter().map(|&t| t as i64))
+            .collect();
+        let windows =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [starts.len(), n + 1]), &device);
+        let loss: f64 = lm_loss(model, windows).into_scalar().elem();
+        total += loss * (starts.len() * n) as f64;
+        count += starts.len() * n;
+    }
+    total / count as f64
+}
+
+/// Whether every parameter is finite.
+struct FiniteCheck {
+    finite: bool,
+}
+
+impl<B: Backend> ModuleVisitor<B> for FiniteCheck {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.finite {
+            let sum: f64 = param.val().abs().sum().into_scalar().elem();
+            self.finite = sum.is_finite();
+        }
+    }
+}
+
+fn weights_finite<B: Backend, M: Module<B>>(model: &M) -> bool {
+    let mut check = FiniteCheck { finite: true };
+    model.visit(&mut check);
+    check.finite
+}
+
+/// Trains a model as `job` says, on backend `B` (an autodiff backend).
+///
+/// # Errors
+/// Bad settings, data too short, a missing or unreadable checkpoint on resume, a resume on
+/// other data, divergence ([`TrainError::Diverged`]), or I/O errors.
+pub fn train<B: AutodiffBackend>(
+    job: TrainJob<'_>,
+    device: &B::Device,
+) -> Result<TrainReport<B::InnerBackend>, TrainError> {
+    let run_dir = job.run_dir;
+    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    let data_fingerprint = fingerprint(job.data);
+
+    // A fresh start or the state of the latest checkpoint.
+    let (resume_from, mut state) = if job.resume {
+        let dir = checkpoint::latest(run_dir)?;
+        let state = checkpoint::load_state(&dir)?;
+        if state.data_fingerprint != data_fingerprint {
+            return Err(TrainError::InvalidSetting(format!(
+                "cannot resume {}: the data (files or tokenizer) differ from the run's",
+                run_dir.display()
+            )));
+        }
+        (Some(dir), state)
+    } else {
+        (
+            None,
+            TrainerState {
+                step: 0,
+                rng: SplitMix64::new(job.settings.seed ^ 0x5EED_DA7A),
+                settings: job.settings.clone(),
+                model: job.model.clone(),
+                tokens_seen: 0,
+                elapsed_s: 0.0,
+                data_fingerprint,
+                metrics: Vec::new(),
+            },
+        )
+    };
+    let settings = state.settings.clone();
+    let config = state.model.clone();
+    settings.validate()?;
+    config
+        .validate()
+        .map_err(|m| TrainError::InvalidSetting(format!("model: {m}")))?;
+    crate::data::check_length(job.data, settings.seq_len)?;
+    if let Some(&bad) = job
+        .data
+        .train
+        .iter()
+        .chain(&job.data.valid)
+        .find(|&&t| t as usize >= config.vocab_size)
+    {
+        return Err(TrainError::InvalidSetting(format!(
+            "token id {bad} does not fit the model's vocabulary of {}",
+            config.vocab_size
+        )));
+    }
+
+    let model = {
+        let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        B::seed(device, settings.seed);
+        config.init::<B>(device)
+    };
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(settings.beta1 as f32)
+        .with_beta_2(settings.beta2 as f32)
+        .with_epsilon(1e-8)
+        .with_weight_decay(settings.weight_decay as f32)
+        .with_grad_clipping(
+            settings
+                .grad_clip
+                .map(|c| GradientClippingConfig::Norm(c as f32)),
+        )
+        .init::<B, BitLlama<B>>();
+    let mut model = model;
+    let mut last_checkpoint = None;
+    if let Some(dir) = &resume_from {
+        let (m, o) = checkpoint::load_tensors(dir, model, optim, device)?;
+        model = m;
+        optim = o;
+        last_checkpoint = Some(dir.clone());
+    }
+
+    let schedule = settings.schedule();
+    let end = job
+        .stop_at
+        .map_or(settings.steps, |s| s.min(settings.steps));
+    let progress = match job.progress {
+        ProgressMode::Bar => {
+            let bar = ProgressBar::new(settings.steps as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {pos:>5}/{len} {msg} [{elapsed_precise}, ETA {eta}]",
+                )
+                .expect("a valid template")
+                .progress_chars("##-"),
+            );
+            bar.set_position(state.step as u64);
+            bar.reset_eta();
+            Some(bar)
+        }
+        _ => None,
+    };
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let step_at_start = state.step;
+    let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
+    let plot_title = format!(
+        "{} ({}, d_model {}, {} layers)",
+        run_dir
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy()),
+        config.mixer.name(),
+        config.d_model,
+        config.n_layers
+    );
+    let val_label = if settings.eval_batches == 0 {
+        "validation".to_string()
+    } else {
+        format!(
+            "validation (first {} batches; last point: all)",
+            settings.eval_batches
+        )
+    };
+    let write_outputs = |state: &TrainerState| -> Result<(), TrainError> {
+        metrics::write_csv(&run_dir.join(metrics::METRICS_FILE), &state.metrics)?;
+        metrics::plot_loss(
+            &run_dir.join(metrics::PLOT_FILE),
+            &state.metrics,
+            &job.references,
+            &plot_title,
+            &val_label,
+        )
+    };
+
+    let mut outcome = Outcome::Finished;
+    while state.step < settings.steps {
+        if state.step >= end {
+            outcome = Outcome::Stopped;
+            break;
+        }
+        let lr = schedule.lr(state.step);
+        let batch = sample_batch::<B>(
+            &job.data.train,
+            settings.seq_len,
+            settings.batch_size,
+            &mut state.rng,
+            device,
+        );
+        let loss = lm_loss(&model, batch);
+        let loss_value: f64 = loss.clone().into_scalar().elem();
+        let step = state.step + 1;
+        if !loss_value.is_finite() {
+            if let Some(bar) = &progress {
+                bar.abandon();
+            }
+            return Err(TrainError::Diverged {
+                step,
+                what: format!("the loss is {loss_value}"),
+                last_checkpoint,
+            });
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+        state.step = step;
+        state.tokens_seen += tokens_per_step;
+        let run_time = started.elapsed().as_secs_f64();
+        state.elapsed_s = elapsed_before + run_time;
+        let tokens_per_s =
+            ((state.step - step_at_start) as u64 * tokens_per_step) as f64 / run_time.max(1e-9);
+
+        let eval_now =
+            settings.eval_every > 0 && step % settings.eval_every == 0 && step < settings.steps;
+        let val_loss = eval_now.then(|| {
+            evaluate(
+                &model.valid(),
+                &job.data.valid,
+                settings.seq_len,
+                settings.batch_size,
+                settings.eval_batches,
+            )
+        });
+        state.metrics.push(MetricRow {
+            step,
+            lr,
+            train_loss: loss_value,
+            val_loss,
+            tokens_per_s,
+            elapsed_s: state.elapsed_s,
+        });
+        let message = format!(
+            "loss {loss_value:.3}{} | {tokens_per_s:.0} tok/s | lr {lr:.2e}",
+            val_loss
+                .map(|v| format!(" (val {v:.3})"))
+                .unwrap_or_default()
+        );
+        match (&progress, job.progress) {
+            (Some(bar), _) => {
+                bar.set_position(step as u64);
+                bar.set_message(message);
+            }
+            (None, ProgressMode::Lines(every))
+                if every > 0 && (step % every == 0 || step == 1 || val_loss.is_some()) =>
+            {
+                eprintln!("step {step:>6}/{} | {message}", settings.steps);
+            }
+            _ => {}
+        }
+
+        let interrupted = job
+            .stop_flag
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        let periodic = settings.checkpoint_every > 0 && step % settings.checkpoint_every == 0;
+        if periodic || interrupted || step == end {
+            if !weights_finite(&model) {
+                if let Some(bar) = &progress {
+                    bar.abandon();
+                }
+                return Err(TrainError::Diverged {
+                    step,
+                    what: "the weights are no longer finite".into(),
+                    last_checkpoint,
+                });
+            }
+            last_checkpoint = Some(checkpoint::save(
+                run_dir,
+                &model,
+                &optim,
+                &state,
+                settings.keep_checkpoints,
+            )?);
+            write_outputs(&state)?;
+        } else if val_loss.is_some() {
+            write_outputs(&state)?;
+        }
+        if interrupted {
+            outcome = Outcome::Interrupted;
+            break;
+        }
+    }
+    if let Some(bar) = &progress {
+        bar.finish();
+    }
+
+    let model = model.valid();
+    let mut final_val_loss = None;
+    if outcome == Outcome::Finished {
+        let v = evaluate(
+            &model,
+            &job.data.valid,
+            settings.seq_len,
+            settings.batch_size,
+            0,
+        );
+        final_val_loss = Some(v);
+        if let Some(last) = state.metrics.last_mut() {
+            last.val_loss = Some(v);
+        }
+        model.save(&config, run_dir)?;
+        write_outputs(&state)?;
+    }
+    Ok(TrainReport {
+        model,
+        config,
+        state,
+        outcome,
+        last_checkpoint,
+        final_val_loss,
+    })
+}

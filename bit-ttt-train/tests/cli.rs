@@ -1,0 +1,330 @@
+//! The binary end to end: every bad input is a clear error with a non-zero exit (never a
+//! panic), and a small run trains, stops, resumes, evaluates and generates.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bit-ttt-train"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs and expects failure with `needle` in stderr, and no panic.
+fn fails_with(args: &[&str], needle: &str) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded:\n{}", stdout(&o));
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in stderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+}
+
+/// A small English-like corpus (about 12 kB).
+fn corpus(dir: &Path) -> PathBuf {
+    let words = [
+        "the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deck", "wind",
+        "and", "of", "a", "to", "in", "was", "his", "he", "it", "with",
+    ];
+    let mut x: u64 = 3;
+    let mut text = String::new();
+    for i in 0..2400 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(words[(x >> 59) as usize % words.len()]);
+        text.push(if i % 11 == 10 { '\n' } else { ' ' });
+    }
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const TINY: &[&str] = &[
+    "--mixer",
+    "ttt_linear",
+    "--preset",
+    "tiny",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--vocab-size",
+    "300",
+    "--eval-every",
+    "2",
+    "--eval-batches",
+    "2",
+    "--progress",
+    "quiet",
+];
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let good = corpus(dir.path()).to_string_lossy().into_owned();
+    std::fs::write(d("empty.txt"), "").unwrap();
+    std::fs::write(d("latin1.txt"), b"na\xefve caf\xe9").unwrap();
+    let out = d("run");
+
+    let train = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--out", &out].map(String::from).to_vec();
+        a.extend(TINY.iter().map(|s| s.to_string()));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let check = |args: Vec<String>, needle: &str| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&refs, needle);
+    };
+
+    check(train(&["--data", &d("missing.txt")]), "does not exist");
+    check(train(&["--data", &d("empty.txt")]), "is empty");
+    check(train(&["--data", &d("latin1.txt")]), "not UTF-8");
+    check(
+        train(&["--data", &good, "--vocab-size", "100"]),
+        "too small",
+    );
+    check(
+        train(&["--data", &good, "--seq-len", "100000"]),
+        "too few for sequences of 100000 tokens",
+    );
+    check(
+        train(&["--data", &good, "--device", "tpu"]),
+        "invalid value 'tpu'",
+    );
+    check(
+        train(&["--data", &good, "--mixer", "lstm"]),
+        "unknown mixer",
+    );
+    check(
+        train(&["--data", &good, "--preset", "huge"]),
+        "unknown preset",
+    );
+    check(train(&["--data", &good, "--lr", "0"]), "learning rates");
+    if !cfg!(feature = "wgpu") {
+        check(
+            train(&["--data", &good, "--device", "wgpu"]),
+            "not compiled into this binary",
+        );
+    }
+    check(
+        train(&["--data", &good, "--resume", "--out", &d("nothing")]),
+        "holds no checkpoint",
+    );
+    fails_with(
+        &[
+            "tokenizer",
+            "--data",
+            &d("latin1.txt"),
+            "--out",
+            &d("t.json"),
+        ],
+        "not UTF-8",
+    );
+    fails_with(
+        &["eval", "--model", &d("no-model"), "--data", &good],
+        "tokenizer.json",
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &d("no-model"),
+            "--prompt",
+            "x",
+            "--tokenizer",
+            &d("t.json"),
+        ],
+        "does not exist",
+    );
+    // No run directory was left half-made by the failures.
+    assert!(!dir.path().join("run").join("checkpoints").exists());
+}
+
+#[test]
+fn train_stop_resume_eval_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path()).to_string_lossy().into_owned();
+    let out = dir.path().join("run");
+    let out_s = out.to_string_lossy().into_owned();
+
+    // A separate tokenizer, then a run that uses it and stops at step 3 of 6.
+    let tok = dir.path().join("tok.json").to_string_lossy().into_owned();
+    let o = run(&[
+        "tokenizer",
+        "--data",
+        &data,
+        "--vocab-size",
+        "300",
+        "--out",
+        &tok,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("bytes/token"));
+
+    let mut args = vec![
+        "train",
+        "--out",
+        &out_s,
+        "--data",
+        &data,
+        "--tokenizer",
+        &tok,
+    ];
+    args.extend(TINY);
+    args.extend(["--steps", "6", "--stop-at", "3", "--checkpoint-every", "2"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("stopped at step 3 of 6"),
+        "{}",
+        stdout(&o)
+    );
+    // Starting again on the same directory without --resume is refused.
+    fails_with(&args, "already holds a training run");
+
+    let o = run(&["train", "--out", &out_s, "--resume", "--progress", "quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("done: 6 steps"), "{}", stdout(&o));
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "metrics.csv",
+        "loss.png",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7, "{csv}");
+    assert!(std::fs::read_to_string(out.join("checkpoints/latest")).unwrap() == "step-000006");
+
+    let o = run(&[
+        "eval",
+        "--model",
+        &out_s,
+        "--data",
+        &data,
+        "--seq-len",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("perplexity"), "{}", stdout(&o));
+    // A checkpoint directory is a model directory too; its tokenizer is the run's.
+    let ckpt = out
+        .join("checkpoints/step-000006")
+        .to_string_lossy()
+        .into_owned();
+    let o = run(&["eval", "--model", &ckpt, "--data", &data, "--seq-len", "16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = run(&[
+        "generate",
+        "--model",
+        &out_s,
+        "--prompt",
+        "the whale",
+        "--max-tokens",
+        "10",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("the whale"), "{}", stdout(&o));
+    fails_with(
+        &[
+            "generate", "--model", &out_s, "--prompt", "x", "--top-p", "0",
+        ],
+        "top_p",
+    );
+}
+
+#[test]
+fn divergence_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path()).to_string_lossy().into_owned();
+    let out = dir.path().join("run").to_string_lossy().into_owned();
+    let mut args = vec!["train", "--out", &out, "--data", &data];
+    args.extend(TINY);
+    args.extend([
+        "--steps",
+        "30",
+        "--lr",
+        "1e30",
+        "--min-lr",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--checkpoint-every",
+        "1",
+    ]);
+    fails_with(&args, "training diverged");
+    let again = dir.path().join("again").to_string_lossy().into_owned();
+    args[2] = &again;
+    let o = run(&args);
+    assert!(
+        stderr(&o).contains("The last good checkpoint is"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path()).to_string_lossy().into_owned();
+    let out = dir.path().join("run");
+    let out_s = out.to_string_lossy().into_owned();
+    let mut args = vec!["train", "--out", &out_s, "--data", &data];
+    args.extend(TINY);
+    args.extend(["--steps", "100000", "--eval-every", "1"]);
+    let child = bin()
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // metrics.csv appears after the first evaluation: training is under way.
+    let started = Instant::now();
+    let mut child = child;
+    while !out.join("metrics.csv").exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let o = child.wait_with_output().unwrap();
+            panic!("exited early with {status}: {}", stderr(&o));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Ctrl-C"), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("continue with --resume"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(out.join("checkpoints/latest").is_file());
+    assert!(!stderr(&o).contains("panicked"));
+}
