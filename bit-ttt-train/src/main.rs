@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 /// Train, evaluate and run ternary (BitNet b1.58) language models with Test-Time-Training
 /// mixers. Start with `bit-ttt-train demo`.
 #[derive(Parser, Debug)]
-#[command(name = "bit-ttt-train", version, about, long_about = None, args_override_self = true)]
+#[command(name = "bit-ttt-train", version, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
