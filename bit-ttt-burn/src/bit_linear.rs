@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::{backend::Backend, module::linear, Tensor};
 
-use crate::quantize::{quantize_activations, quantize_weight, straight_through};
+use crate::quantize::{activation_scale, quantize_weight, straight_through};
 
 /// Configuration to create a [`BitLinear`] layer with [`init`](BitLinearConfig::init).
 #[derive(Config, Debug)]
@@ -83,23 +83,41 @@ impl BitLinearConfig {
 impl<B: Backend> BitLinear<B> {
     /// Applies the quantized linear transformation, with the straight-through estimator.
     ///
+    /// The product is taken between the integer codes (ternary weights, int8 activations, held
+    /// as f32) and scaled afterwards by `gamma / s`, exactly as the packed kernels do: sums of
+    /// such integers are exact in f32, so this forward and
+    /// [`PackedBitLinear`](crate::PackedBitLinear)'s agree to the bit for W1.58A8. The scales are
+    /// detached, so the gradients are the straight-through ones of
+    /// `x + (q(x) − x).detach()` and `W + (q(W) − W).detach()`.
+    ///
     /// # Shapes
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        let input = if self.quantize_activations {
-            let quantized = quantize_activations(input.clone(), self.eps);
-            straight_through(input, quantized)
-        } else {
-            input
-        };
         let weight = self.weight.val();
-        let weight = straight_through(weight.clone(), quantize_weight(weight, self.eps));
-        linear(
-            input,
-            weight.transpose(), // [d_input, d_output], as `linear` takes it
-            self.bias.as_ref().map(|b| b.val()),
-        )
+        let gamma = weight.clone().abs().mean().clamp_min(self.eps).detach(); // [1]
+        let weight_scaled = weight.div(gamma.clone().unsqueeze::<2>()); // [d_output, d_input]
+        let weight_codes = straight_through(
+            weight_scaled.clone(),
+            weight_scaled.round().clamp(-1.0, 1.0),
+        );
+        let gamma = gamma.reshape([1; D]);
+        let output = if self.quantize_activations {
+            let scale = activation_scale(input.clone(), self.eps).detach(); // [..., 1]
+            let input_scaled = input.mul(scale.clone());
+            let input_codes = straight_through(
+                input_scaled.clone(),
+                input_scaled.round().clamp(-128.0, 127.0),
+            );
+            let acc = linear(input_codes, weight_codes.transpose(), None); // exact integer sums
+            acc.mul(gamma.div(scale)) // the kernels' `gamma / s`
+        } else {
+            linear(input, weight_codes.transpose(), None).mul(gamma)
+        };
+        match &self.bias {
+            Some(bias) => output.add(bias.val().unsqueeze()),
+            None => output,
+        }
     }
 
     /// The effective weight the forward multiplies by, `Wq · gamma`, `[d_output, d_input]`.

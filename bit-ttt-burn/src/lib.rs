@@ -23,7 +23,7 @@ pub use bit_linear::{BitLinear, BitLinearConfig};
 pub use error::BitTttError;
 pub use generate::GenerationConfig;
 pub use model::{BitLlama, BitLlamaConfig, MixerKind, ModelState};
-pub use packed_bit_linear::PackedBitLinear;
+pub use packed_bit_linear::{PackedBitLinear, TernaryWeights};
 pub use projection::{Projection, ProjectionConfig};
 pub use sampling::SamplingConfig;
 pub use ttt::{InnerLoopImpl, TttCache, TttConfig, TttInner, TttLayer};

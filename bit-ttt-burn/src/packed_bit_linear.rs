@@ -1,24 +1,71 @@
 //! `PackedBitLinear`: the inference-only form of [`BitLinear`], with weights packed 2 bits each.
 
-use bit_ttt_kernels::cpu::{reference, QuantizedActivations};
-use bit_ttt_kernels::PackedTernary;
+use std::sync::Arc;
+
+use bit_ttt_kernels::cpu::{self, QuantizedActivations};
+use bit_ttt_kernels::{BlockTernary, PackedTernary, TernaryView};
+use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
+use memmap2::Mmap;
 
 use crate::quantize::ternary_codes;
 use crate::{BitLinear, BitTttError};
 
-/// A [`BitLinear`] frozen for inference: ternary weights packed 2 bits each
-/// ([`PackedTernary`]) with their scale, plus the f32 bias.
+/// Where the packed blocks of a [`PackedBitLinear`] live.
+#[derive(Clone, Debug)]
+pub enum TernaryWeights {
+    /// In memory, owned (packed from a trained layer).
+    Owned(PackedTernary),
+    /// In a memory-mapped packed model file, read in place (zero copy).
+    Mapped {
+        /// The mapping, shared by every layer of the file.
+        map: Arc<Mmap>,
+        /// Byte offset of the first block in the mapping.
+        offset: usize,
+        /// Rows (output features).
+        rows: usize,
+        /// Columns (input features).
+        cols: usize,
+        /// The per-tensor scale `gamma`.
+        scale: f32,
+    },
+}
+
+impl TernaryWeights {
+    /// A view the kernels read.
+    pub fn view(&self) -> TernaryView<'_> {
+        match self {
+            TernaryWeights::Owned(packed) => packed.view(),
+            TernaryWeights::Mapped {
+                map,
+                offset,
+                rows,
+                cols,
+                scale,
+            } => {
+                let len = rows * bit_ttt_kernels::packing::blocks_per_row(*cols) * 32;
+                let blocks = BlockTernary::slice_from_bytes(&map[*offset..offset + len])
+                    .expect("checked when the file was opened");
+                TernaryView::new(blocks, *rows, *cols, *scale)
+                    .expect("checked when the file was opened")
+            }
+        }
+    }
+}
+
+/// A [`BitLinear`] frozen for inference: ternary weights packed 2 bits each, their scale, and
+/// the f32 bias.
 ///
-/// Its forward equals [`BitLinear::forward`] (without gradients) up to float rounding: both
-/// see the same ternary codes and the same int8 activation codes; only the order of the final
-/// multiplications differs.
-#[derive(Debug, Clone)]
+/// Its forward runs the CPU kernels of `bit-ttt-kernels` (AVX2 where the CPU has it, the scalar
+/// reference elsewhere) on int8 activations, and equals [`BitLinear::forward`] (without
+/// gradients) up to float rounding: both see the same ternary codes and the same int8
+/// activation codes; only the order of the final multiplications differs.
+#[derive(Module, Debug)]
 pub struct PackedBitLinear<B: Backend> {
     /// The packed ternary weights, `[d_output, d_input]`.
-    pub weight: PackedTernary,
+    pub weight: TernaryWeights,
     /// Optional bias, `[d_output]`.
-    pub bias: Option<Tensor<B, 1>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
     /// Whether activations are quantized to int8 (W1.58A8) or kept in f32 (W1.58A16).
     pub quantize_activations: bool,
     /// Lower bound of the activation absmax.
@@ -44,8 +91,10 @@ impl<B: Backend> PackedBitLinear<B> {
         let gamma = gamma.into_data().convert::<f32>().into_vec::<f32>()?[0];
         let weight = PackedTernary::pack(&codes, d_output, d_input, gamma)?;
         Ok(Self {
-            weight,
-            bias: layer.bias.as_ref().map(|b| b.val()),
+            weight: TernaryWeights::Owned(weight),
+            // `val()` materialises a lazily initialised bias; cloning the `Param` itself would
+            // re-run its initializer and give another bias.
+            bias: layer.bias.as_ref().map(|b| Param::from_tensor(b.val())),
             quantize_activations: layer.quantize_activations,
             eps: layer.eps,
         })
@@ -62,7 +111,8 @@ impl<B: Backend> PackedBitLinear<B> {
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let device = input.device();
         let in_dims = input.dims();
-        let (d_input, d_output) = (self.weight.cols(), self.weight.rows());
+        let weight = self.weight.view();
+        let (d_input, d_output) = (weight.cols(), weight.rows());
         assert_eq!(
             in_dims[D - 1],
             d_input,
@@ -77,15 +127,15 @@ impl<B: Backend> PackedBitLinear<B> {
         let mut y = vec![0.0f32; tokens * d_output];
         if self.quantize_activations {
             let xq = QuantizedActivations::quantize(&x, d_input, self.eps as f32);
-            reference::gemm_i8(&self.weight, &xq, &mut y);
+            cpu::gemm_i8(weight, &xq, &mut y);
         } else {
-            reference::gemm_f32(&self.weight, &x, tokens, &mut y);
+            cpu::gemm_f32(weight, &x, tokens, &mut y);
         }
         let mut out_dims = in_dims;
         out_dims[D - 1] = d_output;
         let y = Tensor::<B, D>::from_data(TensorData::new(y, out_dims), &device);
         match &self.bias {
-            Some(bias) => y.add(bias.clone().reshape(bias_shape::<D>(d_output))),
+            Some(bias) => y.add(bias.val().reshape(bias_shape::<D>(d_output))),
             None => y,
         }
     }
@@ -124,21 +174,34 @@ mod tests {
             (37, 11, true, true),
             (128, 5, false, true),
             (200, 3, true, false),
+            (1000, 33, false, true),
         ] {
             let layer = BitLinearConfig::new(d_in, d_out)
                 .with_bias(bias)
                 .with_quantize_activations(quantize)
                 .init::<B>(&device);
             let packed = PackedBitLinear::from_bit_linear(&layer).unwrap();
-            let x = Tensor::<B, 3>::random([2, 3, d_in], Distribution::Normal(0.0, 1.0), &device);
-            let trained = layer
-                .forward(x.clone())
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap();
-            let y = packed.forward(x);
-            assert_eq!(y.dims(), [2, 3, d_out]);
-            assert_close(&y.into_data().to_vec::<f32>().unwrap(), &trained);
+            for tokens in [1, 7] {
+                let x = Tensor::<B, 3>::random(
+                    [1, tokens, d_in],
+                    Distribution::Normal(0.0, 1.0),
+                    &device,
+                );
+                let trained = layer
+                    .forward(x.clone())
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap();
+                let y = packed.forward(x);
+                assert_eq!(y.dims(), [1, tokens, d_out]);
+                let y = y.into_data().to_vec::<f32>().unwrap();
+                if quantize {
+                    // W1.58A8: exact integer sums scaled by the same `gamma / s` on both paths.
+                    assert_eq!(y, trained, "{d_in}x{d_out}, {tokens} tokens");
+                } else {
+                    assert_close(&y, &trained);
+                }
+            }
         }
     }
 
@@ -152,6 +215,9 @@ mod tests {
             .into_data()
             .to_vec::<f32>()
             .unwrap();
-        assert_eq!(packed.weight.dequantize(), effective);
+        let TernaryWeights::Owned(weight) = &packed.weight else {
+            panic!("packing gives owned weights")
+        };
+        assert_eq!(weight.dequantize(), effective);
     }
 }

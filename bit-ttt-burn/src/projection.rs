@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::{BitLinear, BitLinearConfig};
+use crate::{BitLinear, BitLinearConfig, BitTttError, PackedBitLinear};
 
 /// Configuration of a [`Projection`].
 #[derive(Config, Debug)]
@@ -32,6 +32,8 @@ pub enum Projection<B: Backend> {
     Ternary(BitLinear<B>),
     /// Plain f32 weights.
     Float(Linear<B>),
+    /// Ternary weights packed 2 bits each, for inference (see [`PackedBitLinear`]).
+    Packed(PackedBitLinear<B>),
 }
 
 impl ProjectionConfig {
@@ -63,7 +65,21 @@ impl<B: Backend> Projection<B> {
         match self {
             Projection::Ternary(layer) => layer.forward(input),
             Projection::Float(layer) => layer.forward(input),
+            Projection::Packed(layer) => layer.forward(input),
         }
+    }
+
+    /// The inference form: a ternary projection packed 2 bits a weight; others unchanged.
+    ///
+    /// # Errors
+    /// [`BitTttError::Kernel`] if the latent weights hold NaN or infinity.
+    pub fn into_packed(self) -> Result<Self, BitTttError> {
+        Ok(match self {
+            Projection::Ternary(layer) => {
+                Projection::Packed(PackedBitLinear::from_bit_linear(&layer)?)
+            }
+            other => other,
+        })
     }
 }
 

@@ -6,6 +6,8 @@
 //! over enough copies of the matrix (>= 256 MiB in all) that every call reads its weights from
 //! memory, as a decoder does when it walks through its layers; the "cache" shape reuses one
 //! matrix (256 KiB packed, it stays in L2). Every number is the median over repeated rounds.
+//! For each shape and thread count, the read-bandwidth pass, the ternary GEMV and the plain f32
+//! GEMV run in alternating rounds, so their ratios compare the same machine conditions.
 //! The human table comes first; the last lines are one JSON object per shape and thread count.
 
 use std::hint::black_box;
@@ -65,22 +67,43 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .expect("thread pool")
 }
 
-/// Read bandwidth: a wrapping sum over a 512 MiB array, split over `threads` threads.
-fn read_bandwidth(data: &[u64], threads: usize) -> f64 {
-    let bytes = std::mem::size_of_val(data) as f64;
+/// Like [`measure`] for several workloads run in alternating rounds, so that all of them see
+/// the same conditions (on a shared machine other processes change the bandwidth over time).
+fn measure_interleaved(tasks: &mut [(f64, &mut dyn FnMut())]) -> Vec<f64> {
+    for (_, round) in tasks.iter_mut() {
+        round();
+    }
+    let start = Instant::now();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
+    while rates[0].len() < MIN_ROUNDS || start.elapsed() < MIN_TIME * tasks.len() as u32 {
+        for ((work, round), r) in tasks.iter_mut().zip(&mut rates) {
+            let t = Instant::now();
+            round();
+            r.push(*work / t.elapsed().as_secs_f64());
+        }
+    }
+    rates
+        .into_iter()
+        .map(|mut r| {
+            r.sort_by(f64::total_cmp);
+            r[r.len() / 2]
+        })
+        .collect()
+}
+
+/// One pass of the read-bandwidth test: a wrapping sum over `data`, split over `threads`.
+fn read_pass(data: &[u64], threads: usize) {
     let part = data.len().div_ceil(threads);
-    measure(bytes, || {
-        let total = std::thread::scope(|s| {
-            let handles: Vec<_> = data
-                .chunks(part)
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &b| a.wrapping_add(b))))
-                .collect();
-            handles
-                .into_iter()
-                .fold(0u64, |a, h| a.wrapping_add(h.join().unwrap()))
-        });
-        black_box(total);
-    }) / 1e9
+    let total = std::thread::scope(|s| {
+        let handles: Vec<_> = data
+            .chunks(part)
+            .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &b| a.wrapping_add(b))))
+            .collect();
+        handles
+            .into_iter()
+            .fold(0u64, |a, h| a.wrapping_add(h.join().unwrap()))
+    });
+    black_box(total);
 }
 
 /// The plain f32 loop: 16 independent lanes, so the compiler vectorizes it.
@@ -155,8 +178,11 @@ fn main() {
 
     // 1. Read bandwidth.
     let data: Vec<u64> = (0..512 * MIB / 8).map(|i| i as u64 ^ 0x9e37).collect();
-    let read: Vec<f64> = THREADS.iter().map(|&t| read_bandwidth(&data, t)).collect();
-    drop(data);
+    let data_bytes = std::mem::size_of_val(data.as_slice()) as f64;
+    let read: Vec<f64> = THREADS
+        .iter()
+        .map(|&t| measure(data_bytes, || read_pass(&data, t)) / 1e9)
+        .collect();
     println!("\n## read bandwidth (sum over a 512 MiB array)");
     for (t, r) in THREADS.iter().zip(&read) {
         println!("{t} thread(s): {r:.2} GB/s");
@@ -181,18 +207,7 @@ fn main() {
         let f32_set: Vec<Vec<f32>> = (0..n_f32).map(|_| w_f32.clone()).collect();
         drop(w_f32);
         let mut y = vec![0.0f32; rows];
-        let f32_loop: Vec<f64> = pools
-            .iter()
-            .map(|p| {
-                measure(weights * n_f32 as f64, || {
-                    for w in &f32_set {
-                        gemv_f32_loop(w, &x_f32, &mut y, p);
-                    }
-                    black_box(&y);
-                }) / 1e9
-            })
-            .collect();
-        drop(f32_set);
+        let mut y_f32 = vec![0.0f32; rows];
 
         // 2b. f32, Burn's ndarray matmul `x[1, in] @ W[in, out]` (Burn's Linear orientation),
         // with Burn's own threading.
@@ -225,16 +240,38 @@ fn main() {
         let xq = QuantizedActivations::quantize(&x_f32, cols, 1e-5);
         for (ti, &threads) in THREADS.iter().enumerate() {
             let opts = CpuOptions::new(KernelChoice::Auto, threads);
+            // In cache, a round repeats the call so that the cache misses after the read pass
+            // of the previous round are a negligible part of it.
+            let (reps_t, reps_f) = if dram { (1, 1) } else { (400, 20) };
             let mut round = || {
-                for w in &set {
-                    cpu::gemm_i8_with(w, &xq, &mut y, opts).expect("kernel");
+                for _ in 0..reps_t {
+                    for w in &set {
+                        cpu::gemm_i8_with(w, &xq, &mut y, opts).expect("kernel");
+                    }
                 }
                 black_box(&y);
             };
-            // Each call from this (non-pool) thread, as a naive caller does.
-            let gw = measure(weights * n_t as f64, &mut round) / 1e9;
+            let p = &pools[ti];
+            let mut f32_round = || {
+                for _ in 0..reps_f {
+                    for w in &f32_set {
+                        gemv_f32_loop(w, &x_f32, &mut y_f32, p);
+                    }
+                }
+                black_box(&y_f32);
+            };
+            // Read bandwidth, ternary and f32 GEMV in alternating rounds; each ternary call
+            // from this (non-pool) thread, as a naive caller makes it.
+            let rates = measure_interleaved(&mut [
+                (data_bytes, &mut || read_pass(&data, threads)),
+                (weights * (n_t * reps_t) as f64, &mut round),
+                (weights * (n_f32 * reps_f) as f64, &mut f32_round),
+            ]);
+            let (read_gb, gw, f32_loop) = (rates[0] / 1e9, rates[1] / 1e9, rates[2] / 1e9);
             // The calls made from a worker of the pool (`cpu::install`), as a decode loop should.
-            let gw_pool = cpu::install(threads, || measure(weights * n_t as f64, &mut round)) / 1e9;
+            let gw_pool = cpu::install(threads, || {
+                measure(weights * (n_t * reps_t) as f64, &mut round)
+            }) / 1e9;
             results.push(Row {
                 shape: shape.clone(),
                 rows,
@@ -245,11 +282,13 @@ fn main() {
                 ternary_gw: gw,
                 ternary_pool_gw: gw_pool,
                 ternary_gb: gw * bytes as f64 / weights,
-                read_gb: read[ti],
-                f32_loop_gw: f32_loop[ti],
+                read_gb,
+                f32_loop_gw: f32_loop,
                 f32_burn_gw: f32_burn,
             });
         }
+        drop(f32_set);
+        drop(set);
         if !dram {
             let opts = CpuOptions::new(KernelChoice::Reference, 1);
             let gw = measure(weights, || {

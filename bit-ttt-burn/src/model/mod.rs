@@ -5,6 +5,7 @@ mod block;
 mod config;
 pub mod files;
 mod mixer;
+mod packed;
 mod soul;
 
 pub use bit_llama::{BitLlama, ModelState};

@@ -153,8 +153,10 @@ impl<B: Backend> TttCache<B> {
         )
     }
 
-    /// The accumulated gradients if any token of the current mini-batch was seen.
-    pub(crate) fn earlier(&self) -> Option<&[Tensor<B, 4>]> {
+    /// The accumulated gradients if any token of the current mini-batch was seen, `None` at a
+    /// mini-batch boundary: the `earlier` argument of the mini-batch functions
+    /// ([`dual_mini_batch`](super::dual_mini_batch) and the others).
+    pub fn earlier_grads(&self) -> Option<&[Tensor<B, 4>]> {
         (self.position_in_mini_batch() != 0).then_some(self.grads.as_slice())
     }
 

@@ -23,8 +23,8 @@ pub enum InnerLoopImpl {
     /// backend), which works for any [`InnerModel`](super::InnerModel) and keeps second-order
     /// terms when `B` is itself an autodiff backend.
     Autodiff,
-    /// The primal form, one token at a time: materialises the fast weights after every token.
-    /// This is what decoding with a [`TttCache`](super::TttCache) uses.
+    /// The primal form: forms every token's gradient and the fast weights every token reads
+    /// with. Decoding with a [`TttCache`](super::TttCache) uses it, one token at a time.
     Primal,
 }
 

@@ -48,6 +48,7 @@ pub struct InnerMlp<B: Backend> {
 
 /// The inner model of a [`TttLayer`](super::TttLayer): TTT-Linear or TTT-MLP.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer; boxing would only add an indirection
 pub enum InnerModule<B: Backend> {
     /// TTT-Linear.
     Linear(InnerLinear<B>),

@@ -2,7 +2,6 @@
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, RotaryEncoding, RotaryEncodingConfig};
-use burn::tensor::activation::sigmoid;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::{Projection, ProjectionConfig};
@@ -67,14 +66,14 @@ impl TttConfig {
     /// `mini_batch_size` is 0.
     pub fn init<B: Backend>(&self, device: &B::Device) -> TttLayer<B> {
         assert!(
-            self.num_heads > 0 && self.d_model % self.num_heads == 0,
+            self.num_heads > 0 && self.d_model.is_multiple_of(self.num_heads),
             "d_model {} is not a multiple of num_heads {}",
             self.d_model,
             self.num_heads
         );
         let head_dim = self.head_dim();
         assert!(
-            head_dim % 2 == 0,
+            head_dim.is_multiple_of(2),
             "head_dim {head_dim} must be even for RoPE"
         );
         assert!(self.mini_batch_size > 0, "mini_batch_size must be positive");
@@ -127,6 +126,13 @@ impl TttConfig {
             inner_loop: self.inner_loop,
         }
     }
+}
+
+/// `sigmoid(x) = ½ (1 + tanh(x / 2))`: overflow-free and in the backend's precision.
+/// (Burn 0.21's `sigmoid` computes in f32 even on an f64 backend, which would cap the
+/// precision of the η gate and of its gradient checks.)
+fn sigmoid_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.mul_scalar(0.5).tanh().add_scalar(1.0).mul_scalar(0.5)
 }
 
 impl<B: Backend> TttLayer<B> {
@@ -230,7 +236,7 @@ impl<B: Backend> TttLayer<B> {
             .val()
             .reshape([1, 1, self.num_heads]);
         let logits = x.matmul(weight) + bias; // [batch, seq, heads]
-        sigmoid(logits)
+        sigmoid_tanh(logits)
             .mul_scalar(self.base_lr / self.head_dim as f64)
             .swap_dims(1, 2) // [batch, heads, seq]
     }
@@ -247,7 +253,8 @@ impl<B: Backend> TttLayer<B> {
     /// - output: `[batch, heads, seq, head_dim]`
     ///
     /// # Panics
-    /// If the cache was made for another batch size, head count or mini-batch size.
+    /// If `x` has no tokens, or the cache was made for another batch size, head count or
+    /// mini-batch size.
     pub fn inner_outputs(
         &self,
         x: Tensor<B, 3>,
@@ -256,6 +263,7 @@ impl<B: Backend> TttLayer<B> {
         single_token_primal: bool,
     ) -> Tensor<B, 4> {
         let [batch, seq, _] = x.dims();
+        assert!(seq > 0, "the input {:?} has no tokens", x.dims());
         assert!(
             cache.batch_size() == batch
                 && cache.num_heads() == self.num_heads
@@ -293,7 +301,7 @@ impl<B: Backend> TttLayer<B> {
                 inner_loop
             };
             let state = cache.state();
-            let earlier = cache.earlier();
+            let earlier = cache.earlier_grads();
             let step = match implementation {
                 InnerLoopImpl::Dual => dual_mini_batch(&self.inner, state, earlier, &mini_batch),
                 InnerLoopImpl::Autodiff => {
@@ -500,9 +508,8 @@ mod tests {
 
             let x = Tensor::<B, 3>::from_data([xs], &device);
             let close = |got: Vec<f64>, expected: Vec<f64>, what: &str| {
-                // Not 1e-12: Burn 0.21 computes sigmoid (the η gate) in f32 even on f64.
                 for (a, e) in got.iter().zip(&expected) {
-                    assert!((a - e).abs() < 1e-7, "{what}: {got:?} vs {expected:?}");
+                    assert!((a - e).abs() < 1e-12, "{what}: {got:?} vs {expected:?}");
                 }
             };
             let expected_hidden: Vec<f64> = hidden.iter().flatten().copied().collect();
@@ -612,7 +619,15 @@ mod tests {
     fn prefill_then_decode_and_uneven_chunks_match_whole_sequence() {
         let device = Default::default();
         for inner in [TttInner::Linear, TttInner::Mlp] {
-            let layer = small(inner, 8);
+            // f32 projections: the chunks sum in another order, and int8 activation quantization
+            // would turn those 1e-7 differences into whole 1/127 steps; this test is about the
+            // inner loop, not the quantizer.
+            let layer = TttConfig::new(16, 2)
+                .with_inner(inner)
+                .with_mini_batch_size(8)
+                .with_use_gate(true)
+                .with_ternary(false)
+                .init::<NdArray>(&device);
             let x = input::<NdArray>([2, 37, 16], 5, 1.0, &device);
             let whole = layer.forward(x.clone());
 

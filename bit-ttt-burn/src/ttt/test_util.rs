@@ -102,6 +102,8 @@ pub(crate) fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tenso
 pub(crate) fn set_projection<B: Backend>(projection: &mut Projection<B>, weight: Tensor<B, 2>) {
     match projection {
         Projection::Float(linear) => linear.weight = Param::from_tensor(weight),
-        Projection::Ternary(_) => panic!("set_projection needs an f32 projection"),
+        Projection::Ternary(_) | Projection::Packed(_) => {
+            panic!("set_projection needs an f32 projection")
+        }
     }
 }

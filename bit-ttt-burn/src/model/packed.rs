@@ -1,0 +1,390 @@
+//! The packed inference file: ternary weights 2 bits each, memory-mapped and used in place.
+//!
+//! `BitLlama::save_packed` writes one safetensors file (conventionally `model.packed.safetensors`):
+//!
+//! | tensor | dtype | shape | what |
+//! |--------|-------|-------|------|
+//! | `{projection}.qweight` | U8 | `[rows, ceil(cols / 128) · 32]` | the [`BlockTernary`](bit_ttt_kernels::BlockTernary)s of each row (layout in `bit-ttt-kernels/src/packing.rs`) |
+//! | `{projection}.scale` | F32 | `[1]` | the absmean scale `gamma` |
+//! | every other tensor | F32 | as in `model.safetensors` | embedding, norms, TTT parameters, f32 head, biases |
+//!
+//! `{projection}` is the module path of each ternary projection (`blocks.3.mixer.q_proj`,
+//! `blocks.3.ffn.down_proj`, `lm_head` when the head is ternary). The metadata holds
+//! `format = bit-ttt-packed`, `version = 1` and the model's `config` as JSON, so the file is
+//! self-contained. `BitLlama::load_packed` maps the file and points each packed projection at
+//! its blocks inside the mapping: the ternary weights are never copied (only the f32 rest is
+//! loaded into tensors).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use bit_ttt_kernels::packing::blocks_per_row;
+use bit_ttt_kernels::BlockTernary;
+use burn::tensor::backend::Backend;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use memmap2::Mmap;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+use crate::files::write_atomic;
+use crate::model::{BitLlama, BitLlamaConfig, Mixer};
+use crate::packed_bit_linear::TernaryWeights;
+use crate::{BitTttError, Projection};
+
+/// A visitor of the projections of a model: their module path, and the projection.
+type ProjectionVisitor<'a, B> =
+    dyn FnMut(String, &mut Projection<B>) -> Result<(), BitTttError> + 'a;
+
+const FORMAT: &str = "bit-ttt-packed";
+const VERSION: &str = "1";
+
+impl<B: Backend> BitLlama<B> {
+    /// Calls `f` with the module path and a mutable reference of every projection.
+    fn for_each_projection(&mut self, f: &mut ProjectionVisitor<'_, B>) -> Result<(), BitTttError> {
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let mixer = format!("blocks.{i}.mixer");
+            match &mut block.mixer {
+                Mixer::Ttt(t) => {
+                    f(format!("{mixer}.q_proj"), &mut t.q_proj)?;
+                    f(format!("{mixer}.k_proj"), &mut t.k_proj)?;
+                    f(format!("{mixer}.v_proj"), &mut t.v_proj)?;
+                    f(format!("{mixer}.o_proj"), &mut t.o_proj)?;
+                    if let Some(g) = &mut t.g_proj {
+                        f(format!("{mixer}.g_proj"), g)?;
+                    }
+                }
+                Mixer::Attention(a) => {
+                    f(format!("{mixer}.q_proj"), &mut a.q_proj)?;
+                    f(format!("{mixer}.k_proj"), &mut a.k_proj)?;
+                    f(format!("{mixer}.v_proj"), &mut a.v_proj)?;
+                    f(format!("{mixer}.o_proj"), &mut a.o_proj)?;
+                }
+            }
+            f(
+                format!("blocks.{i}.ffn.gate_proj"),
+                &mut block.ffn.gate_proj,
+            )?;
+            f(format!("blocks.{i}.ffn.up_proj"), &mut block.ffn.up_proj)?;
+            f(
+                format!("blocks.{i}.ffn.down_proj"),
+                &mut block.ffn.down_proj,
+            )?;
+        }
+        f("lm_head".to_string(), &mut self.lm_head)
+    }
+
+    /// The inference form of this model: every ternary projection packed 2 bits a weight
+    /// ([`PackedBitLinear`](crate::PackedBitLinear)); its logits equal this model's up to float
+    /// rounding.
+    ///
+    /// # Errors
+    /// [`BitTttError::Kernel`] if a latent weight is NaN or infinite.
+    pub fn into_packed(mut self) -> Result<Self, BitTttError> {
+        self.for_each_projection(&mut |_, p| {
+            let owned = std::mem::replace(p, placeholder_projection());
+            *p = owned.into_packed()?;
+            Ok(())
+        })?;
+        Ok(self)
+    }
+
+    /// Writes the packed inference file (see the [module docs](self)) atomically. Ternary
+    /// projections are packed on the way if they are not already.
+    ///
+    /// # Errors
+    /// [`BitTttError::Io`], or [`BitTttError::Kernel`] for non-finite weights.
+    pub fn save_packed(&self, config: &BitLlamaConfig, path: &Path) -> Result<(), BitTttError> {
+        let mut packed = self.clone().into_packed()?;
+        // The f32 rest, as burn-store names it.
+        let mut store = SafetensorsStore::from_bytes(None).skip_enum_variants(true);
+        packed
+            .save_into(&mut store)
+            .map_err(|e| BitTttError::InvalidInput(format!("collecting the weights: {e}")))?;
+        let rest = store
+            .get_bytes()
+            .map_err(|e| BitTttError::InvalidInput(format!("serializing the weights: {e}")))?;
+        let rest = SafeTensors::deserialize(&rest).expect("burn-store writes valid safetensors");
+
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = rest
+            .tensors()
+            .into_iter()
+            .map(|(name, v)| (name, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        packed.for_each_projection(&mut |name, p| {
+            if let Projection::Packed(layer) = p {
+                let view = layer.weight.view();
+                let bytes = BlockTernary::slice_as_bytes(view.blocks()).to_vec();
+                let shape = vec![view.rows(), blocks_per_row(view.cols()) * 32];
+                owned.push((format!("{name}.qweight"), Dtype::U8, shape, bytes));
+                owned.push((
+                    format!("{name}.scale"),
+                    Dtype::F32,
+                    vec![1],
+                    view.scale().to_le_bytes().to_vec(),
+                ));
+                owned.push((
+                    format!("{name}.cols"),
+                    Dtype::I64,
+                    vec![1],
+                    (view.cols() as i64).to_le_bytes().to_vec(),
+                ));
+            }
+            Ok(())
+        })?;
+        let views: Vec<(String, TensorView<'_>)> = owned
+            .iter()
+            .map(|(name, dtype, shape, data)| {
+                let view = TensorView::new(*dtype, shape.clone(), data).expect("consistent tensor");
+                (name.clone(), view)
+            })
+            .collect();
+        let config_json = serde_json::to_string(config).expect("a config always serializes");
+        let metadata = std::collections::HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("version".to_string(), VERSION.to_string()),
+            ("config".to_string(), config_json),
+        ]);
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| BitTttError::InvalidInput(format!("serializing the packed file: {e}")))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Opens a packed inference file by memory-mapping it; the ternary weights are read in place.
+    ///
+    /// # Errors
+    /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] for a
+    /// truncated or malformed file, one that is not a packed model, or whose config does not
+    /// parse; the tensor errors of `load_weights` for missing, unexpected or mis-shaped tensors.
+    pub fn load_packed(
+        path: &Path,
+        device: &B::Device,
+    ) -> Result<(Self, BitLlamaConfig), BitTttError> {
+        let file = std::fs::File::open(path).map_err(|e| BitTttError::io(path, e))?;
+        // SAFETY: the mapping is read-only; like every memory-mapped model loader we rely on the
+        // file not being truncated or rewritten by another process while it is mapped (our own
+        // writers replace files by rename, which leaves a mapped old file intact).
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| BitTttError::io(path, e))?);
+        let corrupt = |reason: String| BitTttError::CorruptFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+        let tensors = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        if metadata.get("format").map(String::as_str) != Some(FORMAT)
+            || metadata.get("version").map(String::as_str) != Some(VERSION)
+        {
+            return Err(corrupt(format!("not a {FORMAT} version {VERSION} file")));
+        }
+        let config: BitLlamaConfig = serde_json::from_str(
+            metadata
+                .get("config")
+                .ok_or_else(|| corrupt("no config in the metadata".into()))?,
+        )
+        .map_err(|e| corrupt(format!("config: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| corrupt(format!("config: {e}")))?;
+
+        // Parameters are initialised lazily: replacing the ternary projections before anything
+        // reads them means their latent f32 weights are never allocated.
+        let mut model = config.init::<B>(device);
+        let mut used = std::collections::HashSet::new();
+        let base = map.as_ptr() as usize;
+        model.for_each_projection(&mut |name, p| {
+            let Projection::Ternary(layer) = p else {
+                return Ok(());
+            };
+            let [rows, cols] = layer.weight.dims();
+            let (q, s) = (format!("{name}.qweight"), format!("{name}.scale"));
+            let get = |n: &str| {
+                tensors.tensor(n).map_err(|_| BitTttError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: n.to_string(),
+                })
+            };
+            let (qweight, scale) = (get(&q)?, get(&s)?);
+            let expected = vec![rows, blocks_per_row(cols) * 32];
+            if qweight.dtype() != Dtype::U8 || qweight.shape() != expected.as_slice() {
+                return Err(BitTttError::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: q,
+                    expected,
+                    actual: qweight.shape().to_vec(),
+                });
+            }
+            if scale.dtype() != Dtype::F32 || scale.shape() != [1] {
+                return Err(corrupt(format!("{s} must be one F32")));
+            }
+            let gamma = f32::from_le_bytes(scale.data().try_into().expect("4 bytes"));
+            let blocks =
+                BlockTernary::slice_from_bytes(qweight.data()).expect("a multiple of 32 bytes");
+            let view = bit_ttt_kernels::TernaryView::new(blocks, rows, cols, gamma)?;
+            view.verify_codes()?;
+            *p = Projection::Packed(crate::PackedBitLinear {
+                weight: TernaryWeights::Mapped {
+                    map: map.clone(),
+                    offset: qweight.data().as_ptr() as usize - base,
+                    rows,
+                    cols,
+                    scale: gamma,
+                },
+                bias: layer
+                    .bias
+                    .as_ref()
+                    .map(|b| burn::module::Param::from_tensor(b.val())),
+                quantize_activations: layer.quantize_activations,
+                eps: layer.eps,
+            });
+            used.extend([q, s, format!("{name}.cols")]);
+            Ok(())
+        })?;
+
+        // The f32 rest: exactly the model's remaining tensors, then loaded through burn-store.
+        let expected: BTreeMap<String, Vec<usize>> = model
+            .collect(None, None, true)
+            .into_iter()
+            .map(|s| (s.full_path(), s.shape.to_vec()))
+            .collect();
+        for (name, shape) in &expected {
+            let view = tensors
+                .tensor(name)
+                .map_err(|_| BitTttError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                })?;
+            if view.dtype() != Dtype::F32 {
+                return Err(BitTttError::DtypeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: "F32".into(),
+                    actual: format!("{:?}", view.dtype()),
+                });
+            }
+            if view.shape() != shape.as_slice() {
+                return Err(BitTttError::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    actual: view.shape().to_vec(),
+                });
+            }
+        }
+        if let Some(extra) = tensors
+            .names()
+            .into_iter()
+            .find(|n| !used.contains(*n) && !expected.contains_key(*n))
+        {
+            return Err(BitTttError::UnexpectedTensor {
+                path: path.to_path_buf(),
+                name: extra.to_string(),
+            });
+        }
+        let rest: Vec<(String, TensorView<'_>)> = tensors
+            .tensors()
+            .into_iter()
+            .filter(|(name, _)| expected.contains_key(name))
+            .collect();
+        let rest = safetensors::serialize(rest, None).map_err(|e| corrupt(e.to_string()))?;
+        let mut store = SafetensorsStore::from_bytes(Some(rest)).skip_enum_variants(true);
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| corrupt(e.to_string()))?;
+        if !result.errors.is_empty() || !result.missing.is_empty() {
+            return Err(corrupt(format!("{:?} {:?}", result.errors, result.missing)));
+        }
+        Ok((model, config))
+    }
+}
+
+/// A zero-size stand-in used while a projection is moved out and packed.
+fn placeholder_projection<B: Backend>() -> Projection<B> {
+    Projection::Packed(crate::PackedBitLinear {
+        weight: TernaryWeights::Owned(
+            bit_ttt_kernels::PackedTernary::pack(&[], 0, 0, 1.0).expect("an empty matrix packs"),
+        ),
+        bias: None,
+        quantize_activations: false,
+        eps: 0.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MixerKind;
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tensor};
+
+    type B = NdArray;
+
+    fn logits(model: &BitLlama<B>) -> Vec<f32> {
+        let tokens = Tensor::<B, 2, Int>::from_ints([[1, 7, 3, 29, 0, 12, 5]], &Default::default());
+        model.forward(tokens).into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn packed_file_gives_the_training_mode_logits() {
+        for mixer in [
+            MixerKind::TttLinear,
+            MixerKind::TttMlp,
+            MixerKind::Attention,
+        ] {
+            let config = BitLlamaConfig::tiny(30)
+                .with_mixer(mixer)
+                .with_ternary_head(true);
+            let model = config.init::<B>(&Default::default());
+            let expected = logits(&model);
+            // Integer accumulation on both paths: not merely close, identical.
+            assert_eq!(
+                logits(&model.clone().into_packed().unwrap()),
+                expected,
+                "in memory, {mixer:?}"
+            );
+
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("model.packed.safetensors");
+            model.save_packed(&config, &path).unwrap();
+            let (loaded, loaded_config) =
+                BitLlama::<B>::load_packed(&path, &Default::default()).unwrap();
+            assert_eq!(loaded_config, config);
+            assert!(matches!(loaded.lm_head, Projection::Packed(_)));
+            assert_eq!(logits(&loaded), expected, "memory-mapped, {mixer:?}");
+        }
+    }
+
+    #[test]
+    fn packed_file_is_smaller_and_bad_files_are_errors() {
+        let config = BitLlamaConfig::tiny(30);
+        let model = config.init::<B>(&Default::default());
+        let dir = tempfile::tempdir().unwrap();
+        let packed = dir.path().join("p.safetensors");
+        model.save_packed(&config, &packed).unwrap();
+        model
+            .save_weights(&dir.path().join("f.safetensors"))
+            .unwrap();
+        let packed_len = std::fs::metadata(&packed).unwrap().len();
+        let full_len = std::fs::metadata(dir.path().join("f.safetensors"))
+            .unwrap()
+            .len();
+        assert!(
+            packed_len * 2 < full_len,
+            "packed {packed_len} vs f32 {full_len}"
+        );
+
+        let bytes = std::fs::read(&packed).unwrap();
+        for cut in [0, 7, 100, bytes.len() - 1] {
+            std::fs::write(&packed, &bytes[..cut]).unwrap();
+            let err = BitLlama::<B>::load_packed(&packed, &Default::default()).unwrap_err();
+            assert!(
+                matches!(err, BitTttError::CorruptFile { .. }),
+                "cut at {cut}: {err}"
+            );
+        }
+        // An f32 model file is not a packed file.
+        let err =
+            BitLlama::<B>::load_packed(&dir.path().join("f.safetensors"), &Default::default())
+                .unwrap_err();
+        assert!(err.to_string().contains("not a bit-ttt-packed"), "{err}");
+    }
+}
