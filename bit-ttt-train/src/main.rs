@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 /// Train, evaluate and run ternary (BitNet b1.58) language models with Test-Time-Training
 /// mixers. Start with `bit-ttt-train demo`.
 #[derive(Parser, Debug)]
-#[command(name = "bit-ttt-train", version, about, long_about = None, args_override_self = true)]
+#[command(name = "bit-ttt-train", version, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,6 +31,8 @@ enum Command {
     Eval(EvalArgs),
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Write the packed inference file: ternary weights 2 bits each, memory-mapped at load.
+    Export(ExportArgs),
     /// Print the compiled-in backends and versions.
     Info,
 }
@@ -242,6 +244,16 @@ struct GenerateArgs {
     device: DeviceArgs,
 }
 
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Model directory (config.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output file (default: MODEL/model.packed.safetensors).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn parse_mixer(s: &str) -> Result<MixerKind, String> {
     s.parse()
 }
@@ -254,6 +266,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train(*args),
         Command::Eval(args) => commands::eval(args),
         Command::Generate(args) => commands::generate(args),
+        Command::Export(args) => commands::export(args),
         Command::Info => {
             commands::info();
             Ok(commands::Exit::Ok)

@@ -139,6 +139,7 @@ fn bad_inputs_are_clear_errors() {
         &["eval", "--model", &d("no-model"), "--data", &good],
         "tokenizer.json",
     );
+    fails_with(&["export", "--model", &d("no-model")], "missing file");
     fails_with(
         &[
             "generate",
