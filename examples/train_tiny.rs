@@ -11,7 +11,7 @@
 use std::ops::ControlFlow;
 
 use bit_ttt::bit_ttt_burn::{
-    BitLlama, BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig,
+    BitLlama, BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig, TernaryBackend,
 };
 use burn::backend::{Autodiff, NdArray};
 use burn::grad_clipping::GradientClippingConfig;
@@ -31,7 +31,7 @@ const BATCH: usize = 8;
 const STEPS: usize = 150;
 
 /// Mean next-token cross-entropy of windows `[batch, SEQ + 1]`.
-fn loss<B: Backend>(model: &BitLlama<B>, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+fn loss<B: TernaryBackend>(model: &BitLlama<B>, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, len] = windows.dims();
     let inputs = windows.clone().narrow(1, 0, len - 1);
     let targets = windows

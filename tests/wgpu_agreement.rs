@@ -131,3 +131,59 @@ fn bit_linear_ndarray_and_wgpu_agree() {
         );
     }
 }
+
+/// A whole model (tiny, f32 projections so that only float rounding can differ) loaded from the
+/// same files on both backends gives the same logits, for every mixer.
+#[test]
+fn bit_llama_ndarray_and_wgpu_agree() {
+    use bit_ttt::bit_ttt_burn::{BitLlama, BitLlamaConfig, MixerKind};
+    use burn::tensor::Int;
+
+    if !common::wgpu_available("bit_llama_ndarray_and_wgpu_agree") {
+        return;
+    }
+    let cpu = Default::default();
+    let gpu = WgpuDevice::default();
+    let tokens: Vec<i64> = (0..21).map(|i| (i * 13 + 5) % 40).collect();
+    for mixer in [
+        MixerKind::TttLinear,
+        MixerKind::TttMlp,
+        MixerKind::Attention,
+    ] {
+        let config = BitLlamaConfig::tiny(40)
+            .with_mixer(mixer)
+            .with_ternary(false);
+        let dir = tempfile::tempdir().unwrap();
+        config
+            .init::<NdArray>(&cpu)
+            .save(&config, dir.path())
+            .unwrap();
+
+        let (on_cpu, _) = BitLlama::<NdArray>::load(dir.path(), &cpu).unwrap();
+        let expected = on_cpu
+            .forward(Tensor::<NdArray, 2, Int>::from_data(
+                TensorData::new(tokens.clone(), [1, tokens.len()]),
+                &cpu,
+            ))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let (on_gpu, _) = BitLlama::<Wgpu>::load(dir.path(), &gpu).unwrap();
+        let got = on_gpu
+            .forward(Tensor::<Wgpu, 2, Int>::from_data(
+                TensorData::new(tokens.clone(), [1, tokens.len()]),
+                &gpu,
+            ))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+
+        let diff = common::max_abs_diff(&got, &expected);
+        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{}: ndarray and wgpu logits differ by {diff} (largest {scale})",
+            mixer.name()
+        );
+    }
+}

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor};
 
 use crate::rope::apply_rope;
-use crate::{Projection, ProjectionConfig};
+use crate::{Projection, ProjectionConfig, TernaryBackend};
 
 /// Configuration of an [`Attention`] layer.
 #[derive(Config, Debug)]
@@ -108,7 +108,7 @@ impl AttentionConfig {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: TernaryBackend> Attention<B> {
     /// Attends over the whole sequence, causally.
     ///
     /// # Shapes

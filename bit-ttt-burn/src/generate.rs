@@ -2,10 +2,10 @@
 
 use std::ops::ControlFlow;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::sampling::{Sampler, SamplingConfig};
-use crate::{BitLlama, BitTttError, ModelState};
+use crate::{BitLlama, BitTttError, ModelState, TernaryBackend};
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,7 +18,7 @@ pub struct GenerationConfig {
     pub stop_tokens: Vec<u32>,
 }
 
-impl<B: Backend> BitLlama<B> {
+impl<B: TernaryBackend> BitLlama<B> {
     /// Reads `tokens` (continuing `state`) and returns the logits of the last one.
     ///
     /// # Errors

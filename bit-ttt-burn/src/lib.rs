@@ -17,7 +17,12 @@ pub mod quantize;
 pub mod rope;
 pub mod sampling;
 pub mod swiglu;
+pub mod ternary_backend;
 pub mod ttt;
+
+/// The packed layout and CPU kernels this crate runs on, for callers that tune them (threads,
+/// kernel choice) without depending on `bit-ttt-kernels` themselves.
+pub use bit_ttt_kernels as kernels;
 
 pub use bit_linear::{BitLinear, BitLinearConfig};
 pub use error::BitTttError;
@@ -26,4 +31,5 @@ pub use model::{BitLlama, BitLlamaConfig, MixerKind, ModelState};
 pub use packed_bit_linear::{PackedBitLinear, TernaryWeights};
 pub use projection::{Projection, ProjectionConfig};
 pub use sampling::SamplingConfig;
+pub use ternary_backend::{ActivationPrecision, TernaryBackend};
 pub use ttt::{InnerLoopImpl, TttCache, TttConfig, TttInner, TttLayer};

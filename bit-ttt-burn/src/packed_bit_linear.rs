@@ -2,14 +2,13 @@
 
 use std::sync::Arc;
 
-use bit_ttt_kernels::cpu::{self, QuantizedActivations};
 use bit_ttt_kernels::{BlockTernary, PackedTernary, TernaryView};
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 use memmap2::Mmap;
 
 use crate::quantize::ternary_codes;
-use crate::{BitLinear, BitTttError};
+use crate::{ActivationPrecision, BitLinear, BitTttError, TernaryBackend};
 
 /// Where the packed blocks of a [`PackedBitLinear`] live.
 #[derive(Clone, Debug)]
@@ -56,8 +55,9 @@ impl TernaryWeights {
 /// A [`BitLinear`] frozen for inference: ternary weights packed 2 bits each, their scale, and
 /// the f32 bias.
 ///
-/// Its forward runs the CPU kernels of `bit-ttt-kernels` (AVX2 where the CPU has it, the scalar
-/// reference elsewhere) on int8 activations, and equals [`BitLinear::forward`] (without
+/// Its forward runs the backend's [`TernaryBackend`] kernel (on `NdArray`: the CPU kernels of
+/// `bit-ttt-kernels`, AVX2 where the CPU has it, the scalar reference elsewhere) on int8
+/// activations, and equals [`BitLinear::forward`] (without
 /// gradients) up to float rounding: both see the same ternary codes and the same int8
 /// activation codes; only the order of the final multiplications differs.
 #[derive(Module, Debug)]
@@ -99,8 +99,11 @@ impl<B: Backend> PackedBitLinear<B> {
             eps: layer.eps,
         })
     }
+}
 
-    /// Applies the layer with the packed weights.
+impl<B: TernaryBackend> PackedBitLinear<B> {
+    /// Applies the layer with the packed weights, through the backend's
+    /// [`TernaryBackend::ternary_linear`] kernel.
     ///
     /// # Shapes
     /// - input: `[..., d_input]`
@@ -109,7 +112,6 @@ impl<B: Backend> PackedBitLinear<B> {
     /// # Panics
     /// If the last dimension of `input` is not `d_input` (a programmer error).
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        let device = input.device();
         let in_dims = input.dims();
         let weight = self.weight.view();
         let (d_input, d_output) = (weight.cols(), weight.rows());
@@ -119,21 +121,20 @@ impl<B: Backend> PackedBitLinear<B> {
             "PackedBitLinear: input shape {in_dims:?} does not end in d_input = {d_input}"
         );
         let tokens = in_dims[..D - 1].iter().product::<usize>();
-        let x: Vec<f32> = input
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("converted tensor data holds f32");
-        let mut y = vec![0.0f32; tokens * d_output];
-        if self.quantize_activations {
-            let xq = QuantizedActivations::quantize(&x, d_input, self.eps as f32);
-            cpu::gemm_i8(weight, &xq, &mut y);
+        // [tokens, d_input]
+        let x = input.reshape([tokens, d_input]);
+        let precision = if self.quantize_activations {
+            ActivationPrecision::Int8 {
+                eps: self.eps as f32,
+            }
         } else {
-            cpu::gemm_f32(weight, &x, tokens, &mut y);
-        }
+            ActivationPrecision::F32
+        };
+        let y = B::ternary_linear(x.into_primitive().tensor(), weight, precision);
+        // [tokens, d_output] -> [..., d_output]
         let mut out_dims = in_dims;
         out_dims[D - 1] = d_output;
-        let y = Tensor::<B, D>::from_data(TensorData::new(y, out_dims), &device);
+        let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out_dims);
         match &self.bias {
             Some(bias) => y.add(bias.val().reshape(bias_shape::<D>(d_output))),
             None => y,

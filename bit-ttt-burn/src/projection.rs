@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::{BitLinear, BitLinearConfig, BitTttError, PackedBitLinear};
+use crate::{BitLinear, BitLinearConfig, BitTttError, PackedBitLinear, TernaryBackend};
 
 /// Configuration of a [`Projection`].
 #[derive(Config, Debug)]
@@ -55,7 +55,7 @@ impl ProjectionConfig {
     }
 }
 
-impl<B: Backend> Projection<B> {
+impl<B: TernaryBackend> Projection<B> {
     /// Applies the projection.
     ///
     /// # Shapes
@@ -68,7 +68,9 @@ impl<B: Backend> Projection<B> {
             Projection::Packed(layer) => layer.forward(input),
         }
     }
+}
 
+impl<B: Backend> Projection<B> {
     /// The inference form: a ternary projection packed 2 bits a weight; others unchanged.
     ///
     /// # Errors

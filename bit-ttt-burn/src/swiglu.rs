@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
-use crate::{Projection, ProjectionConfig};
+use crate::{Projection, ProjectionConfig, TernaryBackend};
 
 /// Configuration of a [`SwiGlu`] feed-forward network.
 #[derive(Config, Debug)]
@@ -45,7 +45,7 @@ impl SwiGluConfig {
     }
 }
 
-impl<B: Backend> SwiGlu<B> {
+impl<B: TernaryBackend> SwiGlu<B> {
     /// Applies the network.
     ///
     /// # Shapes

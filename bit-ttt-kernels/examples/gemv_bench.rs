@@ -13,6 +13,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use bit_ttt_kernels::bandwidth;
 use bit_ttt_kernels::cpu::{self, CpuOptions, KernelChoice, QuantizedActivations};
 use bit_ttt_kernels::PackedTernary;
 use burn::backend::NdArray;
@@ -91,19 +92,9 @@ fn measure_interleaved(tasks: &mut [(f64, &mut dyn FnMut())]) -> Vec<f64> {
         .collect()
 }
 
-/// One pass of the read-bandwidth test: a wrapping sum over `data`, split over `threads`.
+/// One pass of the read-bandwidth test (see [`bit_ttt_kernels::bandwidth`]).
 fn read_pass(data: &[u64], threads: usize) {
-    let part = data.len().div_ceil(threads);
-    let total = std::thread::scope(|s| {
-        let handles: Vec<_> = data
-            .chunks(part)
-            .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &b| a.wrapping_add(b))))
-            .collect();
-        handles
-            .into_iter()
-            .fold(0u64, |a, h| a.wrapping_add(h.join().unwrap()))
-    });
-    black_box(total);
+    black_box(bandwidth::read_pass(data, threads));
 }
 
 /// The plain f32 loop: 16 independent lanes, so the compiler vectorizes it.

@@ -11,6 +11,7 @@
 //! This crate has no dependency on the other bit-ttt crates: `bit-ttt-burn` uses it, never the reverse.
 #![warn(missing_docs)]
 
+pub mod bandwidth;
 pub mod cpu;
 pub mod error;
 pub mod file;

@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bit_ttt_burn::model::files::TOKENIZER_FILE;
-use bit_ttt_burn::{BitLlama, BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig};
+use bit_ttt_burn::{
+    BitLlama, BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig, TernaryBackend,
+};
 use bit_ttt_train::baselines::{self, Baselines};
 use bit_ttt_train::data::{self, Split};
 use bit_ttt_train::device::DeviceKind;
@@ -18,10 +20,9 @@ use bit_ttt_train::tokenizer::{TextStream, Tokenizer};
 use bit_ttt_train::train::{self, Outcome, ProgressMode, TrainJob, TrainSettings};
 use bit_ttt_train::{checkpoint, with_backend, TrainError};
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use crate::{DemoArgs, EvalArgs, ExportArgs, GenerateArgs, TokenizerArgs, TrainArgs};
+use crate::{BenchArgs, DemoArgs, EvalArgs, ExportArgs, GenerateArgs, TokenizerArgs, TrainArgs};
 
 /// Vocabulary of the demo's tokenizer.
 pub const DEMO_VOCAB: usize = 2048;
@@ -182,7 +183,7 @@ fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
         Some(path) => BitLlamaConfig::load_json(path)?,
         None => BitLlamaConfig::preset(&args.preset, vocab).with_context(|| {
             format!(
-                "unknown preset {:?}: expected tiny, 125m, 350m, 760m or 1.3b",
+                "unknown preset {:?}: expected tiny, 125m, 350m, 760m, 1.3b or 1b",
                 args.preset
             )
         })?,
@@ -314,7 +315,7 @@ pub fn train(args: TrainArgs) -> Result<Exit> {
     with_backend!(device, |B, dev| run_training::<B>(job, &dev))
 }
 
-fn run_training<B: Backend>(job: TrainJob<'_>, device: &B::Device) -> Result<Exit> {
+fn run_training<B: TernaryBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<Exit> {
     let run_dir = job.run_dir.to_path_buf();
     let report = train::train::<Autodiff<B>>(job, device)?;
     let state = &report.state;
@@ -411,7 +412,7 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingCo
 }
 
 /// Generates after `prompt`, printing the text as it comes; returns the whole text.
-fn generate_text<B: Backend>(
+fn generate_text<B: TernaryBackend>(
     model: &BitLlama<B>,
     tokenizer: &Tokenizer,
     prompt: &str,
@@ -514,6 +515,73 @@ pub fn export(args: ExportArgs) -> Result<Exit> {
         format_count(size(&args.model.join(bit_ttt_burn::model::files::WEIGHTS_FILE))),
         started.elapsed().as_secs_f64()
     );
+    Ok(Exit::Ok)
+}
+
+/// `bench`: see [`bit_ttt_train::bench`].
+pub fn bench(args: BenchArgs) -> Result<Exit> {
+    use bit_ttt_train::bench::{self, BenchSettings};
+    let config = BitLlamaConfig::preset(&args.preset, args.vocab_size)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown preset {:?}: expected tiny, 125m, 350m, 760m, 1.3b or 1b",
+                args.preset
+            )
+        })?
+        .with_mixer(args.mixer);
+    let temp;
+    let dir = match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.clone()
+        }
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let settings = BenchSettings {
+        config: config.clone(),
+        name: args.preset.clone(),
+        threads: args.threads.clone(),
+        decode_tokens: args.decode_tokens,
+        prefill_tokens: args.prefill_tokens,
+        bandwidth_bytes: args.bandwidth_mib << 20,
+    };
+    println!(
+        "bench: {} (d_model {}, {} layers, {} heads, FFN {}, vocabulary {}, {} mixer, {} head), random weights, ndarray backend, kernel {:?}",
+        args.preset,
+        config.d_model,
+        config.n_layers,
+        config.n_heads,
+        config.d_ffn,
+        config.vocab_size,
+        config.mixer.name(),
+        if config.ternary_head { "ternary" } else { "f32" },
+        bit_ttt_burn::kernels::cpu::kernel_choice().resolve().ok(),
+    );
+    let results = bench::run(&settings, &dir, |line| println!("  {line}"))?;
+    println!();
+    println!(
+        "| threads | decode tok/s | prefill tok/s ({} tokens) | MB/token | read GB/s | decode GB/s | share of read bandwidth |",
+        args.prefill_tokens
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            r.threads,
+            r.decode_tokens_per_s,
+            r.prefill_tokens_per_s,
+            r.bytes_per_token as f64 / 1e6,
+            r.read_gbytes_per_s,
+            r.decode_tokens_per_s * r.bytes_per_token as f64 / 1e9,
+            r.bandwidth_share
+        );
+    }
+    for r in &results {
+        println!("{}", serde_json::to_string(r)?);
+    }
     Ok(Exit::Ok)
 }
 
@@ -645,7 +713,7 @@ pub fn demo(args: DemoArgs) -> Result<Exit> {
     ))
 }
 
-fn demo_rest<B: Backend>(
+fn demo_rest<B: TernaryBackend>(
     job: TrainJob<'_>,
     device: &B::Device,
     tokenizer: &Tokenizer,

@@ -33,6 +33,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Write the packed inference file: ternary weights 2 bits each, memory-mapped at load.
     Export(ExportArgs),
+    /// Measure CPU decode and prefill of a packed random-weight model against the machine's
+    /// read bandwidth.
+    Bench(BenchArgs),
     /// Print the compiled-in backends and versions.
     Info,
 }
@@ -107,7 +110,7 @@ struct TrainArgs {
     /// Fraction of the tokens held out for validation (the end of the stream).
     #[arg(long, default_value_t = 0.1)]
     valid_fraction: f64,
-    /// Model preset: tiny, 125m, 350m, 760m, 1.3b (the vocabulary comes from the tokenizer).
+    /// Model preset: tiny, 125m, 350m, 760m, 1.3b, 1b (fully ternary, FFN 5632) (the vocabulary comes from the tokenizer).
     #[arg(long, default_value = "tiny", conflicts_with = "config")]
     preset: String,
     /// A model config.json instead of a preset (its vocab_size is replaced by the tokenizer's).
@@ -254,6 +257,35 @@ struct ExportArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Model preset: tiny, 125m, 350m, 760m, 1.3b, 1b (fully ternary: d_model 2048, 24 layers,
+    /// FFN 5632, ternary head).
+    #[arg(long, default_value = "1b")]
+    preset: String,
+    /// Mixer: ttt_linear, ttt_mlp or attention.
+    #[arg(long, default_value = "ttt_linear", value_parser = parse_mixer)]
+    mixer: MixerKind,
+    /// Vocabulary size of the random model.
+    #[arg(long, default_value_t = 32_000)]
+    vocab_size: usize,
+    /// Kernel thread counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Tokens decoded one at a time per measurement.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Length of the prefill.
+    #[arg(long, default_value_t = 128)]
+    prefill_tokens: usize,
+    /// Size of the read-bandwidth test array, in MiB.
+    #[arg(long, default_value_t = 512)]
+    bandwidth_mib: usize,
+    /// Directory for the packed model file (default: a temporary directory, removed after).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
 fn parse_mixer(s: &str) -> Result<MixerKind, String> {
     s.parse()
 }
@@ -267,6 +299,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval(args),
         Command::Generate(args) => commands::generate(args),
         Command::Export(args) => commands::export(args),
+        Command::Bench(args) => commands::bench(args),
         Command::Info => {
             commands::info();
             Ok(commands::Exit::Ok)

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bit_ttt_burn::{BitLlama, BitLlamaConfig};
+use bit_ttt_burn::{BitLlama, BitLlamaConfig, TernaryBackend};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -225,7 +225,7 @@ fn sample_batch<B: Backend>(
 }
 
 /// Mean next-token cross-entropy (nats) of windows `[batch, n + 1]`, and the number of targets.
-pub fn lm_loss<B: Backend>(model: &BitLlama<B>, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn lm_loss<B: TernaryBackend>(model: &BitLlama<B>, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, len] = windows.dims();
     let n = len - 1;
     let inputs = windows.clone().narrow(1, 0, n);
@@ -242,7 +242,7 @@ pub fn lm_loss<B: Backend>(model: &BitLlama<B>, windows: Tensor<B, 2, Int>) -> T
 ///
 /// # Panics
 /// If `tokens` has fewer than 2 tokens or holds ids outside the model's vocabulary.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: TernaryBackend>(
     model: &BitLlama<B>,
     tokens: &[u32],
     seq_len: usize,
@@ -305,10 +305,14 @@ fn weights_finite<B: Backend, M: Module<B>>(model: &M) -> bool {
 /// # Errors
 /// Bad settings, data too short, a missing or unreadable checkpoint on resume, a resume on
 /// other data, divergence ([`TrainError::Diverged`]), or I/O errors.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B>(
     job: TrainJob<'_>,
     device: &B::Device,
-) -> Result<TrainReport<B::InnerBackend>, TrainError> {
+) -> Result<TrainReport<B::InnerBackend>, TrainError>
+where
+    B: AutodiffBackend + TernaryBackend,
+    B::InnerBackend: TernaryBackend,
+{
     let run_dir = job.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
     let data_fingerprint = fingerprint(job.data);

@@ -244,6 +244,32 @@ fn train_stop_resume_eval_generate() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("the whale"), "{}", stdout(&o));
+
+    // export: the packed inference file, reloaded by memory map, gives the model's logits.
+    let packed = dir.path().join("model.packed.safetensors");
+    let o = run(&[
+        "export",
+        "--model",
+        &out_s,
+        "--out",
+        &packed.to_string_lossy(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = stdout(&o);
+    let diff: f32 = report
+        .split("max logit difference ")
+        .nth(1)
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no logit difference in: {report}"));
+    assert!(diff <= 1e-4, "{report}");
+    let weights = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let packed_len = std::fs::metadata(&packed).unwrap().len();
+    assert!(
+        packed_len < weights,
+        "packed file ({packed_len} bytes) not smaller than the f32 weights ({weights} bytes)"
+    );
     fails_with(
         &[
             "generate", "--model", &out_s, "--prompt", "x", "--top-p", "0",

@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::model::block::Block;
 use crate::model::mixer::MixerState;
 use crate::model::BitLlamaConfig;
-use crate::{Projection, ProjectionConfig};
+use crate::{Projection, ProjectionConfig, TernaryBackend};
 
 /// A Llama-shaped language model whose projections are ternary and whose mixers are TTT layers
 /// (or attention, as a baseline).
@@ -70,7 +70,7 @@ impl BitLlamaConfig {
     }
 }
 
-impl<B: Backend> BitLlama<B> {
+impl<B: TernaryBackend> BitLlama<B> {
     /// Logits for every position of a batch of whole sequences.
     ///
     /// # Shapes
@@ -81,23 +81,6 @@ impl<B: Backend> BitLlama<B> {
             x = block.forward(x);
         }
         self.lm_head.forward(self.norm.forward(x))
-    }
-
-    /// An empty state for reading one new sequence.
-    pub fn new_state(&self) -> ModelState<B> {
-        self.new_batch_state(1)
-    }
-
-    /// An empty state for reading `batch_size` new sequences side by side.
-    pub fn new_batch_state(&self, batch_size: usize) -> ModelState<B> {
-        ModelState {
-            layers: self
-                .blocks
-                .iter()
-                .map(|b| b.mixer.new_state(batch_size))
-                .collect(),
-            position: 0,
-        }
     }
 
     /// Logits for `tokens`, which follow the tokens `state` has read; updates `state`.
@@ -116,6 +99,25 @@ impl<B: Backend> BitLlama<B> {
         }
         state.position += seq;
         self.lm_head.forward(self.norm.forward(x))
+    }
+}
+
+impl<B: Backend> BitLlama<B> {
+    /// An empty state for reading one new sequence.
+    pub fn new_state(&self) -> ModelState<B> {
+        self.new_batch_state(1)
+    }
+
+    /// An empty state for reading `batch_size` new sequences side by side.
+    pub fn new_batch_state(&self, batch_size: usize) -> ModelState<B> {
+        ModelState {
+            layers: self
+                .blocks
+                .iter()
+                .map(|b| b.mixer.new_state(batch_size))
+                .collect(),
+            position: 0,
+        }
     }
 
     /// Vocabulary size (rows of the embedding).

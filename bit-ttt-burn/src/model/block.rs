@@ -7,6 +7,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::model::mixer::{Mixer, MixerState};
 use crate::model::BitLlamaConfig;
 use crate::swiglu::{SwiGlu, SwiGluConfig};
+use crate::TernaryBackend;
 
 /// One residual block of a [`BitLlama`](super::BitLlama).
 #[derive(Module, Debug)]
@@ -38,7 +39,9 @@ impl<B: Backend> Block<B> {
                 .init(device),
         }
     }
+}
 
+impl<B: TernaryBackend> Block<B> {
     /// Applies the block to a whole sequence.
     ///
     /// # Shapes

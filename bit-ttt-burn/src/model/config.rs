@@ -45,7 +45,8 @@ impl std::str::FromStr for MixerKind {
 ///
 /// Presets: [`tiny`](Self::tiny) for tests and the sizes of the TTT paper
 /// ([`ttt_125m`](Self::ttt_125m), [`ttt_350m`](Self::ttt_350m), [`ttt_760m`](Self::ttt_760m),
-/// [`ttt_1_3b`](Self::ttt_1_3b)). Their parameter counts (vocabulary 32,000, f32 head):
+/// [`ttt_1_3b`](Self::ttt_1_3b)), and [`ternary_1b`](Self::ternary_1b), the fully ternary
+/// shape `bit-ttt-train bench` decodes. Their parameter counts (vocabulary 32,000):
 ///
 /// | preset | d_model | layers | heads | d_ffn | parameters (TTT-Linear) |
 /// |--------|---------|--------|-------|-------|------------|
@@ -54,6 +55,7 @@ impl std::str::FromStr for MixerKind {
 /// | 350m   | 1024    | 24     | 16    | 2736  | 370,059,008 |
 /// | 760m   | 1536    | 24     | 16    | 4096  | 782,170,368 |
 /// | 1.3b   | 2048    | 24     | 32    | 5504  | 1,350,388,864 |
+/// | 1b (ternary head) | 2048 | 24 | 32  | 5632  | 1,369,263,232 |
 ///
 /// (Counted by the `parameter_counts_of_presets` test; the embedding and the head are
 /// 2 × 32,000 × d_model of them.)
@@ -118,14 +120,22 @@ impl BitLlamaConfig {
         Self::new(vocab_size, 2048, 24, 32, 5504)
     }
 
-    /// A preset by name: `tiny`, `125m`, `350m`, `760m`, `1.3b` (or `1b`).
+    /// A ~1B fully ternary model: d_model 2048, 24 layers, 32 heads, FFN 5632 (the
+    /// TinyLlama / BitNet-1B shape), with a ternary LM head too, so that every large matrix is
+    /// read 2 bits a weight. The shape of the end-to-end decode benchmark.
+    pub fn ternary_1b(vocab_size: usize) -> Self {
+        Self::new(vocab_size, 2048, 24, 32, 5632).with_ternary_head(true)
+    }
+
+    /// A preset by name: `tiny`, `125m`, `350m`, `760m`, `1.3b`, `1b` ([`ternary_1b`](Self::ternary_1b)).
     pub fn preset(name: &str, vocab_size: usize) -> Option<Self> {
         Some(match name {
             "tiny" => Self::tiny(vocab_size),
             "125m" => Self::ttt_125m(vocab_size),
             "350m" => Self::ttt_350m(vocab_size),
             "760m" => Self::ttt_760m(vocab_size),
-            "1.3b" | "1b" => Self::ttt_1_3b(vocab_size),
+            "1.3b" => Self::ttt_1_3b(vocab_size),
+            "1b" => Self::ternary_1b(vocab_size),
             _ => return None,
         })
     }
@@ -193,6 +203,7 @@ mod tests {
             ("350m", 300, 450),
             ("760m", 650, 900),
             ("1.3b", 1200, 1600),
+            ("1b", 1200, 1600),
         ] {
             let config = BitLlamaConfig::preset(name, 32_000).unwrap();
             let n = parameter_count(&config);

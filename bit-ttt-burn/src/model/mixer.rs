@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::attention::{Attention, AttentionConfig, KvCache};
 use crate::model::{BitLlamaConfig, MixerKind};
 use crate::ttt::{TttCache, TttConfig, TttInner, TttLayer};
+use crate::TernaryBackend;
 
 /// The sequence mixer of one block.
 // One mixer per block, built once and never moved on a hot path: boxing buys nothing.
@@ -60,7 +61,9 @@ impl<B: Backend> Mixer<B> {
             Mixer::Attention(_) => MixerState::Attention(KvCache::default()),
         }
     }
+}
 
+impl<B: TernaryBackend> Mixer<B> {
     /// Mixes a whole sequence from scratch.
     ///
     /// # Shapes

@@ -38,39 +38,81 @@ type ProjectionVisitor<'a, B> =
 const FORMAT: &str = "bit-ttt-packed";
 const VERSION: &str = "1";
 
-impl<B: Backend> BitLlama<B> {
-    /// Calls `f` with the module path and a mutable reference of every projection.
-    fn for_each_projection(&mut self, f: &mut ProjectionVisitor<'_, B>) -> Result<(), BitTttError> {
-        for (i, block) in self.blocks.iter_mut().enumerate() {
+/// Runs `$body` with `$path` (the module path) and `$p` (a reference, `&mut` when `mut` is
+/// given) bound for every projection of `$model`, in file order. One walk for the shared and
+/// the mutable visit, so the two can never disagree.
+macro_rules! visit_projections {
+    (@one $path:ident, $p:ident, $body:block, $name:expr, $place:expr) => {{
+        let $path: String = $name;
+        let $p = $place;
+        $body
+    }};
+    ($model:expr, $($m:ident)?; |$path:ident, $p:ident| $body:block) => {{
+        for (i, block) in (& $($m)? $model.blocks).into_iter().enumerate() {
             let mixer = format!("blocks.{i}.mixer");
-            match &mut block.mixer {
+            match & $($m)? block.mixer {
                 Mixer::Ttt(t) => {
-                    f(format!("{mixer}.q_proj"), &mut t.q_proj)?;
-                    f(format!("{mixer}.k_proj"), &mut t.k_proj)?;
-                    f(format!("{mixer}.v_proj"), &mut t.v_proj)?;
-                    f(format!("{mixer}.o_proj"), &mut t.o_proj)?;
-                    if let Some(g) = &mut t.g_proj {
-                        f(format!("{mixer}.g_proj"), g)?;
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.q_proj"), & $($m)? t.q_proj);
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.k_proj"), & $($m)? t.k_proj);
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.v_proj"), & $($m)? t.v_proj);
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.o_proj"), & $($m)? t.o_proj);
+                    if let Some(g) = & $($m)? t.g_proj {
+                        visit_projections!(@one $path, $p, $body, format!("{mixer}.g_proj"), g);
                     }
                 }
                 Mixer::Attention(a) => {
-                    f(format!("{mixer}.q_proj"), &mut a.q_proj)?;
-                    f(format!("{mixer}.k_proj"), &mut a.k_proj)?;
-                    f(format!("{mixer}.v_proj"), &mut a.v_proj)?;
-                    f(format!("{mixer}.o_proj"), &mut a.o_proj)?;
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.q_proj"), & $($m)? a.q_proj);
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.k_proj"), & $($m)? a.k_proj);
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.v_proj"), & $($m)? a.v_proj);
+                    visit_projections!(@one $path, $p, $body, format!("{mixer}.o_proj"), & $($m)? a.o_proj);
                 }
             }
-            f(
-                format!("blocks.{i}.ffn.gate_proj"),
-                &mut block.ffn.gate_proj,
-            )?;
-            f(format!("blocks.{i}.ffn.up_proj"), &mut block.ffn.up_proj)?;
-            f(
-                format!("blocks.{i}.ffn.down_proj"),
-                &mut block.ffn.down_proj,
-            )?;
+            visit_projections!(@one $path, $p, $body, format!("blocks.{i}.ffn.gate_proj"), & $($m)? block.ffn.gate_proj);
+            visit_projections!(@one $path, $p, $body, format!("blocks.{i}.ffn.up_proj"), & $($m)? block.ffn.up_proj);
+            visit_projections!(@one $path, $p, $body, format!("blocks.{i}.ffn.down_proj"), & $($m)? block.ffn.down_proj);
         }
-        f("lm_head".to_string(), &mut self.lm_head)
+        visit_projections!(@one $path, $p, $body, "lm_head".to_string(), & $($m)? $model.lm_head);
+    }};
+}
+
+impl<B: Backend> BitLlama<B> {
+    /// Calls `f` with the module path and a mutable reference of every projection.
+    fn for_each_projection(&mut self, f: &mut ProjectionVisitor<'_, B>) -> Result<(), BitTttError> {
+        visit_projections!(self, mut; |path, p| { f(path, p)?; });
+        Ok(())
+    }
+
+    /// The module path and a reference of every projection, in file order.
+    pub fn projections(&self) -> Vec<(String, &Projection<B>)> {
+        let mut all = Vec::new();
+        visit_projections!(self, ; |path, p| { all.push((path, p)); });
+        all
+    }
+
+    /// Bytes of weights one decode step reads: the blocks and scale of every packed
+    /// projection, the f32 weights and biases of the other projections, and one row of the
+    /// embedding. (Norms and the TTT layers' own parameters, a few MB at most, are left out.)
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
+        let projections: usize = self
+            .projections()
+            .into_iter()
+            .map(|(_, p)| match p {
+                Projection::Packed(layer) => {
+                    layer.weight.view().size_in_bytes()
+                        + f32_bytes(1 + layer.bias.as_ref().map_or(0, |b| b.dims()[0]))
+                }
+                Projection::Ternary(layer) => {
+                    f32_bytes(layer.weight.shape().num_elements())
+                        + layer.bias.as_ref().map_or(0, |b| f32_bytes(b.dims()[0]))
+                }
+                Projection::Float(layer) => {
+                    f32_bytes(layer.weight.shape().num_elements())
+                        + layer.bias.as_ref().map_or(0, |b| f32_bytes(b.dims()[0]))
+                }
+            })
+            .sum();
+        projections + f32_bytes(self.embedding.weight.dims()[1])
     }
 
     /// The inference form of this model: every ternary projection packed 2 bits a weight

@@ -4,7 +4,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, RotaryEncoding, RotaryEncodingConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
 
-use crate::{Projection, ProjectionConfig};
+use crate::{Projection, ProjectionConfig, TernaryBackend};
 
 use super::autodiff::{autodiff_mini_batch, InnerModel};
 use super::cache::{primal_mini_batch, TttCache};
@@ -136,6 +136,13 @@ fn sigmoid_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 impl<B: Backend> TttLayer<B> {
+    /// A cache at position 0 holding the initial fast weights.
+    pub fn new_cache(&self, batch_size: usize) -> TttCache<B> {
+        TttCache::new(self.inner.init_state(batch_size), self.mini_batch_size)
+    }
+}
+
+impl<B: TernaryBackend> TttLayer<B> {
     /// Applies the layer to whole sequences with the configured inner loop (the dual form by
     /// default).
     ///
@@ -193,11 +200,6 @@ impl<B: Backend> TttLayer<B> {
     pub fn forward_with_cache(&self, x: Tensor<B, 3>, cache: &mut TttCache<B>) -> Tensor<B, 3> {
         let hidden = self.inner_outputs(x.clone(), cache, self.inner_loop, true);
         self.output_head(x, hidden)
-    }
-
-    /// A cache at position 0 holding the initial fast weights.
-    pub fn new_cache(&self, batch_size: usize) -> TttCache<B> {
-        TttCache::new(self.inner.init_state(batch_size), self.mini_batch_size)
     }
 
     /// The fast weights the last token seen by `cache` read its output with (the end weights
