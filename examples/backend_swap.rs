@@ -21,6 +21,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use bit_ttt::bit_ttt_burn::sampling::argmax;
 use bit_ttt::bit_ttt_burn::{BitLlama, BitLlamaConfig, MixerKind, TernaryBackend};
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::NdArray;
@@ -162,12 +163,6 @@ fn compare(reference: &[f32], got: &[f32], vocab: usize) -> (f32, f64) {
         .iter()
         .zip(got)
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    let argmax = |row: &[f32]| {
-        row.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i)
-    };
     let positions = reference.len() / vocab;
     let same = reference
         .chunks(vocab)

@@ -70,6 +70,17 @@ fn ternary_linear_cpu(
     y
 }
 
+/// Panics (a programmer error) when the input's width is not the weights' `d_input`.
+fn check_input_shape(tokens: usize, d_input: usize, weight: TernaryView<'_>) {
+    assert_eq!(
+        d_input,
+        weight.cols(),
+        "ternary_linear: input [{tokens}, {d_input}] does not match weights [{}, {}]",
+        weight.rows(),
+        weight.cols()
+    );
+}
+
 /// The fallback: host round trip around [`ternary_linear_cpu`].
 fn ternary_linear_on_host<B: Backend>(
     input: FloatTensor<B>,
@@ -79,13 +90,7 @@ fn ternary_linear_on_host<B: Backend>(
     let input = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(input));
     let device = input.device();
     let [tokens, d_input] = input.dims();
-    assert_eq!(
-        d_input,
-        weight.cols(),
-        "ternary_linear: input [{tokens}, {d_input}] does not match weights [{}, {}]",
-        weight.rows(),
-        weight.cols()
-    );
+    check_input_shape(tokens, d_input, weight);
     let x: Vec<f32> = input
         .into_data()
         .convert::<f32>()
@@ -115,13 +120,7 @@ mod ndarray_kernel {
         let &[tokens, d_input] = x.shape() else {
             panic!("ternary_linear: input of shape {:?} is not 2-d", x.shape())
         };
-        assert_eq!(
-            d_input,
-            weight.cols(),
-            "ternary_linear: input [{tokens}, {d_input}] does not match weights [{}, {}]",
-            weight.rows(),
-            weight.cols()
-        );
+        check_input_shape(tokens, d_input, weight);
         let y = match x.as_slice() {
             Some(x) => ternary_linear_cpu(x, tokens, weight, precision),
             // Not in row-major order (a transposed view): gather it once.
