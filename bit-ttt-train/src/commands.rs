@@ -125,6 +125,7 @@ fn format_count(n: usize) -> String {
     out
 }
 
+/// `info`: prints the compiled-in backends and versions.
 pub fn info() {
     println!("bit-ttt-train {}", env!("CARGO_PKG_VERSION"));
     println!("burn 0.21.0");
@@ -136,6 +137,7 @@ pub fn info() {
     println!("backends: {}", backends.join(", "));
 }
 
+/// `tokenizer`: trains a byte-level BPE on text files and writes `tokenizer.json`.
 pub fn tokenizer(args: TokenizerArgs) -> Result<Exit> {
     let texts = data::read_texts(&args.data)?;
     let started = Instant::now();
@@ -178,15 +180,17 @@ fn settings_of(args: &TrainArgs) -> TrainSettings {
     }
 }
 
+/// A model preset by name, or an error listing the names.
+fn preset(name: &str, vocab: usize) -> Result<BitLlamaConfig> {
+    BitLlamaConfig::preset(name, vocab).with_context(|| {
+        format!("unknown preset {name:?}: expected tiny, 125m, 350m, 760m, 1.3b or 1b")
+    })
+}
+
 fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
     let mut config = match &args.config {
         Some(path) => BitLlamaConfig::load_json(path)?,
-        None => BitLlamaConfig::preset(&args.preset, vocab).with_context(|| {
-            format!(
-                "unknown preset {:?}: expected tiny, 125m, 350m, 760m, 1.3b or 1b",
-                args.preset
-            )
-        })?,
+        None => preset(&args.preset, vocab)?,
     };
     config.vocab_size = vocab;
     config.mixer = args.mixer;
@@ -212,6 +216,7 @@ fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
     Ok(config)
 }
 
+/// `train`: trains (or resumes) a model in a run directory.
 pub fn train(args: TrainArgs) -> Result<Exit> {
     let device = args.device.device.check()?;
     let run_dir = args.out.clone();
@@ -359,6 +364,7 @@ fn run_training<B: TernaryBackend>(job: TrainJob<'_>, device: &B::Device) -> Res
     }
 }
 
+/// `eval`: cross-entropy and perplexity of a model on text files.
 pub fn eval(args: EvalArgs) -> Result<Exit> {
     let device = args.device.device.check()?;
     let tokenizer = find_tokenizer(args.tokenizer.as_deref(), &args.model)?;
@@ -459,6 +465,7 @@ fn generate_text<B: TernaryBackend>(
     Ok(text)
 }
 
+/// `generate`: streams a continuation of a prompt.
 pub fn generate(args: GenerateArgs) -> Result<Exit> {
     let device = args.device.device.check()?;
     let tokenizer = find_tokenizer(args.tokenizer.as_deref(), &args.model)?;
@@ -481,12 +488,30 @@ pub fn generate(args: GenerateArgs) -> Result<Exit> {
 /// File name of the packed inference file `export` writes by default.
 pub const PACKED_FILE: &str = "model.packed.safetensors";
 
+/// `export`: writes the packed inference file of a model directory and checks it by reloading.
 pub fn export(args: ExportArgs) -> Result<Exit> {
     use burn::backend::NdArray;
     use burn::tensor::{Int, Tensor, TensorData};
     let device = Default::default();
     let (model, config) = BitLlama::<NdArray>::load(&args.model, &device)?;
     let out = args.out.unwrap_or_else(|| args.model.join(PACKED_FILE));
+    // Never write the packed file over one of the model's own files.
+    let model_files = [
+        bit_ttt_burn::model::files::WEIGHTS_FILE,
+        bit_ttt_burn::model::files::CONFIG_FILE,
+        bit_ttt_burn::model::files::TOKENIZER_FILE,
+    ];
+    for name in model_files {
+        let existing = args.model.join(name);
+        if existing.exists()
+            && std::fs::canonicalize(&existing).ok() == std::fs::canonicalize(&out).ok()
+        {
+            bail!(
+                "--out {} is the model's own {name}; choose another file",
+                out.display()
+            );
+        }
+    }
     let started = Instant::now();
     model.save_packed(&config, &out)?;
     // Load it back and compare the logits on a few tokens.
@@ -521,14 +546,7 @@ pub fn export(args: ExportArgs) -> Result<Exit> {
 /// `bench`: see [`bit_ttt_train::bench`].
 pub fn bench(args: BenchArgs) -> Result<Exit> {
     use bit_ttt_train::bench::{self, BenchSettings};
-    let config = BitLlamaConfig::preset(&args.preset, args.vocab_size)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "unknown preset {:?}: expected tiny, 125m, 350m, 760m, 1.3b or 1b",
-                args.preset
-            )
-        })?
-        .with_mixer(args.mixer);
+    let config = preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer);
     let temp;
     let dir = match &args.dir {
         Some(dir) => {
@@ -612,6 +630,7 @@ fn demo_settings(steps: usize) -> TrainSettings {
     }
 }
 
+/// `demo`: the main job (tokenizer, baselines, training, evaluation, sample, plot).
 pub fn demo(args: DemoArgs) -> Result<Exit> {
     let total = Instant::now();
     let device = args.device.device.check()?;

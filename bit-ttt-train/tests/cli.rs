@@ -270,6 +270,20 @@ fn train_stop_resume_eval_generate() {
         packed_len < weights,
         "packed file ({packed_len} bytes) not smaller than the f32 weights ({weights} bytes)"
     );
+    // Exporting over the model's own weights is refused, and the weights stay as they were.
+    let weights_path = out.join("model.safetensors");
+    let before = std::fs::read(&weights_path).unwrap();
+    fails_with(
+        &[
+            "export",
+            "--model",
+            &out_s,
+            "--out",
+            &weights_path.to_string_lossy(),
+        ],
+        "the model's own model.safetensors",
+    );
+    assert_eq!(std::fs::read(&weights_path).unwrap(), before);
     fails_with(
         &[
             "generate", "--model", &out_s, "--prompt", "x", "--top-p", "0",

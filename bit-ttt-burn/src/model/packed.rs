@@ -94,21 +94,22 @@ impl<B: Backend> BitLlama<B> {
     /// embedding. (Norms and the TTT layers' own parameters, a few MB at most, are left out.)
     pub fn weight_bytes_per_token(&self) -> usize {
         let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
+        let bias_len = |bias: &Option<burn::module::Param<burn::tensor::Tensor<B, 1>>>| {
+            bias.as_ref().map_or(0, |b| b.dims()[0])
+        };
         let projections: usize = self
             .projections()
             .into_iter()
             .map(|(_, p)| match p {
+                // The blocks, the scale and the bias.
                 Projection::Packed(layer) => {
-                    layer.weight.view().size_in_bytes()
-                        + f32_bytes(1 + layer.bias.as_ref().map_or(0, |b| b.dims()[0]))
+                    layer.weight.view().size_in_bytes() + f32_bytes(1 + bias_len(&layer.bias))
                 }
                 Projection::Ternary(layer) => {
-                    f32_bytes(layer.weight.shape().num_elements())
-                        + layer.bias.as_ref().map_or(0, |b| f32_bytes(b.dims()[0]))
+                    f32_bytes(layer.weight.shape().num_elements() + bias_len(&layer.bias))
                 }
                 Projection::Float(layer) => {
-                    f32_bytes(layer.weight.shape().num_elements())
-                        + layer.bias.as_ref().map_or(0, |b| f32_bytes(b.dims()[0]))
+                    f32_bytes(layer.weight.shape().num_elements() + bias_len(&layer.bias))
                 }
             })
             .sum();
