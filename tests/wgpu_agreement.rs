@@ -2,11 +2,11 @@
 
 mod common;
 
-use bit_ttt::bit_ttt_burn::{BitLinear, BitLinearConfig};
+use bit_ttt::bit_ttt_burn::{BitLinear, BitLinearConfig, BitLlama, TernaryBackend};
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::NdArray;
 use burn::module::Param;
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 /// The same layer on another backend: same latent weights, bias and settings.
 fn to_backend<B1: Backend, B2: Backend>(
@@ -132,12 +132,23 @@ fn bit_linear_ndarray_and_wgpu_agree() {
     }
 }
 
+/// The logits of the model saved in `dir`, loaded on backend `B`, for one sequence.
+fn logits<B: TernaryBackend>(
+    dir: &std::path::Path,
+    tokens: &[i64],
+    device: &B::Device,
+) -> Vec<f32> {
+    let (model, _) = BitLlama::<B>::load(dir, device).unwrap();
+    let input =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.to_vec(), [1, tokens.len()]), device);
+    model.forward(input).into_data().to_vec::<f32>().unwrap()
+}
+
 /// A whole model (tiny, f32 projections so that only float rounding can differ) loaded from the
 /// same files on both backends gives the same logits, for every mixer.
 #[test]
 fn bit_llama_ndarray_and_wgpu_agree() {
-    use bit_ttt::bit_ttt_burn::{BitLlama, BitLlamaConfig, MixerKind};
-    use burn::tensor::Int;
+    use bit_ttt::bit_ttt_burn::{BitLlamaConfig, MixerKind};
 
     if !common::wgpu_available("bit_llama_ndarray_and_wgpu_agree") {
         return;
@@ -159,24 +170,8 @@ fn bit_llama_ndarray_and_wgpu_agree() {
             .save(&config, dir.path())
             .unwrap();
 
-        let (on_cpu, _) = BitLlama::<NdArray>::load(dir.path(), &cpu).unwrap();
-        let expected = on_cpu
-            .forward(Tensor::<NdArray, 2, Int>::from_data(
-                TensorData::new(tokens.clone(), [1, tokens.len()]),
-                &cpu,
-            ))
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
-        let (on_gpu, _) = BitLlama::<Wgpu>::load(dir.path(), &gpu).unwrap();
-        let got = on_gpu
-            .forward(Tensor::<Wgpu, 2, Int>::from_data(
-                TensorData::new(tokens.clone(), [1, tokens.len()]),
-                &gpu,
-            ))
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
+        let expected = logits::<NdArray>(dir.path(), &tokens, &cpu);
+        let got = logits::<Wgpu>(dir.path(), &tokens, &gpu);
 
         let diff = common::max_abs_diff(&got, &expected);
         let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
