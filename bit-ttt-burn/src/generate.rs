@@ -50,31 +50,47 @@ impl<B: TernaryBackend> BitLlama<B> {
     /// carry their fast weights from token to token (constant size); attention models grow a KV cache.
     ///
     /// # Errors
-    /// [`BitTttError::InvalidInput`] for an empty prompt on an empty state, an out-of-range id, or
-    /// bad sampling values.
+    /// [`BitTttError::InvalidInput`] for an empty prompt (a state restored from a file continues
+    /// after at least one new token), an out-of-range id, or bad sampling values.
     pub fn generate(
         &self,
         prompt: &[u32],
         config: &GenerationConfig,
         state: &mut ModelState<B>,
-        mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+        on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Vec<u32>, BitTttError> {
-        let mut sampler = Sampler::new(config.sampling.clone())?;
-        let mut logits = self.read(prompt, state)?;
-        let mut generated = Vec::new();
-        while generated.len() < config.max_new_tokens {
-            let token = sampler.sample(&logits);
-            if config.stop_tokens.contains(&token) {
-                break;
-            }
-            generated.push(token);
-            if on_token(token).is_break() || generated.len() == config.max_new_tokens {
-                break;
-            }
-            logits = self.read(&[token], state)?;
-        }
-        Ok(generated)
+        generate_with(prompt, config, |tokens| self.read(tokens, state), on_token)
     }
+}
+
+/// The generation loop over any decoder: `read(tokens)` reads `tokens` after everything read
+/// before and returns the logits of the last (as [`BitLlama::read`] and
+/// [`CpuDecoder::read`](crate::cpu_decode::CpuDecoder::read) do). Sampling settings are checked
+/// before the prompt is read.
+///
+/// # Errors
+/// [`BitTttError::InvalidInput`] for bad sampling values, or what `read` returns.
+pub fn generate_with(
+    prompt: &[u32],
+    config: &GenerationConfig,
+    mut read: impl FnMut(&[u32]) -> Result<Vec<f32>, BitTttError>,
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<Vec<u32>, BitTttError> {
+    let mut sampler = Sampler::new(config.sampling.clone())?;
+    let mut logits = read(prompt)?;
+    let mut generated = Vec::new();
+    while generated.len() < config.max_new_tokens {
+        let token = sampler.sample(&logits);
+        if config.stop_tokens.contains(&token) {
+            break;
+        }
+        generated.push(token);
+        if on_token(token).is_break() || generated.len() == config.max_new_tokens {
+            break;
+        }
+        logits = read(&[token])?;
+    }
+    Ok(generated)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod bit_linear;
+pub mod cpu_decode;
 pub mod error;
 pub mod files;
 pub mod generate;

@@ -1,14 +1,16 @@
 //! End-to-end CPU decode benchmark: a packed model with random weights, memory-mapped from its
-//! packed file, decoding and prefilling on the `ndarray` backend, against the machine's read
-//! bandwidth measured in the same run.
+//! packed file, decoding with the fused [`CpuDecoder`] and with Burn's op-by-op forward on the
+//! `ndarray` backend, and prefilling with the latter, against the machine's read bandwidth
+//! measured in the same run.
 //!
 //! Decoding one token reads every weight once, so `tokens/s × bytes/token` cannot exceed the
 //! read bandwidth; the share of it a decode reaches says how much time goes elsewhere (kernel
-//! compute, the TTT update, Burn's per-op overhead).
+//! compute, the TTT update, per-op overhead).
 
 use std::path::Path;
 use std::time::Instant;
 
+use bit_ttt_burn::cpu_decode::CpuDecoder;
 use bit_ttt_burn::kernels::{bandwidth, cpu};
 use bit_ttt_burn::{BitLlama, BitLlamaConfig, ModelState};
 use burn::backend::ndarray::NdArrayDevice;
@@ -45,8 +47,13 @@ pub struct BenchResult {
     pub mixer: String,
     /// Kernel threads.
     pub threads: usize,
-    /// Tokens per second decoding one token at a time.
+    /// Tokens per second decoding one token at a time with the fused [`CpuDecoder`].
     pub decode_tokens_per_s: f64,
+    /// Tokens per second decoding one token at a time through Burn's op-by-op forward.
+    pub burn_decode_tokens_per_s: f64,
+    /// Largest difference between the two decoders' logits after the same tokens, relative
+    /// to the largest logit (a check that the fused decoder computes the same model).
+    pub fused_vs_burn_logit_diff: f64,
     /// Tokens per second reading `prefill_tokens` tokens at once.
     pub prefill_tokens_per_s: f64,
     /// Length of the prefill.
@@ -55,7 +62,7 @@ pub struct BenchResult {
     pub bytes_per_token: usize,
     /// The machine's read bandwidth with `threads` threads, GB/s.
     pub read_gbytes_per_s: f64,
-    /// `decode_tokens_per_s × bytes_per_token / read bandwidth`.
+    /// `decode_tokens_per_s × bytes_per_token / read bandwidth` (fused decoder).
     pub bandwidth_share: f64,
 }
 
@@ -104,38 +111,53 @@ pub fn run(
     ));
 
     let vocab = settings.config.vocab_size;
-    let token_ids = |n: usize, offset: usize| -> Vec<i64> {
-        (0..n)
-            .map(|i| ((i + offset) * 7919 % vocab) as i64)
-            .collect()
+    let token_ids = |n: usize, offset: usize| -> Vec<u32> {
+        (0..n).map(|i| ((i + offset) * 7919 % vocab) as u32).collect()
     };
+    let warm_up = token_ids(2, 0);
+    let decode = token_ids(settings.decode_tokens, 2);
     let mut results = Vec::new();
     for &threads in &settings.threads {
         let read = bandwidth::read_bytes_per_second(settings.bandwidth_bytes, threads, 3);
-        // Decode inside the kernels' pool, as its docs advise: small products split too.
-        let (decode_s, prefill_s) = cpu::install(threads, || {
+
+        let decoder = CpuDecoder::new(&model, threads)?;
+        let mut fused_state = decoder.new_state();
+        decoder.read(&warm_up, &mut fused_state)?;
+        let started = Instant::now();
+        let fused_logits = decoder.read(&decode, &mut fused_state)?;
+        let fused_s = started.elapsed().as_secs_f64();
+
+        // Burn inside the kernels' pool, as its docs advise: small products split too.
+        let (burn_logits, burn_s, prefill_s) = cpu::install(threads, || {
             let mut state = model.new_state();
-            for &t in &token_ids(2, 0) {
-                step(&model, &[t], &mut state, &device);
-            }
-            let decode = token_ids(settings.decode_tokens, 2);
+            step(&model, &warm_up, &mut state, &device);
             let started = Instant::now();
+            let mut logits = Vec::new();
             for &t in &decode {
-                step(&model, &[t], &mut state, &device);
+                logits = step(&model, &[t], &mut state, &device);
             }
             let decode_s = started.elapsed().as_secs_f64();
 
             let prompt = token_ids(settings.prefill_tokens, 100);
             let started = Instant::now();
             step(&model, &prompt, &mut model.new_state(), &device);
-            (decode_s, started.elapsed().as_secs_f64())
+            (logits, decode_s, started.elapsed().as_secs_f64())
         });
-        let decode_tps = settings.decode_tokens as f64 / decode_s;
+        let largest = burn_logits.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+        let logit_diff = fused_logits
+            .iter()
+            .zip(&burn_logits)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            / largest;
+
+        let decode_tps = settings.decode_tokens as f64 / fused_s;
         let result = BenchResult {
             preset: settings.name.clone(),
             mixer: settings.config.mixer.name().to_string(),
             threads,
             decode_tokens_per_s: decode_tps,
+            burn_decode_tokens_per_s: settings.decode_tokens as f64 / burn_s,
+            fused_vs_burn_logit_diff: f64::from(logit_diff),
             prefill_tokens_per_s: settings.prefill_tokens as f64 / prefill_s,
             prefill_tokens: settings.prefill_tokens,
             bytes_per_token,
@@ -143,8 +165,15 @@ pub fn run(
             bandwidth_share: decode_tps * bytes_per_token as f64 / read,
         };
         progress(&format!(
-            "{threads} thread(s): decode {:.1} tokens/s, prefill {:.1} tokens/s, read bandwidth {:.1} GB/s",
-            result.decode_tokens_per_s, result.prefill_tokens_per_s, result.read_gbytes_per_s
+            "{threads} thread(s): decode {:.1} tokens/s fused ({:.2} of the read bandwidth), \
+             {:.1} through Burn ops; prefill {:.1} tokens/s; read bandwidth {:.1} GB/s; \
+             fused vs Burn logits differ by {:.1e} of the largest",
+            result.decode_tokens_per_s,
+            result.bandwidth_share,
+            result.burn_decode_tokens_per_s,
+            result.prefill_tokens_per_s,
+            result.read_gbytes_per_s,
+            result.fused_vs_burn_logit_diff
         ));
         results.push(result);
     }
@@ -155,12 +184,15 @@ pub fn run(
 /// whole forward pass (down to the head) is computed.
 fn step(
     model: &BitLlama<NdArray>,
-    tokens: &[i64],
+    tokens: &[u32],
     state: &mut ModelState<NdArray>,
     device: &NdArrayDevice,
 ) -> Vec<f32> {
     let input = Tensor::<NdArray, 2, Int>::from_data(
-        TensorData::new(tokens.to_vec(), [1, tokens.len()]),
+        TensorData::new(
+            tokens.iter().map(|&t| i64::from(t)).collect(),
+            [1, tokens.len()],
+        ),
         device,
     );
     // [1, seq, vocab] -> the last position
@@ -215,6 +247,10 @@ mod tests {
             assert!(r.decode_tokens_per_s.is_finite() && r.decode_tokens_per_s > 0.0);
             assert!(r.prefill_tokens_per_s.is_finite() && r.prefill_tokens_per_s > 0.0);
             assert!(r.read_gbytes_per_s > 0.0);
+            assert!(r.burn_decode_tokens_per_s.is_finite() && r.burn_decode_tokens_per_s > 0.0);
+            // Both decoders run the same model (random latent weights: an int8 boundary flip
+            // between them is possible in principle, and moves logits by 1e-3 to 1e-2).
+            assert!(r.fused_vs_burn_logit_diff < 5e-2, "{r:?}");
         }
     }
 

@@ -418,8 +418,36 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingCo
 }
 
 /// Generates after `prompt`, printing the text as it comes; returns the whole text.
-fn generate_text<B: TernaryBackend>(
+/// Runs generation through `generate(prompt, config, on_token)`: a model's own
+/// [`BitLlama::generate`] or the fused CPU decoder's.
+type Generate<'a> = dyn FnMut(
+        &[u32],
+        &GenerationConfig,
+        &mut dyn FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<Vec<u32>, bit_ttt_burn::BitTttError>
+    + 'a;
+
+/// [`generate_text`] with a model's own (Burn op-by-op) generation.
+fn generate_text_burn<B: TernaryBackend>(
     model: &BitLlama<B>,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: SamplingConfig,
+    indent: &str,
+) -> Result<String> {
+    generate_text(
+        &mut |ids, config, on_token| model.generate(ids, config, &mut model.new_state(), on_token),
+        tokenizer,
+        prompt,
+        max_tokens,
+        sampling,
+        indent,
+    )
+}
+
+fn generate_text(
+    generate: &mut Generate<'_>,
     tokenizer: &Tokenizer,
     prompt: &str,
     max_tokens: usize,
@@ -444,7 +472,7 @@ fn generate_text<B: TernaryBackend>(
     )?;
     let mut stream = TextStream::default();
     let mut failure = None;
-    model.generate(&ids, &config, &mut model.new_state(), |id| {
+    generate(&ids, &config, &mut |id| {
         match stream.push(tokenizer, id) {
             Ok(piece) => {
                 text.push_str(&piece);
@@ -471,9 +499,29 @@ pub fn generate(args: GenerateArgs) -> Result<Exit> {
     let tokenizer = find_tokenizer(args.tokenizer.as_deref(), &args.model)?;
     let sampling = sampling(args.temperature, args.top_k, args.top_p, args.seed);
     sampling.validate()?;
+    #[cfg(feature = "ndarray")]
+    if device == DeviceKind::Ndarray {
+        // On the CPU, decode with the fused decoder (the same logits, without Burn's per-op
+        // overhead; see bit_ttt_burn::cpu_decode).
+        use bit_ttt_burn::cpu_decode::CpuDecoder;
+        let (model, _) = BitLlama::<burn::backend::NdArray>::load(&args.model, &Default::default())?;
+        let decoder = CpuDecoder::new(&model, 0)?;
+        drop(model);
+        generate_text(
+            &mut |ids, config, on_token| {
+                decoder.generate(ids, config, &mut decoder.new_state(), on_token)
+            },
+            &tokenizer,
+            &args.prompt,
+            args.max_tokens,
+            sampling,
+            "",
+        )?;
+        return Ok(Exit::Ok);
+    }
     with_backend!(device, |B, dev| {
         let (model, _) = BitLlama::<B>::load(&args.model, &dev)?;
-        generate_text(
+        generate_text_burn(
             &model,
             &tokenizer,
             &args.prompt,
@@ -581,20 +629,21 @@ pub fn bench(args: BenchArgs) -> Result<Exit> {
     let results = bench::run(&settings, &dir, |line| println!("  {line}"))?;
     println!();
     println!(
-        "| threads | decode tok/s | prefill tok/s ({} tokens) | MB/token | read GB/s | decode GB/s | share of read bandwidth |",
+        "| threads | decode tok/s (fused) | share of read bandwidth | decode tok/s (Burn ops) | prefill tok/s ({} tokens) | MB/token | read GB/s | decode GB/s |",
         args.prefill_tokens
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.threads,
             r.decode_tokens_per_s,
+            r.bandwidth_share,
+            r.burn_decode_tokens_per_s,
             r.prefill_tokens_per_s,
             r.bytes_per_token as f64 / 1e6,
             r.read_gbytes_per_s,
             r.decode_tokens_per_s * r.bytes_per_token as f64 / 1e9,
-            r.bandwidth_share
         );
     }
     for r in &results {
@@ -816,7 +865,7 @@ fn demo_rest<B: TernaryBackend>(
         sampling.seed
     );
     println!();
-    generate_text(
+    generate_text_burn(
         &report.model,
         tokenizer,
         &args.prompt,

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use bit_ttt_kernels::packing::blocks_per_row;
 use bit_ttt_kernels::BlockTernary;
-use burn::tensor::backend::Backend;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{backend::Backend, Tensor};
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use memmap2::Mmap;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -34,6 +35,15 @@ use crate::{BitTttError, Projection};
 /// A visitor of the projections of a model: their module path, and the projection.
 type ProjectionVisitor<'a, B> =
     dyn FnMut(String, &mut Projection<B>) -> Result<(), BitTttError> + 'a;
+
+/// Reads every parameter once, which initializes a lazily initialized one in place.
+struct Materialize;
+
+impl<B: Backend> ModuleVisitor<B> for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
+}
 
 const FORMAT: &str = "bit-ttt-packed";
 const VERSION: &str = "1";
@@ -137,6 +147,10 @@ impl<B: Backend> BitLlama<B> {
     /// # Errors
     /// [`BitTttError::Io`], or [`BitTttError::Kernel`] for non-finite weights.
     pub fn save_packed(&self, config: &BitLlamaConfig, path: &Path) -> Result<(), BitTttError> {
+        // Burn 0.21 initializes parameters lazily, and a clone of a parameter that was never
+        // read draws its own random values: materialize ours first, or the file would hold
+        // another model than `self`.
+        self.visit(&mut Materialize);
         let mut packed = self.clone().into_packed()?;
         // The f32 rest, as burn-store names it.
         let mut store = SafetensorsStore::from_bytes(None).skip_enum_variants(true);

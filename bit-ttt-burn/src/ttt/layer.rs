@@ -44,6 +44,8 @@ pub struct TttLayer<B: Backend> {
     pub learnable_token_idx: Param<Tensor<B, 1>>,
     /// LayerNorm over `d_model` after the inner loop.
     pub post_norm: LayerNorm<B>,
+    /// The epsilon of `post_norm` (Burn's `LayerNorm` keeps its own private).
+    pub post_norm_eps: f64,
     /// RoPE over `head_dim`, for positions `0..mini_batch_size`.
     pub rope: RotaryEncoding<B>,
     /// Number of heads.
@@ -116,6 +118,7 @@ impl TttConfig {
             post_norm: LayerNormConfig::new(self.d_model)
                 .with_epsilon(self.post_norm_eps)
                 .init(device),
+            post_norm_eps: self.post_norm_eps,
             rope: RotaryEncodingConfig::new(self.mini_batch_size, head_dim)
                 .with_theta(self.rope_theta)
                 .init(device),
@@ -139,6 +142,18 @@ impl<B: Backend> TttLayer<B> {
     /// A cache at position 0 holding the initial fast weights.
     pub fn new_cache(&self, batch_size: usize) -> TttCache<B> {
         TttCache::new(self.inner.init_state(batch_size), self.mini_batch_size)
+    }
+
+    /// The per-position factor of the step size, `max(1 / (i + 1) + learnable_token_idx_i, 0)`.
+    ///
+    /// # Shapes
+    /// - output: `[mini_batch_size]`
+    pub fn token_eta(&self) -> Tensor<B, 1> {
+        let device = self.learnable_token_idx.device();
+        let token_idx = Tensor::<B, 1, Int>::arange(1..self.mini_batch_size as i64 + 1, &device)
+            .float()
+            .recip();
+        (token_idx + self.learnable_token_idx.val()).clamp_min(0.0)
     }
 }
 
@@ -206,18 +221,6 @@ impl<B: TernaryBackend> TttLayer<B> {
     /// `W_end` when that token closed a mini-batch).
     pub fn current_weights(&self, cache: &TttCache<B>) -> Vec<Tensor<B, 4>> {
         cache.current_weights(self.token_eta())
-    }
-
-    /// The per-position factor of the step size, `max(1 / (i + 1) + learnable_token_idx_i, 0)`.
-    ///
-    /// # Shapes
-    /// - output: `[mini_batch_size]`
-    pub fn token_eta(&self) -> Tensor<B, 1> {
-        let device = self.learnable_token_idx.device();
-        let token_idx = Tensor::<B, 1, Int>::arange(1..self.mini_batch_size as i64 + 1, &device)
-            .float()
-            .recip();
-        (token_idx + self.learnable_token_idx.val()).clamp_min(0.0)
     }
 
     /// The learnable step size of every token and head, `base_lr · sigmoid(x·w_h + b_h) / head_dim`.

@@ -1,0 +1,145 @@
+//! One token through causal attention with a KV cache, on plain slices.
+
+use burn::tensor::backend::Backend;
+
+use super::linear::{DecodeLinear, Input};
+use super::math::{axpy, dot, rope_angles, rotate_pairs};
+use super::{for_each_head, values};
+use crate::attention::{Attention, KvCache};
+use crate::BitTttError;
+
+/// An [`Attention`] layer's projections and shape.
+#[derive(Debug)]
+pub(crate) struct AttentionDecode {
+    q_proj: DecodeLinear,
+    k_proj: DecodeLinear,
+    v_proj: DecodeLinear,
+    o_proj: DecodeLinear,
+    heads: usize,
+    rope_theta: f64,
+}
+
+/// The keys and values of every token seen, per head `[tokens, head_dim]` flattened (RoPE
+/// already applied to the keys).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct KvHeads {
+    /// One vector per head.
+    pub keys: Vec<Vec<f32>>,
+    /// One vector per head.
+    pub values: Vec<Vec<f32>>,
+}
+
+impl AttentionDecode {
+    /// Copies the layer's parameters.
+    pub fn new<B: Backend>(layer: &Attention<B>) -> Result<Self, BitTttError> {
+        Ok(Self {
+            q_proj: DecodeLinear::from_projection(&layer.q_proj)?,
+            k_proj: DecodeLinear::from_projection(&layer.k_proj)?,
+            v_proj: DecodeLinear::from_projection(&layer.v_proj)?,
+            o_proj: DecodeLinear::from_projection(&layer.o_proj)?,
+            heads: layer.num_heads,
+            rope_theta: layer.rope_theta,
+        })
+    }
+
+    /// The projections, for counting the bytes a step reads.
+    pub fn projections(&self) -> impl Iterator<Item = &DecodeLinear> {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter()
+    }
+
+    /// An empty cache.
+    pub fn new_state(&self) -> KvHeads {
+        KvHeads {
+            keys: vec![Vec::new(); self.heads],
+            values: vec![Vec::new(); self.heads],
+        }
+    }
+
+    /// The state of a one-sequence [`KvCache`].
+    pub fn state_from_cache<B: Backend>(
+        &self,
+        cache: &KvCache<B>,
+        d_model: usize,
+    ) -> Result<KvHeads, BitTttError> {
+        let mut state = self.new_state();
+        let (Some(keys), Some(vals)) = (&cache.keys, &cache.values) else {
+            return Ok(state);
+        };
+        let head_dim = d_model / self.heads;
+        let expected = [1, self.heads, keys.dims()[2], head_dim];
+        if keys.dims() != expected || vals.dims() != expected {
+            return Err(BitTttError::InvalidCache(format!(
+                "KV cache of shapes {:?} / {:?}, expected {expected:?} (one sequence)",
+                keys.dims(),
+                vals.dims()
+            )));
+        }
+        // [1, heads, tokens, head_dim]: each head's rows are contiguous.
+        let per_head = keys.dims()[2] * head_dim;
+        for (all, per) in [
+            (values(keys.clone())?, &mut state.keys),
+            (values(vals.clone())?, &mut state.values),
+        ] {
+            for (h, part) in all.chunks_exact(per_head.max(1)).enumerate().take(self.heads) {
+                per[h] = part.to_vec();
+            }
+        }
+        Ok(state)
+    }
+
+    /// Attends one token `x` (`[d_model]`) at `position` to itself and the cache; writes the
+    /// output projection into `out` and appends the token's key and value to `cache`.
+    pub fn step(
+        &self,
+        x: &[f32],
+        cache: &mut KvHeads,
+        position: usize,
+        threads: usize,
+        out: &mut [f32],
+    ) {
+        let d_model = x.len();
+        let head_dim = d_model / self.heads;
+        let input = Input::new(x);
+        let project = |p: &DecodeLinear| {
+            let mut y = vec![0.0; d_model];
+            p.forward(&input, &mut y, threads);
+            y
+        };
+        let (mut q, mut k, v) = (project(&self.q_proj), project(&self.k_proj), project(&self.v_proj));
+        let (mut cos, mut sin) = (vec![0.0; head_dim / 2], vec![0.0; head_dim / 2]);
+        rope_angles(position, self.rope_theta, &mut cos, &mut sin);
+        for (qh, kh) in q.chunks_exact_mut(head_dim).zip(k.chunks_exact_mut(head_dim)) {
+            rotate_pairs(qh, &cos, &sin);
+            rotate_pairs(kh, &cos, &sin);
+        }
+
+        let mut mixed = vec![0.0; d_model];
+        let scale = (head_dim as f32).sqrt();
+        let work: Vec<_> = cache
+            .keys
+            .iter_mut()
+            .zip(cache.values.iter_mut())
+            .zip(mixed.chunks_exact_mut(head_dim))
+            .enumerate()
+            .map(|(h, ((keys, vals), out))| (h, keys, vals, out))
+            .collect();
+        for_each_head(work, threads, |(h, keys, vals, out)| {
+            let head = h * head_dim..(h + 1) * head_dim;
+            keys.extend_from_slice(&k[head.clone()]);
+            vals.extend_from_slice(&v[head.clone()]);
+            let qh = &q[head];
+            // softmax(q kᵀ / sqrt(head_dim)) v over every token so far.
+            let scores: Vec<f32> = keys
+                .chunks_exact(head_dim)
+                .map(|kt| dot(qh, kt) / scale)
+                .collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            for (w, vt) in weights.iter().zip(vals.chunks_exact(head_dim)) {
+                axpy(w / total, vt, out);
+            }
+        });
+        self.o_proj.forward(&Input::new(&mixed), out, threads);
+    }
+}

@@ -1,0 +1,253 @@
+//! The small f32 operations of one decode step, on plain slices.
+//!
+//! Each follows the floating-point recipe of the Burn op it stands in for (Burn 0.21's
+//! `RmsNorm`, `LayerNorm`, `silu`, the crate's `gelu_tanh`, `ln_fused_l2_bwd`, `apply_rope`), so
+//! the fused decoder agrees with the op-by-op forward up to summation order.
+
+/// `sqrt(2 / π)`, as in [`crate::ttt`]'s GELU.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The cubic coefficient of the tanh approximation of GELU.
+const CUBIC: f32 = 0.044_715;
+
+/// `out = x / sqrt(mean(x²) + eps) · gamma` (Burn's `RmsNorm`).
+///
+/// # Shapes
+/// - x, gamma, out: `[d]`
+pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let rms = (mean_square + eps).sqrt();
+    for ((o, v), g) in out.iter_mut().zip(x).zip(gamma) {
+        *o = v / rms * g;
+    }
+}
+
+/// `(x̂, std)` with `x̂ = (x − mean) / std`, `std = sqrt(var + eps)` (biased variance).
+fn normalize(x: &[f32], eps: f32, x_hat: &mut [f32]) -> f32 {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let std = (var + eps).sqrt();
+    for (h, v) in x_hat.iter_mut().zip(x) {
+        *h = (v - mean) / std;
+    }
+    std
+}
+
+/// `out = x̂ · gamma + beta` (Burn's `LayerNorm`; `beta` may be absent).
+///
+/// # Shapes
+/// - x, gamma, beta, out: `[d]`
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    normalize(x, eps, out);
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = *o * gamma[i] + beta.map_or(0.0, |b| b[i]);
+    }
+}
+
+/// `∂/∂z ½ ‖LN(z) − target‖²`, the analytic backward of LayerNorm fused with the L2 loss
+/// (`ttt::ln::ln_fused_l2_bwd`): with `g = (LN(z) − target) · gamma`,
+/// `(d·g − Σg − x̂ Σ(g x̂)) / (d · std)`.
+///
+/// # Shapes
+/// - z, target, gamma, beta, grad: `[d]`
+pub fn ln_l2_bwd(
+    z: &[f32],
+    target: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    grad: &mut [f32],
+) {
+    let d = z.len() as f32;
+    let mut x_hat = vec![0.0; z.len()];
+    let std = normalize(z, eps, &mut x_hat);
+    let mut sum_grad = 0.0;
+    let mut sum_grad_x_hat = 0.0;
+    for i in 0..z.len() {
+        let y = x_hat[i] * gamma[i] + beta[i];
+        let g = (y - target[i]) * gamma[i];
+        grad[i] = g;
+        sum_grad += g;
+        sum_grad_x_hat += g * x_hat[i];
+    }
+    for (g, h) in grad.iter_mut().zip(&x_hat) {
+        *g = (*g * d - sum_grad - h * sum_grad_x_hat) / (std * d);
+    }
+}
+
+/// GELU with the tanh approximation, `½ x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
+pub fn gelu_tanh(x: f32) -> f32 {
+    let inner = (x + x * x * x * CUBIC) * SQRT_2_OVER_PI;
+    x * 0.5 * (inner.tanh() + 1.0)
+}
+
+/// The derivative of [`gelu_tanh`].
+pub fn gelu_tanh_bwd(x: f32) -> f32 {
+    let x2 = x * x;
+    let t = (x * (x2 * CUBIC + 1.0) * SQRT_2_OVER_PI).tanh();
+    x * 0.5 * (1.0 - t * t) * ((x2 * 3.0 * CUBIC + 1.0) * SQRT_2_OVER_PI) + (t + 1.0) * 0.5
+}
+
+/// `sigmoid(x) = ½ (1 + tanh(x / 2))`, the form the TTT layer's η gate uses.
+pub fn sigmoid_tanh(x: f32) -> f32 {
+    ((x * 0.5).tanh() + 1.0) * 0.5
+}
+
+/// `x · sigmoid(x)`.
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Rotates the pairs `(x[2i], x[2i+1])` by the angles whose cosines and sines are given.
+///
+/// # Shapes
+/// - x: `[head_dim]`; cos, sin: `[head_dim / 2]`
+pub fn rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for ((pair, c), s) in x.chunks_exact_mut(2).zip(cos).zip(sin) {
+        let (even, odd) = (pair[0], pair[1]);
+        pair[0] = even * c - odd * s;
+        pair[1] = even * s + odd * c;
+    }
+}
+
+/// The RoPE angles of `position` (`crate::rope::apply_rope`'s recipe: angles in f64, then
+/// cosine and sine rounded to f32).
+///
+/// # Shapes
+/// - cos, sin: `[half]`
+pub fn rope_angles(position: usize, theta: f64, cos: &mut [f32], sin: &mut [f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let angle = position as f64 * theta.powf(-((2 * i) as f64) / (2 * half) as f64);
+        cos[i] = angle.cos() as f32;
+        sin[i] = angle.sin() as f32;
+    }
+}
+
+/// `out += x · M` for a row-major `M` of `x.len()` rows.
+///
+/// # Shapes
+/// - x: `[rows]`, m: `[rows, cols]`, out: `[cols]`
+pub fn add_vec_mat(x: &[f32], m: &[f32], out: &mut [f32]) {
+    let cols = out.len();
+    debug_assert_eq!(m.len(), x.len() * cols, "matrix is not [{}, {cols}]", x.len());
+    for (xr, row) in x.iter().zip(m.chunks_exact(cols)) {
+        for (o, w) in out.iter_mut().zip(row) {
+            *o += xr * w;
+        }
+    }
+}
+
+/// `M += alpha · a ⊗ b` for a row-major `M` (a rank-one update).
+///
+/// # Shapes
+/// - a: `[rows]`, b: `[cols]`, m: `[rows, cols]`
+pub fn add_outer(m: &mut [f32], alpha: f32, a: &[f32], b: &[f32]) {
+    let cols = b.len();
+    debug_assert_eq!(m.len(), a.len() * cols, "matrix is not [{}, {cols}]", a.len());
+    for (ar, row) in a.iter().zip(m.chunks_exact_mut(cols)) {
+        let scale = alpha * ar;
+        for (w, bc) in row.iter_mut().zip(b) {
+            *w += scale * bc;
+        }
+    }
+}
+
+/// `y += alpha · x`.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
+}
+
+/// `Σ a_i b_i`.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norms_by_hand() {
+        // mean(x²) = (1 + 4 + 4 + 16) / 4 = 6.25, rms = sqrt(6.25 + 0) = 2.5.
+        let mut out = [0.0; 4];
+        rms_norm(&[1.0, -2.0, 2.0, 4.0], &[1.0, 1.0, 2.0, 0.5], 0.0, &mut out);
+        assert_eq!(out, [0.4, -0.8, 1.6, 0.8]);
+        // x = [1, 3]: mean 2, var 1, eps 3 → std 2, x̂ = [-0.5, 0.5].
+        layer_norm(&[1.0, 3.0], &[2.0, 1.0], Some(&[0.0, 1.0]), 3.0, &mut out[..2]);
+        assert_eq!(out[..2], [-1.0, 1.5]);
+    }
+
+    #[test]
+    fn ln_l2_bwd_matches_finite_differences() {
+        let z = [0.3f32, -1.2, 2.0, 0.7, -0.4];
+        let target = [0.1f32, 0.5, -0.3, 1.0, 0.0];
+        let gamma = [1.1f32, 0.9, 1.3, 0.7, 1.0];
+        let beta = [0.05f32, -0.1, 0.0, 0.2, 0.1];
+        let loss = |z: &[f32]| {
+            let mut y = [0.0; 5];
+            layer_norm(z, &gamma, Some(&beta), 1e-5, &mut y);
+            y.iter()
+                .zip(&target)
+                .map(|(a, b)| 0.5 * f64::from(a - b).powi(2))
+                .sum::<f64>()
+        };
+        let mut grad = [0.0; 5];
+        ln_l2_bwd(&z, &target, &gamma, &beta, 1e-5, &mut grad);
+        for i in 0..5 {
+            let h = 1e-2;
+            let (mut up, mut down) = (z, z);
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (loss(&up) - loss(&down)) / (2.0 * f64::from(h));
+            assert!(
+                (numeric - f64::from(grad[i])).abs() < 2e-3,
+                "element {i}: finite difference {numeric} vs analytic {}",
+                grad[i]
+            );
+        }
+    }
+
+    #[test]
+    fn activations_by_hand() {
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
+        assert!((gelu_tanh_bwd(0.0) - 0.5).abs() < 1e-7);
+        let h = 1e-3;
+        let numeric = (gelu_tanh(0.7 + h) - gelu_tanh(0.7 - h)) / (2.0 * h);
+        assert!((gelu_tanh_bwd(0.7) - numeric).abs() < 1e-3);
+        assert_eq!(sigmoid_tanh(0.0), 0.5);
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_hand() {
+        let (mut cos, mut sin) = ([0.0; 2], [0.0; 2]);
+        // head_dim 4, theta 100: angles p·100^0 = p and p·100^(-1/2) = p / 10.
+        rope_angles(3, 100.0, &mut cos, &mut sin);
+        assert!((cos[0] - 3f32.cos()).abs() < 1e-7 && (sin[1] - 0.3f32.sin()).abs() < 1e-7);
+        let mut x = [1.0, 0.0, 0.0, 1.0];
+        rotate_pairs(&mut x, &cos, &sin);
+        let expected = [3f32.cos(), 3f32.sin(), -(0.3f32.sin()), 0.3f32.cos()];
+        for (a, e) in x.iter().zip(expected) {
+            assert!((a - e).abs() < 1e-6, "{x:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn products_by_hand() {
+        // [1, 2] · [[1, 2, 3], [4, 5, 6]] = [9, 12, 15].
+        let mut out = [1.0, 0.0, 0.0];
+        add_vec_mat(&[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &mut out);
+        assert_eq!(out, [10.0, 12.0, 15.0]);
+        let mut m = [0.0; 6];
+        add_outer(&mut m, 2.0, &[1.0, -1.0], &[1.0, 2.0, 3.0]);
+        assert_eq!(m, [2.0, 4.0, 6.0, -2.0, -4.0, -6.0]);
+        assert_eq!(dot(&[1.0, 2.0], &[3.0, 4.0]), 11.0);
+        let mut y = [1.0, 1.0];
+        axpy(0.5, &[2.0, 4.0], &mut y);
+        assert_eq!(y, [2.0, 3.0]);
+    }
+}

@@ -1,0 +1,223 @@
+//! The fused decoder against the op-by-op Burn forward it replaces.
+
+use super::*;
+use crate::model::{BitLlamaConfig, MixerKind};
+use burn::backend::NdArray;
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::TensorData;
+
+type B = NdArray;
+
+/// Replaces every randomly initialized parameter with values of a fixed sequence (uniform in
+/// `±1/sqrt(last dim)`), leaving constant ones (norm scales, zero biases) as they are. The
+/// backend's seed cannot make a model reproducible here: tests run in parallel threads and
+/// share its generator.
+struct Deterministic(u64);
+
+impl<B: Backend> ModuleMapper<B> for Deterministic {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        let old = values(tensor.clone()).unwrap();
+        if old.iter().all(|v| *v == old[0]) {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let scale = 1.0 / (dims[D - 1] as f32).sqrt();
+        let new: Vec<f32> = old
+            .iter()
+            .map(|_| {
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        let tensor = Tensor::from_data(TensorData::new(new, dims), &tensor.device());
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+const MIXERS: [MixerKind; 3] = [MixerKind::TttLinear, MixerKind::TttMlp, MixerKind::Attention];
+
+/// A small seeded model: 2 layers, 4 heads of 8, mini-batch 4 (so 11 tokens cross two
+/// mini-batch boundaries). Ternary models are packed first, so that both paths multiply by
+/// the same packed weights.
+fn model(mixer: MixerKind, ternary: bool) -> BitLlama<B> {
+    let device = Default::default();
+    let model = BitLlamaConfig::new(61, 32, 2, 4, 48)
+        .with_mini_batch_size(4)
+        .with_mixer(mixer)
+        .with_ternary(ternary)
+        .with_ternary_head(ternary)
+        .init::<B>(&device)
+        .map(&mut Deterministic(17));
+    if ternary {
+        model.into_packed().unwrap()
+    } else {
+        model
+    }
+}
+
+fn tokens(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7 + 3) % 61).collect()
+}
+
+/// Largest difference relative to the largest logit (at least 1).
+fn assert_close(fused: &[f32], burn: &[f32], what: &str) {
+    assert_eq!(fused.len(), burn.len(), "{what}: logit counts differ");
+    let scale = burn.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = fused
+        .iter()
+        .zip(burn)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "{what}: fused and Burn logits differ by {diff} (largest logit {scale})"
+    );
+}
+
+// The ternary cases can only agree within 1e-4 if no int8 activation code differs between the
+// two paths: a value within a rounding error of a quantization boundary could round either
+// way (see `examples/backend_swap.rs`). The models are deterministic, so such a flip would show
+// on every run, not now and then; none does on these inputs.
+#[test]
+fn fused_decode_matches_burn_token_by_token() {
+    for mixer in MIXERS {
+        for ternary in [false, true] {
+            let model = model(mixer, ternary);
+            for threads in [1, 2] {
+                let decoder = CpuDecoder::new(&model, threads).unwrap();
+                let (mut burn_state, mut state) = (model.new_state(), decoder.new_state());
+                for (i, &token) in tokens(11).iter().enumerate() {
+                    let burn = model.read(&[token], &mut burn_state).unwrap();
+                    let fused = decoder.step(token, &mut state).unwrap();
+                    let what = format!(
+                        "{} ternary={ternary} threads={threads} token {i}",
+                        mixer.name()
+                    );
+                    assert_close(&fused, &burn, &what);
+                }
+                assert_eq!(state.position(), 11);
+                assert_eq!(state.num_elements(), burn_state.num_elements());
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_decode_continues_a_burn_prefill() {
+    for mixer in MIXERS {
+        let model = model(mixer, false);
+        let decoder = CpuDecoder::new(&model, 1).unwrap();
+        let all = tokens(12);
+        // 6 prompt tokens end inside a mini-batch: the state carries unfinished gradient sums.
+        let mut burn_state = model.new_state();
+        model.read(&all[..6], &mut burn_state).unwrap();
+        let mut state = decoder.state_from_model(&burn_state).unwrap();
+        assert_eq!(state.position(), 6);
+        for &token in &all[6..] {
+            let burn = model.read(&[token], &mut burn_state).unwrap();
+            let fused = decoder.step(token, &mut state).unwrap();
+            assert_close(&fused, &burn, mixer.name());
+        }
+    }
+}
+
+#[test]
+fn memory_mapped_packed_file_decodes_like_the_model_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.packed.safetensors");
+    let device = Default::default();
+    let config = BitLlamaConfig::new(61, 32, 2, 4, 48)
+        .with_mini_batch_size(4)
+        .with_ternary_head(true);
+    // A fresh model, never read before saving: the file must hold this model (Burn's lazy
+    // parameters draw new values in a clone that was never read).
+    let model = config.init::<B>(&device);
+    model.save_packed(&config, &path).unwrap();
+    let (mapped, _) = BitLlama::<B>::load_packed(&path, &device).unwrap();
+
+    let in_memory = CpuDecoder::new(&model, 1).unwrap();
+    let from_file = CpuDecoder::new(&mapped, 1).unwrap();
+    assert_eq!(
+        from_file.weight_bytes_per_token(),
+        mapped.weight_bytes_per_token()
+    );
+    let (mut a, mut b) = (in_memory.new_state(), from_file.new_state());
+    for token in tokens(6) {
+        assert_eq!(
+            in_memory.step(token, &mut a).unwrap(),
+            from_file.step(token, &mut b).unwrap()
+        );
+    }
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bad_tokens_and_foreign_states_are_errors_and_change_nothing() {
+    let ttt = model(MixerKind::TttLinear, false);
+    let decoder = CpuDecoder::new(&ttt, 1).unwrap();
+    let mut state = decoder.new_state();
+    decoder.read(&[1, 2], &mut state).unwrap();
+    let before = state.clone();
+
+    let err = decoder.step(61, &mut state).unwrap_err();
+    assert!(
+        matches!(&err, BitTttError::InvalidInput(m) if m.contains("token id 61")),
+        "{err}"
+    );
+    assert!(matches!(
+        decoder.read(&[], &mut state),
+        Err(BitTttError::InvalidInput(_))
+    ));
+    // A state of an attention model, and a Burn state of two sequences.
+    let attention = CpuDecoder::new(&model(MixerKind::Attention, false), 1).unwrap();
+    let mut foreign = attention.new_state();
+    assert!(matches!(
+        decoder.step(1, &mut foreign),
+        Err(BitTttError::InvalidCache(_))
+    ));
+    assert!(matches!(
+        decoder.state_from_model(&ttt.new_batch_state(2)),
+        Err(BitTttError::InvalidCache(_))
+    ));
+    assert_eq!(state, before);
+}
+
+#[test]
+fn fused_generation_equals_burn_generation() {
+    use crate::{GenerationConfig, SamplingConfig};
+    for mixer in MIXERS {
+        let model = model(mixer, false);
+        let decoder = CpuDecoder::new(&model, 2).unwrap();
+        for sampling in [
+            SamplingConfig::greedy(),
+            SamplingConfig {
+                temperature: 0.8,
+                top_k: Some(20),
+                top_p: Some(0.9),
+                seed: 3,
+            },
+        ] {
+            let config = GenerationConfig {
+                max_new_tokens: 20,
+                sampling,
+                stop_tokens: vec![],
+            };
+            let (mut burn_streamed, mut fused_streamed) = (Vec::new(), Vec::new());
+            let burn = model
+                .generate(&[5, 9, 2], &config, &mut model.new_state(), |t| {
+                    burn_streamed.push(t);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            let fused = decoder
+                .generate(&[5, 9, 2], &config, &mut decoder.new_state(), |t| {
+                    fused_streamed.push(t);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            assert_eq!(fused.len(), 20);
+            assert_eq!(fused, burn, "{}", mixer.name());
+            assert_eq!(fused_streamed, burn_streamed);
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! One token through a TTT layer (TTT-Linear or TTT-MLP) in the primal form, on plain slices:
+//! the fast weights are updated in place, and the weights `W_i` of the token are never formed.
+//!
+//! Per head, with `G` the learning-rate-weighted gradient sum of the mini-batch so far
+//! (`TttCache::grads`), the token's gradient `∇ℓ(W_start)` is rank one, `XKᵀ ∇Z`; so
+//! `XQ W_i = XQ W_start − token_eta · (XQ G + ttt_lr_eta · (XQ · XK) ∇Z)` costs one pass over
+//! `W_start` and `G` (read) plus the rank-one update of `G` (write). At the end of a
+//! mini-batch `W_start −= token_eta_last · G` and `G = 0`, as `TttCache::advance` does.
+
+use burn::tensor::backend::Backend;
+
+use super::linear::{DecodeLinear, Input};
+use super::math::{
+    add_outer, add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd,
+    rotate_pairs, sigmoid_tanh,
+};
+use super::{for_each_head, values};
+use crate::ttt::{InnerModule, TttCache, TttLayer};
+use crate::BitTttError;
+
+/// The inner model of a [`TttDecode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inner {
+    /// `f(z) = z + LN(z W1 + b1)`; fast weights `[W1, b1]`.
+    Linear,
+    /// `f(z) = z + LN(GELU(z W1 + b1) W2 + b2)`; fast weights `[W1, b1, W2, b2]`.
+    Mlp {
+        /// Hidden width (`4 · head_dim` in the paper).
+        hidden: usize,
+    },
+}
+
+/// A [`TttLayer`]'s weights, copied out of Burn tensors (the projections keep their packed
+/// weights where they are).
+#[derive(Debug)]
+pub(crate) struct TttDecode {
+    q_proj: DecodeLinear,
+    k_proj: DecodeLinear,
+    v_proj: DecodeLinear,
+    o_proj: DecodeLinear,
+    g_proj: Option<DecodeLinear>,
+    inner: Inner,
+    /// Initial fast weights, each `[heads, rows, cols]` flattened, in `TttCache` order.
+    initial: Vec<Vec<f32>>,
+    /// Inner LN scale and shift, `[heads, head_dim]`.
+    ttt_norm_weight: Vec<f32>,
+    ttt_norm_bias: Vec<f32>,
+    ttt_norm_eps: f32,
+    /// η gate, `[heads, d_model]` and `[heads]`.
+    lr_weight: Vec<f32>,
+    lr_bias: Vec<f32>,
+    /// `base_lr / head_dim`.
+    lr_scale: f32,
+    /// `token_eta`, `[mini_batch_size]`.
+    token_eta: Vec<f32>,
+    /// RoPE cosines and sines per position in the mini-batch, `[mini_batch_size, head_dim / 2]`.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    post_norm_gamma: Vec<f32>,
+    post_norm_beta: Option<Vec<f32>>,
+    post_norm_eps: f32,
+    heads: usize,
+    head_dim: usize,
+    mini_batch_size: usize,
+}
+
+/// The recurrent state of one TTT layer for one sequence: `TttCache` as flat f32 vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TttFastWeights {
+    /// `W_start` tensors, each `[heads, rows, cols]` flattened.
+    pub weights: Vec<Vec<f32>>,
+    /// The gradient sums of the unfinished mini-batch, shaped like `weights`.
+    pub grads: Vec<Vec<f32>>,
+    /// Tokens seen.
+    pub seq_len_offset: usize,
+}
+
+impl TttDecode {
+    /// Copies the layer's parameters.
+    pub fn new<B: Backend>(layer: &TttLayer<B>) -> Result<Self, BitTttError> {
+        let (heads, head_dim) = (layer.num_heads, layer.head_dim);
+        let (inner, initial, norm_weight, norm_bias, eps) = match &layer.inner {
+            InnerModule::Linear(m) => (
+                Inner::Linear,
+                vec![values(m.w1.val())?, values(m.b1.val())?],
+                &m.ttt_norm_weight,
+                &m.ttt_norm_bias,
+                m.eps,
+            ),
+            InnerModule::Mlp(m) => (
+                Inner::Mlp {
+                    hidden: m.dims().2,
+                },
+                vec![
+                    values(m.w1.val())?,
+                    values(m.b1.val())?,
+                    values(m.w2.val())?,
+                    values(m.b2.val())?,
+                ],
+                &m.ttt_norm_weight,
+                &m.ttt_norm_bias,
+                m.eps,
+            ),
+        };
+        // RoPE of the mini-batch positions from the layer's own table, [positions, head_dim, 2]
+        // holding (cos, sin) repeated for both members of a pair.
+        let freqs = values(layer.rope.freq_complex.clone())?;
+        let half = head_dim / 2;
+        let (mut rope_cos, mut rope_sin) = (Vec::new(), Vec::new());
+        for p in 0..layer.mini_batch_size {
+            for i in 0..half {
+                let at = (p * head_dim + 2 * i) * 2;
+                rope_cos.push(freqs[at]);
+                rope_sin.push(freqs[at + 1]);
+            }
+        }
+        Ok(Self {
+            q_proj: DecodeLinear::from_projection(&layer.q_proj)?,
+            k_proj: DecodeLinear::from_projection(&layer.k_proj)?,
+            v_proj: DecodeLinear::from_projection(&layer.v_proj)?,
+            o_proj: DecodeLinear::from_projection(&layer.o_proj)?,
+            g_proj: layer
+                .g_proj
+                .as_ref()
+                .map(DecodeLinear::from_projection)
+                .transpose()?,
+            inner,
+            initial,
+            ttt_norm_weight: values(norm_weight.val())?,
+            ttt_norm_bias: values(norm_bias.val())?,
+            ttt_norm_eps: eps as f32,
+            lr_weight: values(layer.learnable_ttt_lr_weight.val())?,
+            lr_bias: values(layer.learnable_ttt_lr_bias.val())?,
+            lr_scale: (layer.base_lr / head_dim as f64) as f32,
+            token_eta: values(layer.token_eta())?,
+            rope_cos,
+            rope_sin,
+            post_norm_gamma: values(layer.post_norm.gamma.val())?,
+            post_norm_beta: layer
+                .post_norm
+                .beta
+                .as_ref()
+                .map(|b| values(b.val()))
+                .transpose()?,
+            post_norm_eps: layer.post_norm_eps as f32,
+            heads,
+            head_dim,
+            mini_batch_size: layer.mini_batch_size,
+        })
+    }
+
+    /// The projections, for counting the bytes a step reads.
+    pub fn projections(&self) -> impl Iterator<Item = &DecodeLinear> {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+            .into_iter()
+            .chain(self.g_proj.as_ref())
+    }
+
+    /// The state at position 0: the initial fast weights, no gradients.
+    pub fn new_state(&self) -> TttFastWeights {
+        TttFastWeights {
+            weights: self.initial.clone(),
+            grads: self.initial.iter().map(|w| vec![0.0; w.len()]).collect(),
+            seq_len_offset: 0,
+        }
+    }
+
+    /// The state of a one-sequence [`TttCache`].
+    pub fn state_from_cache<B: Backend>(
+        &self,
+        cache: &TttCache<B>,
+    ) -> Result<TttFastWeights, BitTttError> {
+        let flat = |tensors: &[burn::tensor::Tensor<B, 4>]| -> Result<Vec<Vec<f32>>, BitTttError> {
+            tensors.iter().map(|t| values(t.clone())).collect()
+        };
+        let state = TttFastWeights {
+            weights: flat(cache.state())?,
+            grads: flat(cache.grads())?,
+            seq_len_offset: cache.seq_len_offset(),
+        };
+        self.check_state(&state)?;
+        Ok(state)
+    }
+
+    /// Checks that `state` has this layer's shapes (and so belongs to it).
+    pub fn check_state(&self, state: &TttFastWeights) -> Result<(), BitTttError> {
+        let sizes = |t: &[Vec<f32>]| t.iter().map(Vec::len).collect::<Vec<_>>();
+        let expected = sizes(&self.initial);
+        if sizes(&state.weights) != expected || sizes(&state.grads) != expected {
+            return Err(BitTttError::InvalidCache(format!(
+                "TTT state of sizes {:?} / {:?}, the layer's one-sequence state has {expected:?} \
+                 (a state of another model, or of a batch of more than one sequence)",
+                sizes(&state.weights),
+                sizes(&state.grads)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Mixes one token `x` (the normed residual, `[d_model]`) into `out` (`[d_model]`) and
+    /// advances `state` by one token.
+    pub fn step(&self, x: &[f32], state: &mut TttFastWeights, threads: usize, out: &mut [f32]) {
+        let d_model = x.len();
+        let input = Input::new(x);
+        let project = |p: &DecodeLinear| {
+            let mut y = vec![0.0; d_model];
+            p.forward(&input, &mut y, threads);
+            y
+        };
+        let (xq, xk, xv) = (project(&self.q_proj), project(&self.k_proj), project(&self.v_proj));
+        let gate = self.g_proj.as_ref().map(project);
+
+        let position = state.seq_len_offset % self.mini_batch_size;
+        let closes_mini_batch = position + 1 == self.mini_batch_size;
+        let step = HeadStep {
+            layer: self,
+            position,
+            token_eta: self.token_eta[position],
+            token_eta_last: closes_mini_batch.then_some(self.token_eta[self.mini_batch_size - 1]),
+        };
+
+        // Per head: its slices of every fast-weight tensor, its inputs and its output.
+        let mut hidden = vec![0.0; d_model];
+        let weights = split_heads(&mut state.weights, self.heads);
+        let grads = split_heads(&mut state.grads, self.heads);
+        let d = self.head_dim;
+        let work: Vec<_> = weights
+            .into_iter()
+            .zip(grads)
+            .zip(hidden.chunks_exact_mut(d))
+            .enumerate()
+            .map(|(h, ((w, g), out))| (h, w, g, out))
+            .collect();
+        for_each_head(work, threads, |(h, mut w, mut g, out)| {
+            let lr_logit = dot(x, &self.lr_weight[h * d_model..(h + 1) * d_model]) + self.lr_bias[h];
+            let ttt_lr_eta = sigmoid_tanh(lr_logit) * self.lr_scale;
+            let head = h * d..(h + 1) * d;
+            step.run(
+                h,
+                &mut w,
+                &mut g,
+                [&xq[head.clone()], &xk[head.clone()], &xv[head]],
+                ttt_lr_eta,
+                out,
+            );
+        });
+        state.seq_len_offset += 1;
+
+        // Post-norm, gate, output projection.
+        let mut normed = vec![0.0; d_model];
+        layer_norm(
+            &hidden,
+            &self.post_norm_gamma,
+            self.post_norm_beta.as_deref(),
+            self.post_norm_eps,
+            &mut normed,
+        );
+        if let Some(gate) = gate {
+            for (n, g) in normed.iter_mut().zip(gate) {
+                *n *= gelu_tanh(g);
+            }
+        }
+        self.o_proj.forward(&Input::new(&normed), out, threads);
+    }
+}
+
+/// `[tensor][heads · per_head]` → `[head][tensor]` mutable slices.
+fn split_heads(tensors: &mut [Vec<f32>], heads: usize) -> Vec<Vec<&mut [f32]>> {
+    let mut per_head: Vec<Vec<&mut [f32]>> = (0..heads).map(|_| Vec::new()).collect();
+    for tensor in tensors.iter_mut() {
+        let per = tensor.len() / heads;
+        for (h, part) in tensor.chunks_exact_mut(per).enumerate() {
+            per_head[h].push(part);
+        }
+    }
+    per_head
+}
+
+/// What every head of one token's step shares.
+struct HeadStep<'a> {
+    layer: &'a TttDecode,
+    /// The token's position in its mini-batch.
+    position: usize,
+    /// `token_eta` at that position.
+    token_eta: f32,
+    /// `token_eta_last` when the token closes its mini-batch.
+    token_eta_last: Option<f32>,
+}
+
+impl HeadStep<'_> {
+    /// One head: `w` and `g` are its slices of the fast weights and gradient sums, `x` its
+    /// `[XQ, XK, XV]` before RoPE; writes `f(XQ; W_i)` into `out`.
+    fn run(
+        &self,
+        h: usize,
+        w: &mut [&mut [f32]],
+        g: &mut [&mut [f32]],
+        [xq, xk, xv]: [&[f32]; 3],
+        ttt_lr_eta: f32,
+        out: &mut [f32],
+    ) {
+        let layer = self.layer;
+        let d = layer.head_dim;
+        let half = d / 2;
+        let rope = self.position * half..(self.position + 1) * half;
+        let (cos, sin) = (&layer.rope_cos[rope.clone()], &layer.rope_sin[rope]);
+        let (mut xq, mut xk) = (xq.to_vec(), xk.to_vec());
+        rotate_pairs(&mut xq, cos, sin);
+        rotate_pairs(&mut xk, cos, sin);
+        let target: Vec<f32> = xv.iter().zip(&xk).map(|(v, k)| v - k).collect();
+        let gamma = &layer.ttt_norm_weight[h * d..(h + 1) * d];
+        let beta = &layer.ttt_norm_bias[h * d..(h + 1) * d];
+        let eps = layer.ttt_norm_eps;
+        // G is zero at the start of a mini-batch: skip reading it.
+        let earlier = self.position > 0;
+
+        let z_out = match layer.inner {
+            Inner::Linear => {
+                let [w1, b1] = w else {
+                    unreachable!("TTT-Linear state is [W1, b1]")
+                };
+                let [g1, gb1] = g else {
+                    unreachable!("TTT-Linear grads are [W1, b1]")
+                };
+                // z = XK W1 + b1 (the keys at W_start), and XQ W1, XQ G1 in the same pass.
+                let mut z = b1.to_vec();
+                let (mut q_w, mut q_g) = (vec![0.0; d], vec![0.0; d]);
+                for r in 0..d {
+                    let w_row = &w1[r * d..(r + 1) * d];
+                    axpy(xk[r], w_row, &mut z);
+                    axpy(xq[r], w_row, &mut q_w);
+                    if earlier {
+                        axpy(xq[r], &g1[r * d..(r + 1) * d], &mut q_g);
+                    }
+                }
+                let mut grad_z = vec![0.0; d];
+                ln_l2_bwd(&z, &target, gamma, beta, eps, &mut grad_z);
+                add_outer(g1, ttt_lr_eta, &xk, &grad_z);
+                axpy(ttt_lr_eta, &grad_z, gb1);
+                let qk = dot(&xq, &xk);
+                (0..d)
+                    .map(|c| {
+                        q_w[c] + b1[c]
+                            - self.token_eta * (q_g[c] + ttt_lr_eta * qk * grad_z[c] + gb1[c])
+                    })
+                    .collect::<Vec<f32>>()
+            }
+            Inner::Mlp { hidden } => {
+                let [w1, b1, w2, b2] = w else {
+                    unreachable!("TTT-MLP state is [W1, b1, W2, b2]")
+                };
+                let [g1, gb1, g2, gb2] = g else {
+                    unreachable!("TTT-MLP grads are [W1, b1, W2, b2]")
+                };
+                // First affine map at W_start: z1 = XK W1 + b1, with XQ W1 and XQ G1.
+                let mut z1 = b1.to_vec();
+                let (mut q1_w, mut q1_g) = (vec![0.0; hidden], vec![0.0; hidden]);
+                for r in 0..d {
+                    let w_row = &w1[r * hidden..(r + 1) * hidden];
+                    axpy(xk[r], w_row, &mut z1);
+                    axpy(xq[r], w_row, &mut q1_w);
+                    if earlier {
+                        axpy(xq[r], &g1[r * hidden..(r + 1) * hidden], &mut q1_g);
+                    }
+                }
+                let x2: Vec<f32> = z1.iter().map(|&v| gelu_tanh(v)).collect();
+                let mut z2 = b2.to_vec();
+                add_vec_mat(&x2, w2, &mut z2);
+                let mut grad_z2 = vec![0.0; d];
+                ln_l2_bwd(&z2, &target, gamma, beta, eps, &mut grad_z2);
+                // ∇Z1 = (∇Z2 W2ᵀ) ⊙ gelu'(Z1).
+                let grad_z1: Vec<f32> = (0..hidden)
+                    .map(|s| dot(&w2[s * d..(s + 1) * d], &grad_z2) * gelu_tanh_bwd(z1[s]))
+                    .collect();
+                add_outer(g1, ttt_lr_eta, &xk, &grad_z1);
+                axpy(ttt_lr_eta, &grad_z1, gb1);
+                let qk = dot(&xq, &xk);
+                let xq2: Vec<f32> = (0..hidden)
+                    .map(|s| {
+                        gelu_tanh(
+                            q1_w[s] + b1[s]
+                                - self.token_eta
+                                    * (q1_g[s] + ttt_lr_eta * qk * grad_z1[s] + gb1[s]),
+                        )
+                    })
+                    .collect();
+                // Second affine map: XQ2 W2 and XQ2 G2 (G2 before this token's update).
+                let (mut q2_w, mut q2_g) = (vec![0.0; d], vec![0.0; d]);
+                add_vec_mat(&xq2, w2, &mut q2_w);
+                if earlier {
+                    add_vec_mat(&xq2, g2, &mut q2_g);
+                }
+                add_outer(g2, ttt_lr_eta, &x2, &grad_z2);
+                axpy(ttt_lr_eta, &grad_z2, gb2);
+                let q2x = dot(&xq2, &x2);
+                (0..d)
+                    .map(|c| {
+                        q2_w[c] + b2[c]
+                            - self.token_eta * (q2_g[c] + ttt_lr_eta * q2x * grad_z2[c] + gb2[c])
+                    })
+                    .collect::<Vec<f32>>()
+            }
+        };
+        // f(XQ; W_i) = XQ + LN(z).
+        layer_norm(&z_out, gamma, Some(beta), eps, out);
+        for (o, q) in out.iter_mut().zip(&xq) {
+            *o += q;
+        }
+        if let Some(last) = self.token_eta_last {
+            for (w, g) in w.iter_mut().zip(g.iter_mut()) {
+                for (wv, gv) in w.iter_mut().zip(g.iter_mut()) {
+                    *wv -= last * *gv;
+                    *gv = 0.0;
+                }
+            }
+        }
+    }
+}
