@@ -221,3 +221,55 @@ fn fused_generation_equals_burn_generation() {
         }
     }
 }
+
+/// The reference's head size and mini-batch (head_dim 64, b = 16), f32 projections: only float
+/// rounding separates the two paths.
+#[test]
+fn fused_decode_matches_burn_with_reference_head_size() {
+    let device = Default::default();
+    for mixer in MIXERS {
+        let model = BitLlamaConfig::new(61, 128, 2, 2, 96)
+            .with_mixer(mixer)
+            .with_ternary(false)
+            .init::<B>(&device)
+            .map(&mut Deterministic(3));
+        let decoder = CpuDecoder::new(&model, 2).unwrap();
+        let (mut burn_state, mut state) = (model.new_state(), decoder.new_state());
+        for (i, &token) in tokens(20).iter().enumerate() {
+            let burn = model.read(&[token], &mut burn_state).unwrap();
+            let fused = decoder.step(token, &mut state).unwrap();
+            assert_close(&fused, &burn, &format!("{} token {i}", mixer.name()));
+        }
+    }
+}
+
+/// Ternary weights with f32 activations (W1.58A16) at the reference head size: no int8 code can
+/// flip, so the fused and Burn paths agree to float rounding even with 4 layers of width 256.
+#[test]
+fn fused_decode_matches_burn_with_ternary_weights_and_f32_activations() {
+    let device = Default::default();
+    for mixer in MIXERS {
+        let mut model = BitLlamaConfig::new(61, 256, 4, 4, 384)
+            .with_mixer(mixer)
+            .with_ternary_head(true)
+            .init::<B>(&device)
+            .map(&mut Deterministic(11))
+            .into_packed()
+            .unwrap();
+        model
+            .for_each_projection(&mut |_, p| {
+                if let crate::Projection::Packed(layer) = p {
+                    layer.quantize_activations = false;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let decoder = CpuDecoder::new(&model, 1).unwrap();
+        let (mut burn_state, mut state) = (model.new_state(), decoder.new_state());
+        for (i, &token) in tokens(20).iter().enumerate() {
+            let burn = model.read(&[token], &mut burn_state).unwrap();
+            let fused = decoder.step(token, &mut state).unwrap();
+            assert_close(&fused, &burn, &format!("{} token {i}", mixer.name()));
+        }
+    }
+}
