@@ -96,6 +96,7 @@ pub fn generate_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::MixerState;
     use crate::sampling::argmax;
     use crate::{BitLlamaConfig, MixerKind};
     use burn::backend::NdArray;
@@ -152,24 +153,42 @@ mod tests {
         greedy_matches_full_forward(MixerKind::TttMlp);
     }
 
+    /// Bytes a TTT model's state holds: the sum of its layers' `TttCache::size_bytes`.
+    fn ttt_size_bytes(state: &ModelState<B>) -> usize {
+        state
+            .layers
+            .iter()
+            .map(|layer| match layer {
+                MixerState::Ttt(cache) => cache.size_bytes(),
+                MixerState::Attention(_) => panic!("an attention state in a TTT model"),
+            })
+            .sum()
+    }
+
     #[test]
     fn ttt_state_size_is_constant_over_2000_tokens() {
         let device = Default::default();
-        let model = BitLlamaConfig::tiny(40).init::<B>(&device);
-        let mut state = model.new_state();
-        model.read(&[1], &mut state).unwrap();
-        let size_after_one = state.num_elements();
-        assert!(size_after_one > 0);
-        for t in 1..2000u32 {
-            model.read(&[t % 40], &mut state).unwrap();
-            assert_eq!(
-                state.num_elements(),
-                size_after_one,
-                "after {} tokens",
-                t + 1
-            );
+        for mixer in [MixerKind::TttLinear, MixerKind::TttMlp] {
+            let model = BitLlamaConfig::tiny(40)
+                .with_mixer(mixer)
+                .init::<B>(&device);
+            let mut state = model.new_state();
+            model.read(&[1], &mut state).unwrap();
+            let (elements, bytes) = (state.num_elements(), ttt_size_bytes(&state));
+            assert!(elements > 0, "{mixer:?}");
+            // The state is f32 on NdArray: 4 bytes a value.
+            assert_eq!(bytes, 4 * elements, "{mixer:?}");
+            for t in 1..2000u32 {
+                model.read(&[t % 40], &mut state).unwrap();
+                assert_eq!(
+                    (state.num_elements(), ttt_size_bytes(&state)),
+                    (elements, bytes),
+                    "{mixer:?} after {} tokens",
+                    t + 1
+                );
+            }
+            assert_eq!(state.position, 2000, "{mixer:?}");
         }
-        assert_eq!(state.position, 2000);
     }
 
     #[test]

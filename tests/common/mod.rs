@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 
+use std::io::Write;
+
 /// Whether a wgpu adapter exists (on CI: Debian's lavapipe, the software Vulkan driver).
 ///
 /// Returns `false` (and the caller skips, saying so) when there is none, unless
@@ -15,7 +17,14 @@ pub fn wgpu_available(test: &str) -> bool {
     if std::env::var("BIT_TTT_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
         panic!("{test}: BIT_TTT_REQUIRE_WGPU=1 but no wgpu adapter was found (install mesa-vulkan-drivers)");
     }
-    eprintln!("{test}: SKIPPED, no wgpu adapter (install mesa-vulkan-drivers, or set BIT_TTT_REQUIRE_WGPU=1 to fail instead)");
+    // Not eprintln!: the test harness captures the print macros and shows their output only for
+    // failing tests, so a skipped (passing) test would hide why it did nothing. A write to the
+    // stderr handle itself is not captured and always reaches the terminal.
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: SKIPPED, no wgpu adapter (install mesa-vulkan-drivers, \
+         or set BIT_TTT_REQUIRE_WGPU=1 to fail instead)"
+    );
     false
 }
 

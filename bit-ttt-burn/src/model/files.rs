@@ -205,6 +205,7 @@ fn dtype_name(dtype: burn::tensor::DType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::rewrite;
     use crate::MixerKind;
     use burn::backend::NdArray;
     use burn::tensor::{Int, Tensor};
@@ -285,37 +286,6 @@ mod tests {
         assert!(check(&err), "unexpected error: {err}");
         assert_eq!(fs::read(dir.path().join(WEIGHTS_FILE)).unwrap(), weights);
         assert_eq!(fs::read(dir.path().join(CONFIG_FILE)).unwrap(), json);
-    }
-
-    /// Rewrites the safetensors file with `edit` applied to its (name, dtype, shape, bytes) list.
-    fn rewrite(
-        weights: &[u8],
-        edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-    ) -> Vec<u8> {
-        let file = safetensors::SafeTensors::deserialize(weights).unwrap();
-        let mut tensors: Vec<_> = file
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                (
-                    name,
-                    view.dtype(),
-                    view.shape().to_vec(),
-                    view.data().to_vec(),
-                )
-            })
-            .collect();
-        edit(&mut tensors);
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-            .iter()
-            .map(|(name, dtype, shape, data)| {
-                (
-                    name.clone(),
-                    safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize(views, None).unwrap()
     }
 
     #[test]

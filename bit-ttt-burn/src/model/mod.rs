@@ -7,6 +7,8 @@ pub mod files;
 mod mixer;
 mod packed;
 mod soul;
+#[cfg(test)]
+pub(crate) mod test_util;
 
 pub use bit_llama::{BitLlama, ModelState};
 pub use block::Block;

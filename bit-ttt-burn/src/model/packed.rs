@@ -6,6 +6,7 @@
 //! |--------|-------|-------|------|
 //! | `{projection}.qweight` | U8 | `[rows, ceil(cols / 128) · 32]` | the [`BlockTernary`](bit_ttt_kernels::BlockTernary)s of each row (layout in `bit-ttt-kernels/src/packing.rs`) |
 //! | `{projection}.scale` | F32 | `[1]` | the absmean scale `gamma` |
+//! | `{projection}.cols` | I64 | `[1]` | input features (`cols`), checked against the config on load |
 //! | every other tensor | F32 | as in `model.safetensors` | embedding, norms, TTT parameters, f32 head, biases |
 //!
 //! `{projection}` is the module path of each ternary projection (`blocks.3.mixer.q_proj`,
@@ -210,8 +211,11 @@ impl<B: Backend> BitLlama<B> {
     ///
     /// # Errors
     /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] for a
-    /// truncated or malformed file, one that is not a packed model, or whose config does not
-    /// parse; the tensor errors of `load_weights` for missing, unexpected or mis-shaped tensors.
+    /// truncated or malformed file, one that is not a packed model, whose config does not
+    /// parse, or whose `.cols` differs from the config's width; [`BitTttError::MissingTensor`],
+    /// [`BitTttError::UnexpectedTensor`], [`BitTttError::DtypeMismatch`] and
+    /// [`BitTttError::ShapeMismatch`] naming the first tensor that is missing, extra, of another
+    /// element type or of another shape.
     pub fn load_packed(
         path: &Path,
         device: &B::Device,
@@ -253,25 +257,29 @@ impl<B: Backend> BitLlama<B> {
                 return Ok(());
             };
             let [rows, cols] = layer.weight.dims();
-            let (q, s) = (format!("{name}.qweight"), format!("{name}.scale"));
+            let (q, s, c) = (
+                format!("{name}.qweight"),
+                format!("{name}.scale"),
+                format!("{name}.cols"),
+            );
             let get = |n: &str| {
                 tensors.tensor(n).map_err(|_| BitTttError::MissingTensor {
                     path: path.to_path_buf(),
                     name: n.to_string(),
                 })
             };
-            let (qweight, scale) = (get(&q)?, get(&s)?);
-            let expected = vec![rows, blocks_per_row(cols) * 32];
-            if qweight.dtype() != Dtype::U8 || qweight.shape() != expected.as_slice() {
-                return Err(BitTttError::ShapeMismatch {
-                    path: path.to_path_buf(),
-                    name: q,
-                    expected,
-                    actual: qweight.shape().to_vec(),
-                });
-            }
-            if scale.dtype() != Dtype::F32 || scale.shape() != [1] {
-                return Err(corrupt(format!("{s} must be one F32")));
+            let (qweight, scale, stored_cols) = (get(&q)?, get(&s)?, get(&c)?);
+            let blocks_shape = [rows, blocks_per_row(cols) * 32];
+            check_tensor(path, &q, &qweight, Dtype::U8, &blocks_shape)?;
+            check_tensor(path, &s, &scale, Dtype::F32, &[1])?;
+            check_tensor(path, &c, &stored_cols, Dtype::I64, &[1])?;
+            // Widths that round up to the same number of 128-weight blocks give the same
+            // qweight shape: only `.cols` tells blocks packed for another width apart.
+            let stored = i64::from_le_bytes(stored_cols.data().try_into().expect("8 bytes"));
+            if usize::try_from(stored).ok() != Some(cols) {
+                return Err(corrupt(format!(
+                    "{c} is {stored}, the config gives {cols} input features"
+                )));
             }
             let gamma = f32::from_le_bytes(scale.data().try_into().expect("4 bytes"));
             let blocks =
@@ -293,7 +301,7 @@ impl<B: Backend> BitLlama<B> {
                 quantize_activations: layer.quantize_activations,
                 eps: layer.eps,
             });
-            used.extend([q, s, format!("{name}.cols")]);
+            used.extend([q, s, c]);
             Ok(())
         })?;
 
@@ -310,22 +318,7 @@ impl<B: Backend> BitLlama<B> {
                     path: path.to_path_buf(),
                     name: name.clone(),
                 })?;
-            if view.dtype() != Dtype::F32 {
-                return Err(BitTttError::DtypeMismatch {
-                    path: path.to_path_buf(),
-                    name: name.clone(),
-                    expected: "F32".into(),
-                    actual: format!("{:?}", view.dtype()),
-                });
-            }
-            if view.shape() != shape.as_slice() {
-                return Err(BitTttError::ShapeMismatch {
-                    path: path.to_path_buf(),
-                    name: name.clone(),
-                    expected: shape.clone(),
-                    actual: view.shape().to_vec(),
-                });
-            }
+            check_tensor(path, name, &view, Dtype::F32, shape)?;
         }
         if let Some(extra) = tensors
             .names()
@@ -354,6 +347,38 @@ impl<B: Backend> BitLlama<B> {
     }
 }
 
+/// Checks that the tensor `name` of the file at `path` has the element type `dtype` and the
+/// shape `shape`, the element type first (a shape read in elements of another size means
+/// little).
+///
+/// # Errors
+/// [`BitTttError::DtypeMismatch`] or [`BitTttError::ShapeMismatch`].
+fn check_tensor(
+    path: &Path,
+    name: &str,
+    view: &TensorView<'_>,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<(), BitTttError> {
+    if view.dtype() != dtype {
+        return Err(BitTttError::DtypeMismatch {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: format!("{dtype:?}"),
+            actual: format!("{:?}", view.dtype()),
+        });
+    }
+    if view.shape() != shape {
+        return Err(BitTttError::ShapeMismatch {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            actual: view.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
 /// A zero-size stand-in used while a projection is moved out and packed.
 fn placeholder_projection<B: Backend>() -> Projection<B> {
     Projection::Packed(crate::PackedBitLinear {
@@ -369,6 +394,7 @@ fn placeholder_projection<B: Backend>() -> Projection<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::{load_error_leaves_file, rewrite};
     use crate::MixerKind;
     use burn::backend::NdArray;
     use burn::tensor::{Int, Tensor};
@@ -378,6 +404,11 @@ mod tests {
     fn logits(model: &BitLlama<B>) -> Vec<f32> {
         let tokens = Tensor::<B, 2, Int>::from_ints([[1, 7, 3, 29, 0, 12, 5]], &Default::default());
         model.forward(tokens).into_data().to_vec().unwrap()
+    }
+
+    /// Loads a packed file on the default device.
+    fn load(path: &Path) -> Result<(BitLlama<B>, BitLlamaConfig), BitTttError> {
+        BitLlama::<B>::load_packed(path, &Default::default())
     }
 
     #[test]
@@ -443,5 +474,76 @@ mod tests {
             BitLlama::<B>::load_packed(&dir.path().join("f.safetensors"), &Default::default())
                 .unwrap_err();
         assert!(err.to_string().contains("not a bit-ttt-packed"), "{err}");
+
+        // Edited files: each fails with its own typed error and stays byte for byte as written.
+        let bad = dir.path().join("bad.safetensors");
+        let fails = |edited: Vec<u8>| load_error_leaves_file(&bad, &edited, load);
+        // Rewriting without an edit keeps a loadable file (metadata included).
+        std::fs::write(&bad, rewrite(&bytes, |_| {})).unwrap();
+        let (_, loaded_config) = load(&bad).unwrap();
+        assert_eq!(loaded_config, config);
+
+        let qweight = "blocks.0.mixer.q_proj.qweight";
+        let err = fails(rewrite(&bytes, |t| t.retain(|e| e.0 != qweight)));
+        assert!(
+            matches!(&err, BitTttError::MissingTensor { name, .. } if name == qweight),
+            "{err}"
+        );
+        let cols = "blocks.0.mixer.q_proj.cols";
+        let err = fails(rewrite(&bytes, |t| t.retain(|e| e.0 != cols)));
+        assert!(
+            matches!(&err, BitTttError::MissingTensor { name, .. } if name == cols),
+            "{err}"
+        );
+        let extra = rewrite(&bytes, |t| {
+            t.push(("blocks.9.extra".into(), Dtype::F32, vec![1], vec![0; 4]))
+        });
+        let err = fails(extra);
+        assert!(
+            matches!(&err, BitTttError::UnexpectedTensor { name, .. } if name == "blocks.9.extra"),
+            "{err}"
+        );
+        // Same bytes, rows halved and doubled in length.
+        let misshaped = rewrite(&bytes, |t| {
+            let entry = t.iter_mut().find(|e| e.0 == qweight).unwrap();
+            entry.2 = vec![entry.2[0] / 2, entry.2[1] * 2];
+        });
+        let err = fails(misshaped);
+        assert!(
+            matches!(&err, BitTttError::ShapeMismatch { name, expected, actual, .. } if name == qweight && expected == &vec![64, 32] && actual == &vec![32, 64]),
+            "{err}"
+        );
+        // F16 where F32 is expected: a packed projection's scale and an f32 tensor of the rest.
+        for f32_name in ["blocks.0.mixer.k_proj.scale", "norm.gamma"] {
+            let f16 = rewrite(&bytes, |t| {
+                let entry = t.iter_mut().find(|e| e.0 == f32_name).unwrap();
+                entry.1 = Dtype::F16;
+                entry.3.truncate(entry.3.len() / 2);
+            });
+            let err = fails(f16);
+            assert!(
+                matches!(&err, BitTttError::DtypeMismatch { name, expected, actual, .. } if name == f32_name && expected == "F32" && actual == "F16"),
+                "{err}"
+            );
+        }
+        // Signed bytes where the blocks must be U8 (same size, so only the element type differs).
+        let i8_blocks = rewrite(&bytes, |t| {
+            t.iter_mut().find(|e| e.0 == qweight).unwrap().1 = Dtype::I8;
+        });
+        let err = fails(i8_blocks);
+        assert!(
+            matches!(&err, BitTttError::DtypeMismatch { name, expected, actual, .. } if name == qweight && expected == "U8" && actual == "I8"),
+            "{err}"
+        );
+        // A width of 100 instead of 128 packs into as many blocks: only `.cols` tells.
+        let down = "blocks.1.ffn.down_proj.cols";
+        let narrower = rewrite(&bytes, |t| {
+            t.iter_mut().find(|e| e.0 == down).unwrap().3 = 100i64.to_le_bytes().to_vec();
+        });
+        let err = fails(narrower);
+        assert!(
+            matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains(down)),
+            "{err}"
+        );
     }
 }

@@ -10,9 +10,11 @@
 //! `version = 1`, the number of tokens read (`position`), and per TTT layer its position in the
 //! stream (`layers.{i}.seq_len_offset`) and mini-batch size.
 //!
-//! Restoring checks that the file fits the model (layer count, kinds, shapes, element types)
-//! and gives exactly the state that was saved, so the logits that follow are those of the
-//! uninterrupted run.
+//! Restoring checks that the file fits the model (layer count, kinds, shapes, element types;
+//! keys and values `[batch, n_heads, position, d_model / n_heads]` each) and that its counters
+//! agree (`position` equals every TTT layer's `seq_len_offset` and every attention layer's
+//! `kv_len`), so a restored state cannot make the next forward panic. It gives exactly the
+//! state that was saved, so the logits that follow are those of the uninterrupted run.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +24,7 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 use crate::attention::KvCache;
 use crate::files::{read_file, write_atomic};
-use crate::model::{BitLlama, MixerState, ModelState};
+use crate::model::{BitLlama, Mixer, MixerState, ModelState};
 use crate::ttt::TttCache;
 use crate::BitTttError;
 
@@ -93,8 +95,9 @@ impl<B: Backend> BitLlama<B> {
     ///
     /// # Errors
     /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] if the
-    /// file does not parse, is not a `.soul` file, or does not fit this model (naming the
-    /// tensor or field).
+    /// file does not parse, is not a `.soul` file, does not fit this model (naming the tensor or
+    /// field: a KV cache of another head count or head size, keys and values of different
+    /// lengths), or its `position` disagrees with a layer's `seq_len_offset` or `kv_len`.
     pub fn load_state(&self, path: &Path) -> Result<ModelState<B>, BitTttError> {
         let bytes = read_file(path)?;
         let corrupt = |reason: String| BitTttError::CorruptFile {
@@ -117,7 +120,7 @@ impl<B: Backend> BitLlama<B> {
             return Err(corrupt(format!("not a {FORMAT} version {VERSION} file")));
         }
         let device = self.embedding.weight.device();
-        // A tensor of the file, checked against the shape the model's fresh state has.
+        // A tensor of the file, checked against the shape the model needs (when one is given).
         let tensor =
             |name: String, expected: Option<[usize; 4]>| -> Result<Tensor<B, 4>, BitTttError> {
                 let view = file
@@ -150,13 +153,15 @@ impl<B: Backend> BitLlama<B> {
                 Ok(Tensor::from_data(TensorData::new(values, shape), &device))
             };
 
+        let position = field("position")?;
         let batch = self.batch_of(&file, &corrupt)?;
-        let fresh = self.new_batch_state(batch);
-        let mut layers = Vec::with_capacity(fresh.layers.len());
+        let d_model = self.embedding.weight.dims()[1];
+        let mut layers = Vec::with_capacity(self.blocks.len());
         let mut expected_names = 0;
-        for (i, layer) in fresh.layers.into_iter().enumerate() {
-            layers.push(match layer {
-                MixerState::Ttt(cache) => {
+        for (i, block) in self.blocks.iter().enumerate() {
+            layers.push(match &block.mixer {
+                Mixer::Ttt(ttt) => {
+                    let cache = ttt.new_cache(batch);
                     let load = |kind: &str, like: &[Tensor<B, 4>]| {
                         like.iter()
                             .enumerate()
@@ -167,6 +172,14 @@ impl<B: Backend> BitLlama<B> {
                     let grads = load("grads", cache.grads())?;
                     expected_names += state.len() + grads.len();
                     let offset = field(&format!("layers.{i}.seq_len_offset"))?;
+                    // Every forward advances the position and each layer's offset by the same
+                    // count, so a difference means an edited or mixed-up file; the offset picks
+                    // the RoPE and step-size positions, the model's position would disagree.
+                    if offset != position {
+                        return Err(corrupt(format!(
+                            "layer {i}: seq_len_offset {offset} but position {position}"
+                        )));
+                    }
                     let mini_batch = field(&format!("layers.{i}.mini_batch_size"))?;
                     if mini_batch != cache.mini_batch_size() {
                         return Err(corrupt(format!(
@@ -176,18 +189,30 @@ impl<B: Backend> BitLlama<B> {
                     }
                     MixerState::Ttt(TttCache::from_parts(state, grads, offset, mini_batch)?)
                 }
-                MixerState::Attention(_) => {
+                Mixer::Attention(attention) => {
                     let kv_len = field(&format!("layers.{i}.kv_len"))?;
+                    // The cache holds one key and value per token read; any other count would
+                    // put the next token's RoPE and causal mask at the wrong position.
+                    if kv_len != position {
+                        return Err(corrupt(format!(
+                            "layer {i}: kv_len {kv_len} but position {position}"
+                        )));
+                    }
                     if kv_len == 0 {
                         MixerState::Attention(KvCache::default())
                     } else {
                         expected_names += 2;
-                        let keys = tensor(format!("layers.{i}.keys"), None)?;
-                        let values = tensor(format!("layers.{i}.values"), Some(keys.dims()))?;
-                        if keys.dims()[2] != kv_len {
-                            return Err(corrupt(format!("layer {i}: kv_len {kv_len} but {} cached keys", keys.dims()[2])));
-                        }
-                        MixerState::Attention(KvCache { keys: Some(keys), values: Some(values) })
+                        // The next forward concatenates new keys of this shape to the cached
+                        // ones along the token axis: another batch, head count or head size,
+                        // or values of another length than the keys, would panic there.
+                        let heads = attention.num_heads;
+                        let expected = [batch, heads, kv_len, d_model / heads];
+                        let keys = tensor(format!("layers.{i}.keys"), Some(expected))?;
+                        let values = tensor(format!("layers.{i}.values"), Some(expected))?;
+                        MixerState::Attention(KvCache {
+                            keys: Some(keys),
+                            values: Some(values),
+                        })
                     }
                 }
             });
@@ -200,10 +225,7 @@ impl<B: Backend> BitLlama<B> {
                 file.len()
             )));
         }
-        Ok(ModelState {
-            layers,
-            position: field("position")?,
-        })
+        Ok(ModelState { layers, position })
     }
 
     /// The batch size a `.soul` file was saved with (dimension 0 of any tensor; 1 if none).
@@ -227,6 +249,7 @@ impl<B: Backend> BitLlama<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::{load_error_leaves_file, rewrite, rewrite_with_metadata};
     use crate::{BitLlamaConfig, MixerKind};
     use burn::backend::NdArray;
 
@@ -309,5 +332,84 @@ mod tests {
             model.load_state(&dir.path().join("none.soul")),
             Err(BitTttError::MissingFile(_))
         ));
+    }
+
+    #[test]
+    fn a_kv_cache_that_does_not_fit_the_model_is_an_error_and_the_file_stays() {
+        let device = Default::default();
+        let attention = || BitLlamaConfig::tiny(30).with_mixer(MixerKind::Attention);
+        let model = attention().init::<B>(&device);
+        let mut state = model.new_state();
+        model.read(&[1, 2, 3], &mut state).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.soul");
+        state.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(model.load_state(&path).unwrap().position, 3);
+
+        // The same width in 2 heads of 32 instead of 4 of 16: keys [1, 4, 3, 16] would reach a
+        // forward that concatenates them with new keys [1, 2, 1, 32] and panics.
+        let two_heads = BitLlamaConfig {
+            n_heads: 2,
+            ..attention()
+        }
+        .init::<B>(&device);
+        let err = load_error_leaves_file(&path, &bytes, |p| two_heads.load_state(p));
+        assert!(
+            matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("layers.0.keys") && reason.contains("the model expects [1, 2, 3, 32]")),
+            "{err}"
+        );
+
+        // Hand-edited: values of two tokens beside keys of three.
+        let short_values = rewrite(&bytes, |t| {
+            let entry = t.iter_mut().find(|e| e.0 == "layers.1.values").unwrap();
+            entry.2[2] = 2;
+            entry.3.truncate(entry.3.len() / 3 * 2);
+        });
+        let err = load_error_leaves_file(&path, &short_values, |p| model.load_state(p));
+        assert!(
+            matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("layers.1.values")),
+            "{err}"
+        );
+
+        // Hand-edited: a position the cache does not hold (the next token's RoPE would be off).
+        let later = rewrite_with_metadata(&bytes, |_, metadata| {
+            metadata.insert("position".into(), "4".into());
+        });
+        let err = load_error_leaves_file(&path, &later, |p| model.load_state(p));
+        assert!(
+            matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("layer 0: kv_len 3 but position 4")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ttt_state_whose_position_disagrees_with_its_layers_is_an_error() {
+        let device = Default::default();
+        let model = BitLlamaConfig::tiny(30).init::<B>(&device);
+        let mut state = model.new_state();
+        model.read(&[1, 2, 3, 4, 5], &mut state).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ttt.soul");
+        state.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(model.load_state(&path).unwrap().position, 5);
+
+        let edited_fails = |key: &str, value: &str| {
+            let edited = rewrite_with_metadata(&bytes, |_, metadata| {
+                metadata.insert(key.into(), value.into());
+            });
+            load_error_leaves_file(&path, &edited, |p| model.load_state(p))
+        };
+        let err = edited_fails("position", "6");
+        assert!(
+            matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("layer 0: seq_len_offset 5 but position 6")),
+            "{err}"
+        );
+        let err = edited_fails("layers.1.seq_len_offset", "4");
+        assert!(
+            matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("layer 1: seq_len_offset 4 but position 5")),
+            "{err}"
+        );
     }
 }
