@@ -112,7 +112,9 @@ pub fn run(
 
     let vocab = settings.config.vocab_size;
     let token_ids = |n: usize, offset: usize| -> Vec<u32> {
-        (0..n).map(|i| ((i + offset) * 7919 % vocab) as u32).collect()
+        (0..n)
+            .map(|i| ((i + offset) * 7919 % vocab) as u32)
+            .collect()
     };
     let warm_up = token_ids(2, 0);
     let decode = token_ids(settings.decode_tokens, 2);

@@ -472,18 +472,16 @@ fn generate_text(
     )?;
     let mut stream = TextStream::default();
     let mut failure = None;
-    generate(&ids, &config, &mut |id| {
-        match stream.push(tokenizer, id) {
-            Ok(piece) => {
-                text.push_str(&piece);
-                let _ = write!(out, "{}", piece.replace('\n', &format!("\n{indent}")));
-                let _ = out.flush();
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                failure = Some(e);
-                ControlFlow::Break(())
-            }
+    generate(&ids, &config, &mut |id| match stream.push(tokenizer, id) {
+        Ok(piece) => {
+            text.push_str(&piece);
+            let _ = write!(out, "{}", piece.replace('\n', &format!("\n{indent}")));
+            let _ = out.flush();
+            ControlFlow::Continue(())
+        }
+        Err(e) => {
+            failure = Some(e);
+            ControlFlow::Break(())
         }
     })?;
     writeln!(out)?;
@@ -504,7 +502,8 @@ pub fn generate(args: GenerateArgs) -> Result<Exit> {
         // On the CPU, decode with the fused decoder (the same logits, without Burn's per-op
         // overhead; see bit_ttt_burn::cpu_decode).
         use bit_ttt_burn::cpu_decode::CpuDecoder;
-        let (model, _) = BitLlama::<burn::backend::NdArray>::load(&args.model, &Default::default())?;
+        let (model, _) =
+            BitLlama::<burn::backend::NdArray>::load(&args.model, &Default::default())?;
         let decoder = CpuDecoder::new(&model, 0)?;
         drop(model);
         generate_text(

@@ -80,7 +80,11 @@ impl AttentionDecode {
             (values(keys.clone())?, &mut state.keys),
             (values(vals.clone())?, &mut state.values),
         ] {
-            for (h, part) in all.chunks_exact(per_head.max(1)).enumerate().take(self.heads) {
+            for (h, part) in all
+                .chunks_exact(per_head.max(1))
+                .enumerate()
+                .take(self.heads)
+            {
                 per[h] = part.to_vec();
             }
         }
@@ -105,10 +109,17 @@ impl AttentionDecode {
             p.forward(&input, &mut y, threads);
             y
         };
-        let (mut q, mut k, v) = (project(&self.q_proj), project(&self.k_proj), project(&self.v_proj));
+        let (mut q, mut k, v) = (
+            project(&self.q_proj),
+            project(&self.k_proj),
+            project(&self.v_proj),
+        );
         let (mut cos, mut sin) = (vec![0.0; head_dim / 2], vec![0.0; head_dim / 2]);
         rope_angles(position, self.rope_theta, &mut cos, &mut sin);
-        for (qh, kh) in q.chunks_exact_mut(head_dim).zip(k.chunks_exact_mut(head_dim)) {
+        for (qh, kh) in q
+            .chunks_exact_mut(head_dim)
+            .zip(k.chunks_exact_mut(head_dim))
+        {
             rotate_pairs(qh, &cos, &sin);
             rotate_pairs(kh, &cos, &sin);
         }

@@ -52,9 +52,12 @@ impl<'a> Input<'a> {
     /// `x` quantized with `eps` (made on first use; a projection with another eps, which no
     /// model of this crate has, quantizes afresh).
     fn quantized(&self, eps: f32) -> std::borrow::Cow<'_, QuantizedActivations> {
-        let (cached_eps, q) = self
-            .quantized
-            .get_or_init(|| (eps, QuantizedActivations::quantize(self.x, self.x.len(), eps)));
+        let (cached_eps, q) = self.quantized.get_or_init(|| {
+            (
+                eps,
+                QuantizedActivations::quantize(self.x, self.x.len(), eps),
+            )
+        });
         if *cached_eps == eps {
             std::borrow::Cow::Borrowed(q)
         } else {
@@ -93,11 +96,7 @@ impl DecodeLinear {
             } else {
                 ActivationPrecision::F32
             },
-            bias: layer
-                .bias
-                .as_ref()
-                .map(|b| values(b.val()))
-                .transpose()?,
+            bias: layer.bias.as_ref().map(|b| values(b.val())).transpose()?,
         })
     }
 

@@ -130,7 +130,12 @@ pub fn rope_angles(position: usize, theta: f64, cos: &mut [f32], sin: &mut [f32]
 /// - x: `[rows]`, m: `[rows, cols]`, out: `[cols]`
 pub fn add_vec_mat(x: &[f32], m: &[f32], out: &mut [f32]) {
     let cols = out.len();
-    debug_assert_eq!(m.len(), x.len() * cols, "matrix is not [{}, {cols}]", x.len());
+    debug_assert_eq!(
+        m.len(),
+        x.len() * cols,
+        "matrix is not [{}, {cols}]",
+        x.len()
+    );
     for (xr, row) in x.iter().zip(m.chunks_exact(cols)) {
         for (o, w) in out.iter_mut().zip(row) {
             *o += xr * w;
@@ -144,7 +149,12 @@ pub fn add_vec_mat(x: &[f32], m: &[f32], out: &mut [f32]) {
 /// - a: `[rows]`, b: `[cols]`, m: `[rows, cols]`
 pub fn add_outer(m: &mut [f32], alpha: f32, a: &[f32], b: &[f32]) {
     let cols = b.len();
-    debug_assert_eq!(m.len(), a.len() * cols, "matrix is not [{}, {cols}]", a.len());
+    debug_assert_eq!(
+        m.len(),
+        a.len() * cols,
+        "matrix is not [{}, {cols}]",
+        a.len()
+    );
     for (ar, row) in a.iter().zip(m.chunks_exact_mut(cols)) {
         let scale = alpha * ar;
         for (w, bc) in row.iter_mut().zip(b) {
@@ -176,7 +186,13 @@ mod tests {
         rms_norm(&[1.0, -2.0, 2.0, 4.0], &[1.0, 1.0, 2.0, 0.5], 0.0, &mut out);
         assert_eq!(out, [0.4, -0.8, 1.6, 0.8]);
         // x = [1, 3]: mean 2, var 1, eps 3 → std 2, x̂ = [-0.5, 0.5].
-        layer_norm(&[1.0, 3.0], &[2.0, 1.0], Some(&[0.0, 1.0]), 3.0, &mut out[..2]);
+        layer_norm(
+            &[1.0, 3.0],
+            &[2.0, 1.0],
+            Some(&[0.0, 1.0]),
+            3.0,
+            &mut out[..2],
+        );
         assert_eq!(out[..2], [-1.0, 1.5]);
     }
 

@@ -301,7 +301,11 @@ impl CpuDecoder {
     /// # Errors
     /// As [`step`](Self::step); [`BitTttError::InvalidInput`] for no tokens. On an error the
     /// tokens before the bad one have been read into `state`.
-    pub fn read(&self, tokens: &[u32], state: &mut CpuDecodeState) -> Result<Vec<f32>, BitTttError> {
+    pub fn read(
+        &self,
+        tokens: &[u32],
+        state: &mut CpuDecodeState,
+    ) -> Result<Vec<f32>, BitTttError> {
         let mut logits = Err(BitTttError::InvalidInput("no tokens to read".into()));
         for &token in tokens {
             logits = Ok(self.step(token, state)?);
@@ -326,14 +330,22 @@ impl CpuDecoder {
 
     fn check_state(&self, state: &CpuDecodeState) -> Result<(), BitTttError> {
         let fits = state.layers.len() == self.blocks.len()
-            && self.blocks.iter().zip(&state.layers).all(|(b, l)| match (&b.mixer, l) {
-                (DecodeMixer::Ttt(t), LayerState::Ttt(s)) => t.check_state(s).is_ok(),
-                (DecodeMixer::Attention(_), LayerState::Attention(kv)) => {
-                    kv.keys.len() == kv.values.len()
-                        && kv.keys.iter().zip(&kv.values).all(|(k, v)| k.len() == v.len())
-                }
-                _ => false,
-            });
+            && self
+                .blocks
+                .iter()
+                .zip(&state.layers)
+                .all(|(b, l)| match (&b.mixer, l) {
+                    (DecodeMixer::Ttt(t), LayerState::Ttt(s)) => t.check_state(s).is_ok(),
+                    (DecodeMixer::Attention(_), LayerState::Attention(kv)) => {
+                        kv.keys.len() == kv.values.len()
+                            && kv
+                                .keys
+                                .iter()
+                                .zip(&kv.values)
+                                .all(|(k, v)| k.len() == v.len())
+                    }
+                    _ => false,
+                });
         if fits {
             Ok(())
         } else {

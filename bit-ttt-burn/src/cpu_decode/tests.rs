@@ -26,7 +26,10 @@ impl<B: Backend> ModuleMapper<B> for Deterministic {
         let new: Vec<f32> = old
             .iter()
             .map(|_| {
-                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
             })
             .collect();
@@ -35,7 +38,11 @@ impl<B: Backend> ModuleMapper<B> for Deterministic {
     }
 }
 
-const MIXERS: [MixerKind; 3] = [MixerKind::TttLinear, MixerKind::TttMlp, MixerKind::Attention];
+const MIXERS: [MixerKind; 3] = [
+    MixerKind::TttLinear,
+    MixerKind::TttMlp,
+    MixerKind::Attention,
+];
 
 /// A small seeded model: 2 layers, 4 heads of 8, mini-batch 4 (so 11 tokens cross two
 /// mini-batch boundaries). Ternary models are packed first, so that both paths multiply by

@@ -88,9 +88,7 @@ impl TttDecode {
                 m.eps,
             ),
             InnerModule::Mlp(m) => (
-                Inner::Mlp {
-                    hidden: m.dims().2,
-                },
+                Inner::Mlp { hidden: m.dims().2 },
                 vec![
                     values(m.w1.val())?,
                     values(m.b1.val())?,
@@ -207,7 +205,11 @@ impl TttDecode {
             p.forward(&input, &mut y, threads);
             y
         };
-        let (xq, xk, xv) = (project(&self.q_proj), project(&self.k_proj), project(&self.v_proj));
+        let (xq, xk, xv) = (
+            project(&self.q_proj),
+            project(&self.k_proj),
+            project(&self.v_proj),
+        );
         let gate = self.g_proj.as_ref().map(project);
 
         let position = state.seq_len_offset % self.mini_batch_size;
@@ -232,7 +234,8 @@ impl TttDecode {
             .map(|(h, ((w, g), out))| (h, w, g, out))
             .collect();
         for_each_head(work, threads, |(h, mut w, mut g, out)| {
-            let lr_logit = dot(x, &self.lr_weight[h * d_model..(h + 1) * d_model]) + self.lr_bias[h];
+            let lr_logit =
+                dot(x, &self.lr_weight[h * d_model..(h + 1) * d_model]) + self.lr_bias[h];
             let ttt_lr_eta = sigmoid_tanh(lr_logit) * self.lr_scale;
             let head = h * d..(h + 1) * d;
             step.run(

@@ -88,7 +88,10 @@ macro_rules! visit_projections {
 
 impl<B: Backend> BitLlama<B> {
     /// Calls `f` with the module path and a mutable reference of every projection.
-    pub(crate) fn for_each_projection(&mut self, f: &mut ProjectionVisitor<'_, B>) -> Result<(), BitTttError> {
+    pub(crate) fn for_each_projection(
+        &mut self,
+        f: &mut ProjectionVisitor<'_, B>,
+    ) -> Result<(), BitTttError> {
         visit_projections!(self, mut; |path, p| { f(path, p)?; });
         Ok(())
     }
