@@ -85,6 +85,7 @@ impl Norm {
 
 /// A block's mixer.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer, built once: boxing only adds an indirection
 enum DecodeMixer {
     Ttt(TttDecode),
     Attention(AttentionDecode),
