@@ -197,17 +197,23 @@ mod tests {
             model.num_params()
         );
 
-        // (preset, mixer, expected range in millions), vocabulary 32,000.
-        for (name, lo, hi) in [
-            ("125m", 100, 200),
-            ("350m", 300, 450),
-            ("760m", 650, 900),
-            ("1.3b", 1200, 1600),
-            ("1b", 1200, 1600),
+        assert_eq!(
+            model.num_params(),
+            347_600,
+            "the doc table's count for tiny"
+        );
+
+        // The doc table's counts (TTT-Linear, vocabulary 32,000), and the sizes they stand for.
+        for (name, expected, lo, hi) in [
+            ("125m", 134_852_688, 100, 200),
+            ("350m", 370_059_008, 300, 450),
+            ("760m", 782_170_368, 650, 900),
+            ("1.3b", 1_350_388_864, 1200, 1600),
+            ("1b", 1_369_263_232, 1200, 1600),
         ] {
             let config = BitLlamaConfig::preset(name, 32_000).unwrap();
             let n = parameter_count(&config);
-            println!("{name}: {n} parameters (TTT-Linear)");
+            assert_eq!(n, expected, "{name}: the doc table says {expected}");
             assert!(
                 (lo * 1_000_000..hi * 1_000_000).contains(&n),
                 "{name} has {n}"
