@@ -190,7 +190,12 @@ mod tests {
     #[test]
     fn causal_and_cache_agree_with_full_sequence() {
         let device = Default::default();
-        let attn = AttentionConfig::new(16, 4).init::<B>(&device);
+        // f32 projections: the cached and the full path round differently, and with int8
+        // activations an `o_proj` input near a code boundary could round to another code on
+        // one of them (a ~1e-3 jump), failing 1e-4 now and then.
+        let attn = AttentionConfig::new(16, 4)
+            .with_ternary(false)
+            .init::<B>(&device);
         let x = Tensor::<B, 3>::random([2, 9, 16], Distribution::Normal(0.0, 1.0), &device);
         let full = attn.forward(x.clone());
 

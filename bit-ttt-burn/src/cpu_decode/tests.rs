@@ -1,42 +1,12 @@
 //! The fused decoder against the op-by-op Burn forward it replaces.
 
 use super::*;
+use crate::model::test_util::Deterministic;
 use crate::model::{BitLlamaConfig, MixerKind};
 use burn::backend::NdArray;
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::TensorData;
+use burn::module::Module;
 
 type B = NdArray;
-
-/// Replaces every randomly initialized parameter with values of a fixed sequence (uniform in
-/// `±1/sqrt(last dim)`), leaving constant ones (norm scales, zero biases) as they are. The
-/// backend's seed cannot make a model reproducible here: tests run in parallel threads and
-/// share its generator.
-struct Deterministic(u64);
-
-impl<B: Backend> ModuleMapper<B> for Deterministic {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let dims = tensor.dims();
-        let old = values(tensor.clone()).unwrap();
-        if old.iter().all(|v| *v == old[0]) {
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let scale = 1.0 / (dims[D - 1] as f32).sqrt();
-        let new: Vec<f32> = old
-            .iter()
-            .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        let tensor = Tensor::from_data(TensorData::new(new, dims), &tensor.device());
-        Param::from_mapped_value(id, tensor, mapper)
-    }
-}
 
 const MIXERS: [MixerKind; 3] = [
     MixerKind::TttLinear,
@@ -81,6 +51,20 @@ fn assert_close(fused: &[f32], burn: &[f32], what: &str) {
     );
 }
 
+/// Feeds the same `n` tokens one at a time to `model` (Burn, op by op) and to a fused decoder
+/// of it with `threads` threads, comparing the logits after every token.
+fn assert_decoders_agree(model: &BitLlama<B>, threads: usize, n: usize, what: &str) {
+    let decoder = CpuDecoder::new(model, threads).unwrap();
+    let (mut burn_state, mut state) = (model.new_state(), decoder.new_state());
+    for (i, &token) in tokens(n).iter().enumerate() {
+        let burn = model.read(&[token], &mut burn_state).unwrap();
+        let fused = decoder.step(token, &mut state).unwrap();
+        assert_close(&fused, &burn, &format!("{what} token {i}"));
+    }
+    assert_eq!(state.position(), n);
+    assert_eq!(state.num_elements(), burn_state.num_elements());
+}
+
 // The ternary cases can only agree within 1e-4 if no int8 activation code differs between the
 // two paths: a value within a rounding error of a quantization boundary could round either
 // way (see `examples/backend_swap.rs`). The models are deterministic, so such a flip would show
@@ -91,19 +75,8 @@ fn fused_decode_matches_burn_token_by_token() {
         for ternary in [false, true] {
             let model = model(mixer, ternary);
             for threads in [1, 2] {
-                let decoder = CpuDecoder::new(&model, threads).unwrap();
-                let (mut burn_state, mut state) = (model.new_state(), decoder.new_state());
-                for (i, &token) in tokens(11).iter().enumerate() {
-                    let burn = model.read(&[token], &mut burn_state).unwrap();
-                    let fused = decoder.step(token, &mut state).unwrap();
-                    let what = format!(
-                        "{} ternary={ternary} threads={threads} token {i}",
-                        mixer.name()
-                    );
-                    assert_close(&fused, &burn, &what);
-                }
-                assert_eq!(state.position(), 11);
-                assert_eq!(state.num_elements(), burn_state.num_elements());
+                let what = format!("{} ternary={ternary} threads={threads}", mixer.name());
+                assert_decoders_agree(&model, threads, 11, &what);
             }
         }
     }
@@ -240,13 +213,7 @@ fn fused_decode_matches_burn_with_reference_head_size() {
             .with_ternary(false)
             .init::<B>(&device)
             .map(&mut Deterministic(3));
-        let decoder = CpuDecoder::new(&model, 2).unwrap();
-        let (mut burn_state, mut state) = (model.new_state(), decoder.new_state());
-        for (i, &token) in tokens(20).iter().enumerate() {
-            let burn = model.read(&[token], &mut burn_state).unwrap();
-            let fused = decoder.step(token, &mut state).unwrap();
-            assert_close(&fused, &burn, &format!("{} token {i}", mixer.name()));
-        }
+        assert_decoders_agree(&model, 2, 20, mixer.name());
     }
 }
 
@@ -271,12 +238,6 @@ fn fused_decode_matches_burn_with_ternary_weights_and_f32_activations() {
                 Ok(())
             })
             .unwrap();
-        let decoder = CpuDecoder::new(&model, 1).unwrap();
-        let (mut burn_state, mut state) = (model.new_state(), decoder.new_state());
-        for (i, &token) in tokens(20).iter().enumerate() {
-            let burn = model.read(&[token], &mut burn_state).unwrap();
-            let fused = decoder.step(token, &mut state).unwrap();
-            assert_close(&fused, &burn, &format!("{} token {i}", mixer.name()));
-        }
+        assert_decoders_agree(&model, 1, 20, mixer.name());
     }
 }

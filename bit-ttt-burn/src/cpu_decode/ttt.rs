@@ -267,6 +267,30 @@ impl TttDecode {
     }
 }
 
+/// One affine map `z = a W + b` at `W_start` in one pass over the rows of `W` (`[rows, cols]`)
+/// and of its gradient sum `G`: returns `(XK W + b, XQ W, XQ G)`, the last only when `earlier`
+/// (`G` is zero at the start of a mini-batch).
+fn affine_at_start(
+    xk: &[f32],
+    xq: &[f32],
+    w: &[f32],
+    b: &[f32],
+    g: &[f32],
+    earlier: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let cols = b.len();
+    let mut z = b.to_vec();
+    let (mut q_w, mut q_g) = (vec![0.0; cols], vec![0.0; cols]);
+    for (r, (w_row, g_row)) in w.chunks_exact(cols).zip(g.chunks_exact(cols)).enumerate() {
+        axpy(xk[r], w_row, &mut z);
+        axpy(xq[r], w_row, &mut q_w);
+        if earlier {
+            axpy(xq[r], g_row, &mut q_g);
+        }
+    }
+    (z, q_w, q_g)
+}
+
 /// `[tensor][heads · per_head]` → `[head][tensor]` mutable slices.
 fn split_heads(tensors: &mut [Vec<f32>], heads: usize) -> Vec<Vec<&mut [f32]>> {
     let mut per_head: Vec<Vec<&mut [f32]>> = (0..heads).map(|_| Vec::new()).collect();
@@ -291,6 +315,24 @@ struct HeadStep<'a> {
 }
 
 impl HeadStep<'_> {
+    /// The query's pre-activation `q W_i + b_i` at the token's weights
+    /// `W_i = W_start − token_eta · (G + ttt_lr_eta · a ⊗ ∇z)` (`G` before this token, `gb`
+    /// after it), from `q_w = q W_start` and `q_g = q G`: with `lr_qa = ttt_lr_eta · (q · a)`,
+    /// `q_w + b − token_eta · (q_g + lr_qa · ∇z + gb)`.
+    fn at_token_weights(
+        &self,
+        q_w: &[f32],
+        b: &[f32],
+        q_g: &[f32],
+        gb: &[f32],
+        grad: &[f32],
+        lr_qa: f32,
+    ) -> Vec<f32> {
+        (0..q_w.len())
+            .map(|c| q_w[c] + b[c] - self.token_eta * (q_g[c] + lr_qa * grad[c] + gb[c]))
+            .collect()
+    }
+
     /// One head: `w` and `g` are its slices of the fast weights and gradient sums, `x` its
     /// `[XQ, XK, XV]` before RoPE; writes `f(XQ; W_i)` into `out`.
     fn run(
@@ -325,28 +367,12 @@ impl HeadStep<'_> {
                 let [g1, gb1] = g else {
                     unreachable!("TTT-Linear grads are [W1, b1]")
                 };
-                // z = XK W1 + b1 (the keys at W_start), and XQ W1, XQ G1 in the same pass.
-                let mut z = b1.to_vec();
-                let (mut q_w, mut q_g) = (vec![0.0; d], vec![0.0; d]);
-                for r in 0..d {
-                    let w_row = &w1[r * d..(r + 1) * d];
-                    axpy(xk[r], w_row, &mut z);
-                    axpy(xq[r], w_row, &mut q_w);
-                    if earlier {
-                        axpy(xq[r], &g1[r * d..(r + 1) * d], &mut q_g);
-                    }
-                }
+                let (z, q_w, q_g) = affine_at_start(&xk, &xq, w1, b1, g1, earlier);
                 let mut grad_z = vec![0.0; d];
                 ln_l2_bwd(&z, &target, gamma, beta, eps, &mut grad_z);
                 add_outer(g1, ttt_lr_eta, &xk, &grad_z);
                 axpy(ttt_lr_eta, &grad_z, gb1);
-                let qk = dot(&xq, &xk);
-                (0..d)
-                    .map(|c| {
-                        q_w[c] + b1[c]
-                            - self.token_eta * (q_g[c] + ttt_lr_eta * qk * grad_z[c] + gb1[c])
-                    })
-                    .collect::<Vec<f32>>()
+                self.at_token_weights(&q_w, b1, &q_g, gb1, &grad_z, ttt_lr_eta * dot(&xq, &xk))
             }
             Inner::Mlp { hidden } => {
                 let [w1, b1, w2, b2] = w else {
@@ -355,39 +381,30 @@ impl HeadStep<'_> {
                 let [g1, gb1, g2, gb2] = g else {
                     unreachable!("TTT-MLP grads are [W1, b1, W2, b2]")
                 };
-                // First affine map at W_start: z1 = XK W1 + b1, with XQ W1 and XQ G1.
-                let mut z1 = b1.to_vec();
-                let (mut q1_w, mut q1_g) = (vec![0.0; hidden], vec![0.0; hidden]);
-                for r in 0..d {
-                    let w_row = &w1[r * hidden..(r + 1) * hidden];
-                    axpy(xk[r], w_row, &mut z1);
-                    axpy(xq[r], w_row, &mut q1_w);
-                    if earlier {
-                        axpy(xq[r], &g1[r * hidden..(r + 1) * hidden], &mut q1_g);
-                    }
-                }
+                // First affine map; its input is XK for the gradient, XQ for the output.
+                let (z1, q1_w, q1_g) = affine_at_start(&xk, &xq, w1, b1, g1, earlier);
                 let x2: Vec<f32> = z1.iter().map(|&v| gelu_tanh(v)).collect();
                 let mut z2 = b2.to_vec();
                 add_vec_mat(&x2, w2, &mut z2);
                 let mut grad_z2 = vec![0.0; d];
                 ln_l2_bwd(&z2, &target, gamma, beta, eps, &mut grad_z2);
-                // ∇Z1 = (∇Z2 W2ᵀ) ⊙ gelu'(Z1).
+                // ∇Z1 = (∇Z2 W2ᵀ) ⊙ gelu'(Z1), at W2_start.
                 let grad_z1: Vec<f32> = (0..hidden)
                     .map(|s| dot(&w2[s * d..(s + 1) * d], &grad_z2) * gelu_tanh_bwd(z1[s]))
                     .collect();
                 add_outer(g1, ttt_lr_eta, &xk, &grad_z1);
                 axpy(ttt_lr_eta, &grad_z1, gb1);
-                let qk = dot(&xq, &xk);
-                let xq2: Vec<f32> = (0..hidden)
-                    .map(|s| {
-                        gelu_tanh(
-                            q1_w[s] + b1[s]
-                                - self.token_eta
-                                    * (q1_g[s] + ttt_lr_eta * qk * grad_z1[s] + gb1[s]),
-                        )
-                    })
-                    .collect();
-                // Second affine map: XQ2 W2 and XQ2 G2 (G2 before this token's update).
+                let zq1 = self.at_token_weights(
+                    &q1_w,
+                    b1,
+                    &q1_g,
+                    gb1,
+                    &grad_z1,
+                    ttt_lr_eta * dot(&xq, &xk),
+                );
+                let xq2: Vec<f32> = zq1.iter().map(|&v| gelu_tanh(v)).collect();
+                // Second affine map: its input is X2 for the gradient, XQ2 for the output; XQ2 G2
+                // is read before this token's update of G2.
                 let (mut q2_w, mut q2_g) = (vec![0.0; d], vec![0.0; d]);
                 add_vec_mat(&xq2, w2, &mut q2_w);
                 if earlier {
@@ -395,13 +412,7 @@ impl HeadStep<'_> {
                 }
                 add_outer(g2, ttt_lr_eta, &x2, &grad_z2);
                 axpy(ttt_lr_eta, &grad_z2, gb2);
-                let q2x = dot(&xq2, &x2);
-                (0..d)
-                    .map(|c| {
-                        q2_w[c] + b2[c]
-                            - self.token_eta * (q2_g[c] + ttt_lr_eta * q2x * grad_z2[c] + gb2[c])
-                    })
-                    .collect::<Vec<f32>>()
+                self.at_token_weights(&q2_w, b2, &q2_g, gb2, &grad_z2, ttt_lr_eta * dot(&xq2, &x2))
             }
         };
         // f(XQ; W_i) = XQ + LN(z).

@@ -1,12 +1,45 @@
-//! Test helpers for the model's files: rewriting a safetensors file tensor by tensor (to build
-//! broken files from good ones), and checking that a failed load leaves its file as it was.
+//! Test helpers for the model: reproducible parameters, rewriting a safetensors file tensor by
+//! tensor (to build broken files from good ones), and checking that a failed load leaves its
+//! file as it was.
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use burn::module::{ModuleMapper, Param};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 use crate::BitTttError;
+
+/// Replaces every randomly initialized parameter with values of a fixed sequence (uniform in
+/// `±1/sqrt(last dim)`), leaving constant ones (norm scales, zero biases) as they are. The
+/// backend's seed cannot make a model reproducible here: tests run in parallel threads and
+/// share its generator.
+pub(crate) struct Deterministic(pub u64);
+
+impl<B: Backend> ModuleMapper<B> for Deterministic {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        let old: Vec<f32> = tensor.to_data().convert::<f32>().into_vec().unwrap();
+        if old.iter().all(|v| *v == old[0]) {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let scale = 1.0 / (dims[D - 1] as f32).sqrt();
+        let new: Vec<f32> = old
+            .iter()
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        let tensor = Tensor::from_data(TensorData::new(new, dims), &tensor.device());
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
 
 /// One tensor of a safetensors file, owned: name, element type, shape, little-endian bytes.
 pub(crate) type TensorEntry = (String, Dtype, Vec<usize>, Vec<u8>);

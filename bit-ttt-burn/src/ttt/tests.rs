@@ -12,10 +12,14 @@ use super::{InnerLoopImpl, InnerModel, TttConfig, TttInner, TttLayer};
 fn autodiff_dual_and_primal_agree_on_outputs_and_final_weights() {
     let device = Default::default();
     for inner in [TttInner::Linear, TttInner::Mlp] {
-        // d_model 16, 2 heads of 8, mini-batch 16 (the default).
+        // d_model 16, 2 heads of 8, mini-batch 16 (the default). f32 projections: the inner
+        // loops are compared; with int8 activations an `o_proj` input within a rounding error
+        // of a code boundary can round differently after the implementations' different float
+        // rounding (a ~3e-4 jump, seen about once in 40 random layers).
         let layer = TttConfig::new(16, 2)
             .with_inner(inner)
             .with_use_gate(true)
+            .with_ternary(false)
             .init::<NdArray>(&device);
         let initial = layer.inner.init_state(2);
         for seq in [1, 15, 16, 37] {
