@@ -10,6 +10,7 @@
 
 use std::ops::ControlFlow;
 
+use bit_ttt::bit_ttt_burn::cpu_decode::CpuDecoder;
 use bit_ttt::bit_ttt_burn::{
     BitLlama, BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig, TernaryBackend,
 };
@@ -95,10 +96,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     print!("Call me ");
     let mut state = model.new_state();
-    model.generate(&prompt, &generation, &mut state, |token| {
+    let burn_tokens = model.generate(&prompt, &generation, &mut state, |token| {
         print!("{}", char::from(token as u8));
         ControlFlow::Continue(())
     })?;
     println!();
+
+    // The same with the fused CPU decoder (packed weights, one token through the whole model
+    // without Burn's per-op overhead): the same logits up to float rounding.
+    let decoder = CpuDecoder::new(&model, 0)?;
+    let fused_tokens = decoder.generate(&prompt, &generation, &mut decoder.new_state(), |_| {
+        ControlFlow::Continue(())
+    })?;
+    let same = burn_tokens
+        .iter()
+        .zip(&fused_tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    println!(
+        "fused CPU decoder: {same} of {} greedy tokens equal to the Burn decode's",
+        burn_tokens.len()
+    );
     Ok(())
 }

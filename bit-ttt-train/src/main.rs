@@ -29,12 +29,12 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Cross-entropy and perplexity of a model on text files.
     Eval(EvalArgs),
-    /// Generate text from a prompt.
+    /// Generate text from a prompt (on ndarray with the fused CPU decoder).
     Generate(GenerateArgs),
     /// Write the packed inference file: ternary weights 2 bits each, memory-mapped at load.
     Export(ExportArgs),
-    /// Measure CPU decode and prefill of a packed random-weight model against the machine's
-    /// read bandwidth.
+    /// Measure CPU decode (fused and through Burn ops) and prefill of a packed random-weight
+    /// model against the machine's read bandwidth.
     Bench(BenchArgs),
     /// Print the compiled-in backends and versions.
     Info,
