@@ -417,8 +417,7 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingCo
     }
 }
 
-/// Generates after `prompt`, printing the text as it comes; returns the whole text.
-/// Runs generation through `generate(prompt, config, on_token)`: a model's own
+/// A way to generate, `generate(prompt, config, on_token)`: a model's own
 /// [`BitLlama::generate`] or the fused CPU decoder's.
 type Generate<'a> = dyn FnMut(
         &[u32],
@@ -427,25 +426,8 @@ type Generate<'a> = dyn FnMut(
     ) -> Result<Vec<u32>, bit_ttt_burn::BitTttError>
     + 'a;
 
-/// [`generate_text`] with a model's own (Burn op-by-op) generation.
-fn generate_text_burn<B: TernaryBackend>(
-    model: &BitLlama<B>,
-    tokenizer: &Tokenizer,
-    prompt: &str,
-    max_tokens: usize,
-    sampling: SamplingConfig,
-    indent: &str,
-) -> Result<String> {
-    generate_text(
-        &mut |ids, config, on_token| model.generate(ids, config, &mut model.new_state(), on_token),
-        tokenizer,
-        prompt,
-        max_tokens,
-        sampling,
-        indent,
-    )
-}
-
+/// Generates after `prompt` with `generate`, printing the text as it comes; returns the whole
+/// text.
 fn generate_text(
     generate: &mut Generate<'_>,
     tokenizer: &Tokenizer,
@@ -497,6 +479,17 @@ pub fn generate(args: GenerateArgs) -> Result<Exit> {
     let tokenizer = find_tokenizer(args.tokenizer.as_deref(), &args.model)?;
     let sampling = sampling(args.temperature, args.top_k, args.top_p, args.seed);
     sampling.validate()?;
+    let write = |generate: &mut Generate<'_>| {
+        generate_text(
+            generate,
+            &tokenizer,
+            &args.prompt,
+            args.max_tokens,
+            sampling.clone(),
+            "",
+        )
+        .map(|_| Exit::Ok)
+    };
     #[cfg(feature = "ndarray")]
     if device == DeviceKind::Ndarray {
         // On the CPU, decode with the fused decoder (the same logits, without Burn's per-op
@@ -506,29 +499,15 @@ pub fn generate(args: GenerateArgs) -> Result<Exit> {
             BitLlama::<burn::backend::NdArray>::load(&args.model, &Default::default())?;
         let decoder = CpuDecoder::new(&model, 0)?;
         drop(model);
-        generate_text(
-            &mut |ids, config, on_token| {
-                decoder.generate(ids, config, &mut decoder.new_state(), on_token)
-            },
-            &tokenizer,
-            &args.prompt,
-            args.max_tokens,
-            sampling,
-            "",
-        )?;
-        return Ok(Exit::Ok);
+        return write(&mut |ids, config, on_token| {
+            decoder.generate(ids, config, &mut decoder.new_state(), on_token)
+        });
     }
     with_backend!(device, |B, dev| {
         let (model, _) = BitLlama::<B>::load(&args.model, &dev)?;
-        generate_text_burn(
-            &model,
-            &tokenizer,
-            &args.prompt,
-            args.max_tokens,
-            sampling,
-            "",
-        )?;
-        Ok(Exit::Ok)
+        write(&mut |ids, config, on_token| {
+            model.generate(ids, config, &mut model.new_state(), on_token)
+        })
     })
 }
 
@@ -864,8 +843,9 @@ fn demo_rest<B: TernaryBackend>(
         sampling.seed
     );
     println!();
-    generate_text_burn(
-        &report.model,
+    let model = &report.model;
+    generate_text(
+        &mut |ids, config, on_token| model.generate(ids, config, &mut model.new_state(), on_token),
         tokenizer,
         &args.prompt,
         args.sample_tokens,

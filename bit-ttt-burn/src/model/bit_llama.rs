@@ -43,6 +43,10 @@ impl<B: Backend> ModelState<B> {
 impl BitLlamaConfig {
     /// Initializes a new model with random weights.
     ///
+    /// Burn 0.21 initializes parameters lazily, on first read, and a clone of a parameter that
+    /// was never read draws its own values: `model.clone()` of a fresh model is another model.
+    /// Read it first (a forward pass, [`save`](BitLlama::save)) if the copies must agree.
+    ///
     /// # Panics
     /// If the configuration does not [`validate`](Self::validate) (a programmer error; loading
     /// a model from files reports it as an error instead).
