@@ -58,7 +58,9 @@ pub struct BenchResult {
     pub prefill_tokens_per_s: f64,
     /// Length of the prefill.
     pub prefill_tokens: usize,
-    /// Weight bytes one decode step reads.
+    /// Weight bytes one decode step reads. The recurrent state is not counted: a TTT-Linear
+    /// step also reads its fast weights and reads and writes their gradient sums (about 37 MB
+    /// per token at the 1b shape), TTT-MLP eight times that, attention its KV cache.
     pub bytes_per_token: usize,
     /// The machine's read bandwidth with `threads` threads, GB/s.
     pub read_gbytes_per_s: f64,

@@ -47,6 +47,25 @@ impl AttentionDecode {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter()
     }
 
+    /// Whether `cache` has this layer's heads, whole `head_dim` rows and as many keys as values.
+    pub fn fits(&self, cache: &KvHeads, d_model: usize) -> bool {
+        let head_dim = d_model / self.heads;
+        let len = cache.keys.first().map_or(0, Vec::len);
+        cache.keys.len() == self.heads
+            && cache.values.len() == self.heads
+            && len.is_multiple_of(head_dim)
+            && cache
+                .keys
+                .iter()
+                .chain(&cache.values)
+                .all(|t| t.len() == len)
+    }
+
+    /// The number of tokens `cache` holds.
+    pub fn len(&self, cache: &KvHeads, d_model: usize) -> usize {
+        cache.keys.first().map_or(0, Vec::len) / (d_model / self.heads)
+    }
+
     /// An empty cache.
     pub fn new_state(&self) -> KvHeads {
         KvHeads {
@@ -62,8 +81,14 @@ impl AttentionDecode {
         d_model: usize,
     ) -> Result<KvHeads, BitTttError> {
         let mut state = self.new_state();
-        let (Some(keys), Some(vals)) = (&cache.keys, &cache.values) else {
-            return Ok(state);
+        let (keys, vals) = match (&cache.keys, &cache.values) {
+            (Some(keys), Some(vals)) => (keys, vals),
+            (None, None) => return Ok(state),
+            _ => {
+                return Err(BitTttError::InvalidCache(
+                    "a KV cache with keys but no values, or values but no keys".into(),
+                ))
+            }
         };
         let head_dim = d_model / self.heads;
         let expected = [1, self.heads, keys.dims()[2], head_dim];
@@ -91,18 +116,13 @@ impl AttentionDecode {
         Ok(state)
     }
 
-    /// Attends one token `x` (`[d_model]`) at `position` to itself and the cache; writes the
-    /// output projection into `out` and appends the token's key and value to `cache`.
-    pub fn step(
-        &self,
-        x: &[f32],
-        cache: &mut KvHeads,
-        position: usize,
-        threads: usize,
-        out: &mut [f32],
-    ) {
+    /// Attends one token `x` (`[d_model]`) to itself and the cache (its position is the number
+    /// of cached tokens, as in [`Attention::forward_with_cache`]); writes the output projection
+    /// into `out` and appends the token's key and value to `cache`.
+    pub fn step(&self, x: &[f32], cache: &mut KvHeads, threads: usize, out: &mut [f32]) {
         let d_model = x.len();
         let head_dim = d_model / self.heads;
+        let position = cache.keys[0].len() / head_dim;
         let input = Input::new(x);
         let project = |p: &DecodeLinear| {
             let mut y = vec![0.0; d_model];

@@ -6,9 +6,14 @@ use std::cell::OnceCell;
 use bit_ttt_kernels::cpu::{self, CpuOptions, QuantizedActivations};
 use burn::tensor::backend::Backend;
 
-use super::math::add_vec_mat;
+use rayon::prelude::*;
+
+use super::math::{add_vec_mat, axpy};
 use super::values;
 use crate::{ActivationPrecision, BitTttError, PackedBitLinear, Projection, TernaryWeights};
+
+/// Below this many f32 weights a projection stays on one thread (splitting costs more).
+const MIN_PARALLEL_F32: usize = 1 << 16;
 
 /// One projection of a token, `y = x Wᵀ (+ b)`.
 #[derive(Debug)]
@@ -100,6 +105,36 @@ impl DecodeLinear {
         })
     }
 
+    /// Input features.
+    pub fn d_input(&self) -> usize {
+        match self {
+            DecodeLinear::Ternary { weights, .. } => weights.view().cols(),
+            DecodeLinear::Float {
+                weight, d_output, ..
+            } => weight.len() / d_output.max(&1),
+        }
+    }
+
+    /// Checks the projection maps `d_input` features to `d_output`.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidInput`] naming `what` and both shapes.
+    pub fn check_shape(
+        &self,
+        d_input: usize,
+        d_output: usize,
+        what: &str,
+    ) -> Result<(), BitTttError> {
+        if (self.d_input(), self.d_output()) == (d_input, d_output) {
+            return Ok(());
+        }
+        Err(BitTttError::InvalidInput(format!(
+            "{what} maps {} to {} features, the model needs {d_input} to {d_output}",
+            self.d_input(),
+            self.d_output()
+        )))
+    }
+
     /// Output features.
     pub fn d_output(&self) -> usize {
         match self {
@@ -146,9 +181,26 @@ impl DecodeLinear {
                 done.expect("the global kernel choice was checked by set_kernel_choice");
                 bias
             }
-            DecodeLinear::Float { weight, bias, .. } => {
-                out.fill(0.0);
-                add_vec_mat(input.x, weight, out);
+            DecodeLinear::Float {
+                weight,
+                bias,
+                d_output,
+            } => {
+                if threads > 1 && weight.len() >= MIN_PARALLEL_F32 {
+                    // Column chunks on the current pool; each element sums the rows in the
+                    // same order as the one-thread loop, so the result is the same.
+                    let chunk = d_output.div_ceil(threads * 4).max(16);
+                    out.par_chunks_mut(chunk).enumerate().for_each(|(c, part)| {
+                        let columns = c * chunk..c * chunk + part.len();
+                        part.fill(0.0);
+                        for (xr, row) in input.x.iter().zip(weight.chunks_exact(*d_output)) {
+                            axpy(*xr, &row[columns.clone()], part);
+                        }
+                    });
+                } else {
+                    out.fill(0.0);
+                    add_vec_mat(input.x, weight, out);
+                }
                 bias
             }
         };

@@ -148,6 +148,11 @@ fn bad_tokens_and_foreign_states_are_errors_and_change_nothing() {
         decoder.read(&[], &mut state),
         Err(BitTttError::InvalidInput(_))
     ));
+    // Every id is checked before any token is read.
+    assert!(matches!(
+        decoder.read(&[3, 4, 99, 5], &mut state),
+        Err(BitTttError::InvalidInput(_))
+    ));
     // A state of an attention model, and a Burn state of two sequences.
     let attention = CpuDecoder::new(&model(MixerKind::Attention, false), 1).unwrap();
     let mut foreign = attention.new_state();
@@ -159,7 +164,41 @@ fn bad_tokens_and_foreign_states_are_errors_and_change_nothing() {
         decoder.state_from_model(&ttt.new_batch_state(2)),
         Err(BitTttError::InvalidCache(_))
     ));
+    // A Burn state whose position disagrees with its layers.
+    let mut burn_state = ttt.new_state();
+    ttt.read(&[1, 2], &mut burn_state).unwrap();
+    burn_state.position = 3;
+    assert!(matches!(
+        decoder.state_from_model(&burn_state),
+        Err(BitTttError::InvalidCache(_))
+    ));
     assert_eq!(state, before);
+
+    // A KV cache of another head count (same layers, same width).
+    let two_heads = BitLlamaConfig::new(61, 32, 2, 2, 48)
+        .with_mixer(MixerKind::Attention)
+        .with_ternary(false)
+        .init::<B>(&Default::default());
+    let two_heads = CpuDecoder::new(&two_heads, 1).unwrap();
+    let mut foreign = two_heads.new_state();
+    two_heads.read(&[1, 2], &mut foreign).unwrap();
+    assert!(matches!(
+        attention.step(1, &mut foreign),
+        Err(BitTttError::InvalidCache(_))
+    ));
+}
+
+#[test]
+fn a_model_whose_projections_do_not_chain_is_an_error() {
+    let mut model = model(MixerKind::TttLinear, false);
+    model.lm_head = crate::ProjectionConfig::new(32, 60)
+        .with_ternary(false)
+        .init(&Default::default());
+    let err = CpuDecoder::new(&model, 1).unwrap_err();
+    assert!(
+        matches!(&err, BitTttError::InvalidInput(m) if m.contains("LM head")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -171,12 +171,24 @@ impl TttDecode {
         let flat = |tensors: &[burn::tensor::Tensor<B, 4>]| -> Result<Vec<Vec<f32>>, BitTttError> {
             tensors.iter().map(|t| values(t.clone())).collect()
         };
-        let state = TttFastWeights {
+        if cache.mini_batch_size() != self.mini_batch_size {
+            return Err(BitTttError::InvalidCache(format!(
+                "a TTT cache of mini-batch {} for a layer of mini-batch {}",
+                cache.mini_batch_size(),
+                self.mini_batch_size
+            )));
+        }
+        let mut state = TttFastWeights {
             weights: flat(cache.state())?,
             grads: flat(cache.grads())?,
             seq_len_offset: cache.seq_len_offset(),
         };
         self.check_state(&state)?;
+        // At a mini-batch boundary the sums are unused and start afresh (`TttCache::advance`
+        // replaces them); the step adds onto them, so they must be zero.
+        if cache.position_in_mini_batch() == 0 {
+            state.grads.iter_mut().for_each(|g| g.fill(0.0));
+        }
         Ok(state)
     }
 
