@@ -143,19 +143,6 @@ impl DecodeLinear {
         }
     }
 
-    /// Bytes of weights (and bias) one call reads.
-    pub fn weight_bytes(&self) -> usize {
-        let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
-        match self {
-            DecodeLinear::Ternary { weights, bias, .. } => {
-                weights.view().size_in_bytes() + f32_bytes(1 + bias.as_ref().map_or(0, Vec::len))
-            }
-            DecodeLinear::Float { weight, bias, .. } => {
-                f32_bytes(weight.len() + bias.as_ref().map_or(0, Vec::len))
-            }
-        }
-    }
-
     /// `out = input Wᵀ (+ b)`, the ternary product split over `threads` threads.
     ///
     /// # Shapes

@@ -233,24 +233,6 @@ impl CpuDecoder {
         self.threads
     }
 
-    /// Bytes of weights one step reads: every projection, and one row of the embedding.
-    pub fn weight_bytes_per_token(&self) -> usize {
-        let projections: usize = self
-            .blocks
-            .iter()
-            .flat_map(|b| {
-                let mixer: Box<dyn Iterator<Item = &DecodeLinear>> = match &b.mixer {
-                    DecodeMixer::Ttt(t) => Box::new(t.projections()),
-                    DecodeMixer::Attention(a) => Box::new(a.projections()),
-                };
-                mixer.chain([&b.gate_proj, &b.up_proj, &b.down_proj])
-            })
-            .chain([&self.lm_head])
-            .map(DecodeLinear::weight_bytes)
-            .sum();
-        projections + self.d_model * std::mem::size_of::<f32>()
-    }
-
     /// The state before any token: every TTT layer at its initial fast weights, every KV
     /// cache empty.
     pub fn new_state(&self) -> CpuDecodeState {

@@ -147,7 +147,7 @@ impl TttDecode {
         })
     }
 
-    /// The projections, for counting the bytes a step reads.
+    /// The projections, for checking their shapes.
     pub fn projections(&self) -> impl Iterator<Item = &DecodeLinear> {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
             .into_iter()
