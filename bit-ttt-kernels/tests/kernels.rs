@@ -241,3 +241,69 @@ fn products_inside_the_pool_equal_the_reference() {
         }
     }
 }
+
+/// Several matrices with the same activations in one call: each output is the reference's,
+/// whether the call runs on one thread, from outside the pool or from a worker of it.
+#[test]
+fn many_products_in_one_call_equal_the_reference() {
+    let mut rng = Lcg(29);
+    let cols = 4097;
+    let scales = [0.3, 1.7, 0.05, 2.0];
+    let mats: Vec<PackedTernary> = [5, 600, 33, 1]
+        .iter()
+        .zip(scales)
+        .map(|(&rows, scale)| {
+            PackedTernary::pack(&rng.ternary(rows * cols), rows, cols, scale).unwrap()
+        })
+        .collect();
+    let views: Vec<_> = mats.iter().map(|m| m.view()).collect();
+    for tokens in [1, 3] {
+        let x = activations(&mut rng, tokens, cols);
+        let want: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|w| {
+                let mut want = vec![0.0; tokens * w.view().rows()];
+                reference::gemm_i8(w, &x, &mut want);
+                want
+            })
+            .collect();
+        for kernel in available_kernels() {
+            for threads in THREADS {
+                for in_pool in [false, true] {
+                    let run = || {
+                        let mut got: Vec<Vec<f32>> =
+                            want.iter().map(|w| vec![f32::NAN; w.len()]).collect();
+                        let mut outs: Vec<&mut [f32]> =
+                            got.iter_mut().map(|g| &mut g[..]).collect();
+                        let options = CpuOptions::new(kernel, threads);
+                        cpu::gemm_i8_many_with(&views, &x, &mut outs, options).unwrap();
+                        got
+                    };
+                    let got = if in_pool {
+                        cpu::install(threads, run)
+                    } else {
+                        run()
+                    };
+                    for (m, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let what = format!("{kernel:?} t{threads} pool={in_pool} b{tokens} m{m}");
+                        assert_eq!(bits(g), bits(w), "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "one output per matrix: 2 matrices, 1 outputs")]
+fn many_products_need_one_output_per_matrix() {
+    let w = PackedTernary::pack(&[1, 0, -1], 1, 3, 1.0).unwrap();
+    let x = QuantizedActivations::quantize(&[0.5, -1.0, 2.0], 3, 1e-5);
+    let mut out = [0.0f32];
+    let _ = cpu::gemm_i8_many_with(
+        &[w.view(), w.view()],
+        &x,
+        &mut [&mut out],
+        CpuOptions::default(),
+    );
+}

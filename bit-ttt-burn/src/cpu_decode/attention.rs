@@ -123,16 +123,13 @@ impl AttentionDecode {
         let d_model = x.len();
         let head_dim = d_model / self.heads;
         let position = cache.keys[0].len() / head_dim;
-        let input = Input::new(x);
-        let project = |p: &DecodeLinear| {
-            let mut y = vec![0.0; d_model];
-            p.forward(&input, &mut y, threads);
-            y
-        };
-        let (mut q, mut k, v) = (
-            project(&self.q_proj),
-            project(&self.k_proj),
-            project(&self.v_proj),
+        // Q, K and V read the same input: one kernel call.
+        let (mut q, mut k, mut v) = (vec![0.0; d_model], vec![0.0; d_model], vec![0.0; d_model]);
+        DecodeLinear::forward_many(
+            &[&self.q_proj, &self.k_proj, &self.v_proj],
+            &Input::new(x),
+            &mut [&mut q, &mut k, &mut v],
+            threads,
         );
         let (mut cos, mut sin) = (vec![0.0; head_dim / 2], vec![0.0; head_dim / 2]);
         rope_angles(position, self.rope_theta, &mut cos, &mut sin);

@@ -143,6 +143,70 @@ impl DecodeLinear {
         }
     }
 
+    /// `outs[i] = input Wᵢᵀ (+ bᵢ)` for projections that read the same input. Ternary
+    /// projections with int8 activations run as one kernel call (one parallel region, the input
+    /// prepared once); the outputs are the same as [`forward`](Self::forward) of each.
+    ///
+    /// # Shapes
+    /// - input: `[d_input]`, `outs[i]`: `[d_output of projections[i]]`
+    pub fn forward_many(
+        projections: &[&DecodeLinear],
+        input: &Input<'_>,
+        outs: &mut [&mut [f32]],
+        threads: usize,
+    ) {
+        assert_eq!(
+            projections.len(),
+            outs.len(),
+            "one output per projection: {} projections, {} outputs",
+            projections.len(),
+            outs.len()
+        );
+        // The int8 ternary projections sharing the first one's eps go together.
+        let shared_eps = projections.iter().find_map(|p| p.int8_eps());
+        let joint = |p: &DecodeLinear| shared_eps.is_some() && p.int8_eps() == shared_eps;
+        let mut views = Vec::with_capacity(projections.len());
+        let mut joint_outs = Vec::with_capacity(projections.len());
+        for (p, out) in projections.iter().zip(outs.iter_mut()) {
+            if joint(p) {
+                if let DecodeLinear::Ternary { weights, .. } = p {
+                    views.push(weights.view());
+                    joint_outs.push(&mut **out);
+                }
+            } else {
+                p.forward(input, out, threads);
+            }
+        }
+        if let Some(eps) = shared_eps {
+            cpu::gemm_i8_many_with(
+                &views,
+                &input.quantized(eps),
+                &mut joint_outs,
+                CpuOptions {
+                    kernel: None,
+                    threads: Some(threads),
+                },
+            )
+            .expect("the global kernel choice was checked by set_kernel_choice");
+        }
+        for (p, out) in projections.iter().zip(outs.iter_mut()) {
+            if let (true, DecodeLinear::Ternary { bias: Some(b), .. }) = (joint(p), *p) {
+                add_bias(out, b);
+            }
+        }
+    }
+
+    /// The activation eps of a ternary projection with int8 activations.
+    fn int8_eps(&self) -> Option<f32> {
+        match self {
+            DecodeLinear::Ternary {
+                precision: ActivationPrecision::Int8 { eps },
+                ..
+            } => Some(*eps),
+            _ => None,
+        }
+    }
+
     /// `out = input Wᵀ (+ b)`, the ternary product split over `threads` threads.
     ///
     /// # Shapes
@@ -192,9 +256,89 @@ impl DecodeLinear {
             }
         };
         if let Some(bias) = bias {
-            for (o, b) in out.iter_mut().zip(bias) {
-                *o += b;
-            }
+            add_bias(out, bias);
+        }
+    }
+}
+
+fn add_bias(out: &mut [f32], bias: &[f32]) {
+    for (o, b) in out.iter_mut().zip(bias) {
+        *o += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bit_ttt_kernels::PackedTernary;
+
+    use super::*;
+
+    fn ternary(
+        values: &[i8],
+        rows: usize,
+        cols: usize,
+        scale: f32,
+        eps: Option<f32>,
+    ) -> DecodeLinear {
+        DecodeLinear::Ternary {
+            weights: TernaryWeights::Owned(PackedTernary::pack(values, rows, cols, scale).unwrap()),
+            precision: match eps {
+                Some(eps) => ActivationPrecision::Int8 { eps },
+                None => ActivationPrecision::F32,
+            },
+            bias: Some((0..rows).map(|r| r as f32 * 0.25 - 0.5).collect()),
+        }
+    }
+
+    /// Joint int8 projections (with biases), one with another eps, one with f32 activations and
+    /// one f32 matrix in one call: each output equals its own `forward`, bit for bit.
+    #[test]
+    fn forward_many_equals_forward_of_each() {
+        let cols = 5;
+        let x = [0.9, -1.3, 0.2, 2.5, -0.05];
+        let w = |rows: usize, seed: usize| -> Vec<i8> {
+            (0..rows * cols)
+                .map(|i| ((i * 7 + seed) % 3) as i8 - 1)
+                .collect()
+        };
+        let projections = [
+            ternary(&w(3, 0), 3, cols, 0.5, Some(1e-5)),
+            ternary(&w(4, 1), 4, cols, 1.5, None),
+            ternary(&w(2, 2), 2, cols, 0.7, Some(1e-5)),
+            ternary(&w(3, 1), 3, cols, 0.7, Some(1e-2)),
+            DecodeLinear::Float {
+                weight: (0..cols * 2).map(|i| i as f32 * 0.1 - 0.4).collect(),
+                d_output: 2,
+                bias: None,
+            },
+        ];
+        for threads in [1, 2] {
+            let want: Vec<Vec<f32>> = projections
+                .iter()
+                .map(|p| {
+                    let mut y = vec![0.0; p.d_output()];
+                    p.forward(&Input::new(&x), &mut y, threads);
+                    y
+                })
+                .collect();
+            let mut got: Vec<Vec<f32>> = want.iter().map(|w| vec![f32::NAN; w.len()]).collect();
+            let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|g| &mut g[..]).collect();
+            let refs: Vec<&DecodeLinear> = projections.iter().collect();
+            DecodeLinear::forward_many(&refs, &Input::new(&x), &mut outs, threads);
+            assert_eq!(got, want, "threads {threads}");
+            // A hand check of the first output: int8 codes of x, ternary dot, scale, bias.
+            let s = 127.0 / 2.5;
+            let codes: Vec<f32> = x.iter().map(|v| (v * s).round()).collect();
+            let dot: f32 = w(3, 0)[..cols]
+                .iter()
+                .zip(&codes)
+                .map(|(&w, c)| w as f32 * c)
+                .sum();
+            assert!(
+                (got[0][0] - (dot * 0.5 / s - 0.5)).abs() < 1e-5,
+                "{}",
+                got[0][0]
+            );
         }
     }
 }

@@ -406,8 +406,12 @@ impl CpuDecoder {
             let input = Input::new(&normed);
             let d_ffn = block.gate_proj.d_output();
             let (mut gate, mut up) = (vec![0.0; d_ffn], vec![0.0; d_ffn]);
-            block.gate_proj.forward(&input, &mut gate, threads);
-            block.up_proj.forward(&input, &mut up, threads);
+            DecodeLinear::forward_many(
+                &[&block.gate_proj, &block.up_proj],
+                &input,
+                &mut [&mut gate, &mut up],
+                threads,
+            );
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = silu(*g) * u;
             }

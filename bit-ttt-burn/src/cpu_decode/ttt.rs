@@ -4,15 +4,15 @@
 //! Per head, with `G` the learning-rate-weighted gradient sum of the mini-batch so far
 //! (`TttCache::grads`), the token's gradient `∇ℓ(W_start)` is rank one, `XKᵀ ∇Z`; so
 //! `XQ W_i = XQ W_start − token_eta · (XQ G + ttt_lr_eta · (XQ · XK) ∇Z)` costs one pass over
-//! `W_start` and `G` (read) plus the rank-one update of `G` (write). At the end of a
+//! `W_start` (read) and one over `G` (read for `XQ G`, then the rank-one update, row by row). At the end of a
 //! mini-batch `W_start −= token_eta_last · G` and `G = 0`, as `TttCache::advance` does.
 
 use burn::tensor::backend::Backend;
 
 use super::linear::{DecodeLinear, Input};
 use super::math::{
-    add_outer, add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd,
-    rotate_pairs, sigmoid_tanh,
+    add_outer, add_vec_mat, add_vec_mat_then_outer, axpy, dot, gelu_tanh, gelu_tanh_bwd,
+    layer_norm, ln_l2_bwd, rotate_pairs, sigmoid_tanh,
 };
 use super::{for_each_head, values};
 use crate::ttt::{InnerModule, TttCache, TttLayer};
@@ -211,18 +211,16 @@ impl TttDecode {
     /// advances `state` by one token.
     pub fn step(&self, x: &[f32], state: &mut TttFastWeights, threads: usize, out: &mut [f32]) {
         let d_model = x.len();
-        let input = Input::new(x);
-        let project = |p: &DecodeLinear| {
-            let mut y = vec![0.0; d_model];
-            p.forward(&input, &mut y, threads);
-            y
-        };
-        let (xq, xk, xv) = (
-            project(&self.q_proj),
-            project(&self.k_proj),
-            project(&self.v_proj),
-        );
-        let gate = self.g_proj.as_ref().map(project);
+        // Q, K, V and the gate read the same input: one kernel call.
+        let (mut xq, mut xk, mut xv) = (vec![0.0; d_model], vec![0.0; d_model], vec![0.0; d_model]);
+        let mut gate = self.g_proj.as_ref().map(|_| vec![0.0; d_model]);
+        let mut projections = vec![&self.q_proj, &self.k_proj, &self.v_proj];
+        let mut outs = vec![&mut xq[..], &mut xk[..], &mut xv[..]];
+        if let (Some(g_proj), Some(g)) = (&self.g_proj, gate.as_mut()) {
+            projections.push(g_proj);
+            outs.push(g);
+        }
+        DecodeLinear::forward_many(&projections, &Input::new(x), &mut outs, threads);
 
         let position = state.seq_len_offset % self.mini_batch_size;
         let closes_mini_batch = position + 1 == self.mini_batch_size;
@@ -279,28 +277,37 @@ impl TttDecode {
     }
 }
 
-/// One affine map `z = a W + b` at `W_start` in one pass over the rows of `W` (`[rows, cols]`)
-/// and of its gradient sum `G`: returns `(XK W + b, XQ W, XQ G)`, the last only when `earlier`
-/// (`G` is zero at the start of a mini-batch).
-fn affine_at_start(
-    xk: &[f32],
-    xq: &[f32],
-    w: &[f32],
-    b: &[f32],
-    g: &[f32],
-    earlier: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// One affine map `z = a W + b` at `W_start` in one pass over the rows of `W` (`[rows, cols]`):
+/// returns `(XK W + b, XQ W)`.
+fn affine_at_start(xk: &[f32], xq: &[f32], w: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let cols = b.len();
     let mut z = b.to_vec();
-    let (mut q_w, mut q_g) = (vec![0.0; cols], vec![0.0; cols]);
-    for (r, (w_row, g_row)) in w.chunks_exact(cols).zip(g.chunks_exact(cols)).enumerate() {
+    let mut q_w = vec![0.0; cols];
+    for (r, w_row) in w.chunks_exact(cols).enumerate() {
         axpy(xk[r], w_row, &mut z);
         axpy(xq[r], w_row, &mut q_w);
-        if earlier {
-            axpy(xq[r], g_row, &mut q_g);
-        }
     }
-    (z, q_w, q_g)
+    (z, q_w)
+}
+
+/// Adds the token's gradient `lr · a ⊗ ∇z` to the gradient sum `G` and returns `q G` as it
+/// was before, in one pass over `G`; `G` is zero at the start of a mini-batch (`earlier` is
+/// false), so then it is only written.
+fn read_then_accumulate(
+    g: &mut [f32],
+    q: &[f32],
+    earlier: bool,
+    lr: f32,
+    a: &[f32],
+    grad: &[f32],
+) -> Vec<f32> {
+    let mut q_g = vec![0.0; grad.len()];
+    if earlier {
+        add_vec_mat_then_outer(q, g, &mut q_g, lr, a, grad);
+    } else {
+        add_outer(g, lr, a, grad);
+    }
+    q_g
 }
 
 /// `[tensor][heads · per_head]` → `[head][tensor]` mutable slices.
@@ -379,10 +386,10 @@ impl HeadStep<'_> {
                 let [g1, gb1] = g else {
                     unreachable!("TTT-Linear grads are [W1, b1]")
                 };
-                let (z, q_w, q_g) = affine_at_start(&xk, &xq, w1, b1, g1, earlier);
+                let (z, q_w) = affine_at_start(&xk, &xq, w1, b1);
                 let mut grad_z = vec![0.0; d];
                 ln_l2_bwd(&z, &target, gamma, beta, eps, &mut grad_z);
-                add_outer(g1, ttt_lr_eta, &xk, &grad_z);
+                let q_g = read_then_accumulate(g1, &xq, earlier, ttt_lr_eta, &xk, &grad_z);
                 axpy(ttt_lr_eta, &grad_z, gb1);
                 self.at_token_weights(&q_w, b1, &q_g, gb1, &grad_z, ttt_lr_eta * dot(&xq, &xk))
             }
@@ -394,7 +401,7 @@ impl HeadStep<'_> {
                     unreachable!("TTT-MLP grads are [W1, b1, W2, b2]")
                 };
                 // First affine map; its input is XK for the gradient, XQ for the output.
-                let (z1, q1_w, q1_g) = affine_at_start(&xk, &xq, w1, b1, g1, earlier);
+                let (z1, q1_w) = affine_at_start(&xk, &xq, w1, b1);
                 let x2: Vec<f32> = z1.iter().map(|&v| gelu_tanh(v)).collect();
                 let mut z2 = b2.to_vec();
                 add_vec_mat(&x2, w2, &mut z2);
@@ -404,7 +411,7 @@ impl HeadStep<'_> {
                 let grad_z1: Vec<f32> = (0..hidden)
                     .map(|s| dot(&w2[s * d..(s + 1) * d], &grad_z2) * gelu_tanh_bwd(z1[s]))
                     .collect();
-                add_outer(g1, ttt_lr_eta, &xk, &grad_z1);
+                let q1_g = read_then_accumulate(g1, &xq, earlier, ttt_lr_eta, &xk, &grad_z1);
                 axpy(ttt_lr_eta, &grad_z1, gb1);
                 let zq1 = self.at_token_weights(
                     &q1_w,
@@ -417,12 +424,9 @@ impl HeadStep<'_> {
                 let xq2: Vec<f32> = zq1.iter().map(|&v| gelu_tanh(v)).collect();
                 // Second affine map: its input is X2 for the gradient, XQ2 for the output; XQ2 G2
                 // is read before this token's update of G2.
-                let (mut q2_w, mut q2_g) = (vec![0.0; d], vec![0.0; d]);
+                let mut q2_w = vec![0.0; d];
                 add_vec_mat(&xq2, w2, &mut q2_w);
-                if earlier {
-                    add_vec_mat(&xq2, g2, &mut q2_g);
-                }
-                add_outer(g2, ttt_lr_eta, &x2, &grad_z2);
+                let q2_g = read_then_accumulate(g2, &xq2, earlier, ttt_lr_eta, &x2, &grad_z2);
                 axpy(ttt_lr_eta, &grad_z2, gb2);
                 self.at_token_weights(&q2_w, b2, &q2_g, gb2, &grad_z2, ttt_lr_eta * dot(&xq2, &x2))
             }

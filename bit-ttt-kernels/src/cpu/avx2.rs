@@ -38,6 +38,7 @@ use std::arch::x86_64::*;
 
 use crate::packing::{BlockTernary, TernaryView, QK_TERNARY};
 
+use super::activations::{code_of, scale_of};
 use super::{finish_f32, finish_i8};
 
 /// Blocks accumulated in 16-bit lanes before widening to 32 bits. [`row_dot`]'s ×4 accumulator
@@ -246,6 +247,67 @@ pub(crate) unsafe fn sum_i8(x: &[i8]) -> i32 {
         );
     }
     hsum_epi32(acc) + tail
+}
+
+/// [`quantize_row_scalar`](super::activations::quantize_row_scalar), eight values at a time,
+/// with the same results: the absmax is an exact maximum (NaN ignored, as `maxps` with the
+/// running maximum second does), `roundps` rounds half to even like `round_ties_even`, the clamp
+/// happens in f32 before the conversion (so infinities saturate), and NaN lanes are zeroed.
+/// Returns the scale.
+///
+/// # Safety
+/// The CPU must have AVX2; `codes.len() == row.len()`.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row(row: &[f32], eps: f32, codes: &mut [i8]) -> f32 {
+    debug_assert_eq!(row.len(), codes.len());
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut m = _mm256_setzero_ps();
+    let chunks = row.chunks_exact(8);
+    let tail_max = chunks
+        .remainder()
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    for c in chunks {
+        // SAFETY: `c` is 8 floats.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        // `maxps` returns its second operand when either is NaN: the running maximum.
+        m = _mm256_max_ps(_mm256_and_ps(v, abs_mask), m);
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: eight floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    let scale = scale_of(lanes.iter().fold(tail_max, |a, &b| a.max(b)), eps);
+
+    let s = _mm256_set1_ps(scale);
+    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    let code = |v: __m256| {
+        let p = _mm256_mul_ps(v, s);
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+        let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+        let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(p, p));
+        _mm256_cvttps_epi32(r)
+    };
+    // The two packs interleave 128-bit lanes; this permutation restores the order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut done = 0;
+    for (c, out) in row.chunks_exact(32).zip(codes.chunks_exact_mut(32)) {
+        // SAFETY: `c` is 32 floats, `out` 32 bytes.
+        unsafe {
+            let p = c.as_ptr();
+            let ab = _mm256_packs_epi32(code(_mm256_loadu_ps(p)), code(_mm256_loadu_ps(p.add(8))));
+            let cd = _mm256_packs_epi32(
+                code(_mm256_loadu_ps(p.add(16))),
+                code(_mm256_loadu_ps(p.add(24))),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+            _mm256_storeu_si256(out.as_mut_ptr().cast::<__m256i>(), bytes);
+        }
+        done += 32;
+    }
+    for (c, &v) in codes[done..].iter_mut().zip(&row[done..]) {
+        *c = code_of(v, scale);
+    }
+    scale
 }
 
 /// The activations and per-token constants of one W1.58A8 call.

@@ -12,6 +12,8 @@
 //! this crate's own thread pool; one token is the decode GEMV, many tokens the prefill GEMM.
 //! [`gemm_i8_with`] and [`gemm_f32_with`] take [`CpuOptions`] to force a kernel or a thread count
 //! for one call; [`set_kernel_choice`] and [`set_num_threads`] change the defaults.
+//! [`gemm_i8_many_with`] multiplies several matrices with the same activations in one call (one
+//! parallel region, the activations prepared once).
 //!
 //! # Threads
 //! The rows are split over a rayon pool of this crate (one pool per thread count asked for).
@@ -228,45 +230,63 @@ const MIN_PARALLEL_WORK_IN_POOL: usize = 2 * 1024;
 /// Row chunks per thread, for load balance.
 const CHUNKS_PER_THREAD: usize = 4;
 
-/// Splits the `[tokens, rows]` output into row chunks and runs `f(r0, outs)` on each, where
-/// `outs[t]` is token `t`'s slice of the chunk; on the pool when there is enough work.
-fn for_row_chunks<F>(rows: usize, bpr: usize, tokens: usize, out: &mut [f32], threads: usize, f: F)
+/// One matrix of a [`for_row_chunks`] call: its rows, its blocks per row and its
+/// `[tokens, rows]` output.
+struct ChunkedProduct<'o> {
+    rows: usize,
+    bpr: usize,
+    out: &'o mut [f32],
+}
+
+/// Splits the outputs of one or more products with the same tokens into row chunks and runs
+/// `f(matrix, r0, outs)` on each, where `outs[t]` is token `t`'s slice of the chunk; on the pool
+/// when there is enough work. All chunks of all matrices form one parallel region, so products
+/// that read the same input (a layer's Q, K and V) cost one fork and join, not one each.
+fn for_row_chunks<F>(products: Vec<ChunkedProduct<'_>>, tokens: usize, threads: usize, f: F)
 where
-    F: Fn(usize, &mut [&mut [f32]]) + Sync,
+    F: Fn(usize, usize, &mut [&mut [f32]]) + Sync,
 {
-    if rows == 0 || tokens == 0 {
+    let work: usize = products
+        .iter()
+        .map(|p| p.rows * p.bpr.max(1))
+        .sum::<usize>()
+        * tokens;
+    if work == 0 {
         return;
     }
     let pool = if threads > 1 { pool(threads) } else { None };
-    let work = rows * bpr.max(1) * tokens;
     let min_work = match &pool {
         Some(p) if p.current_thread_index().is_some() => MIN_PARALLEL_WORK_IN_POOL,
         _ => MIN_PARALLEL_WORK,
     };
-    let n_chunks = (threads * CHUNKS_PER_THREAD)
-        .min(work / min_work)
-        .min(rows.div_ceil(4));
+    let n_chunks = (threads * CHUNKS_PER_THREAD).min(work / min_work);
     let pool = pool.filter(|_| n_chunks > 1);
     let Some(pool) = pool else {
-        let mut outs: Vec<&mut [f32]> = out.chunks_mut(rows).collect();
-        f(0, &mut outs);
+        for (m, p) in products.into_iter().enumerate().filter(|(_, p)| p.rows > 0) {
+            let mut outs: Vec<&mut [f32]> = p.out.chunks_mut(p.rows).collect();
+            f(m, 0, &mut outs);
+        }
         return;
     };
-    // Chunks of a multiple of 4 rows (the GEMV kernel's row blocking).
-    let chunk_rows = rows.div_ceil(n_chunks).div_ceil(4) * 4;
-    let n_chunks = rows.div_ceil(chunk_rows);
-    let mut chunks: Vec<Vec<&mut [f32]>> =
-        (0..n_chunks).map(|_| Vec::with_capacity(tokens)).collect();
-    for token_out in out.chunks_mut(rows) {
-        for (c, part) in token_out.chunks_mut(chunk_rows).enumerate() {
-            chunks[c].push(part);
+    let chunk_work = work.div_ceil(n_chunks);
+    let mut chunks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::with_capacity(n_chunks + 4);
+    for (m, p) in products.into_iter().enumerate().filter(|(_, p)| p.rows > 0) {
+        // Chunks of a multiple of 4 rows (the GEMV kernel's row blocking).
+        let chunk_rows = chunk_work.div_ceil(p.bpr.max(1) * tokens).div_ceil(4) * 4;
+        let first = chunks.len();
+        for r0 in (0..p.rows).step_by(chunk_rows) {
+            chunks.push((m, r0, Vec::with_capacity(tokens)));
+        }
+        for token_out in p.out.chunks_mut(p.rows) {
+            for (c, part) in token_out.chunks_mut(chunk_rows).enumerate() {
+                chunks[first + c].2.push(part);
+            }
         }
     }
     pool.install(|| {
         chunks
             .into_par_iter()
-            .enumerate()
-            .for_each(|(c, mut outs)| f(c * chunk_rows, &mut outs));
+            .for_each(|(m, r0, mut outs)| f(m, r0, &mut outs));
     });
 }
 
@@ -320,14 +340,63 @@ pub fn gemm_i8_with<'a>(
     out: &mut [f32],
     options: CpuOptions,
 ) -> Result<(), KernelError> {
-    let w = w.into();
-    assert_product_shapes(w, x.values.len(), x.tokens, out.len());
+    gemm_i8_many_with(&[w.into()], x, &mut [out], options)
+}
+
+/// W1.58A8 products of several matrices with the same activations: `outs[m] = x Wₘᵀ`, each
+/// bit-identical to [`gemm_i8_with`] of that matrix.
+///
+/// One call instead of one per matrix pads the activations and sums them once, and splits the
+/// rows of all matrices over the threads in one parallel region. A decoder uses it for the
+/// projections that read the same input (Q, K, V and the gate; SwiGLU's gate and up).
+///
+/// # Shapes
+/// - every `ws[m]`: `[rows_m, cols]` (the same `cols`)
+/// - `x`: `[tokens, cols]` codes with `tokens` scales
+/// - `outs[m]`: `[tokens, rows_m]`, row-major
+///
+/// # Errors
+/// [`KernelError::KernelUnavailable`] if the options force a kernel this CPU cannot run.
+///
+/// # Panics
+/// On mismatched shapes or a different number of matrices and outputs (a programmer error).
+pub fn gemm_i8_many_with(
+    ws: &[TernaryView<'_>],
+    x: &QuantizedActivations,
+    outs: &mut [&mut [f32]],
+    options: CpuOptions,
+) -> Result<(), KernelError> {
+    assert_eq!(
+        ws.len(),
+        outs.len(),
+        "one output per matrix: {} matrices, {} outputs",
+        ws.len(),
+        outs.len()
+    );
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert_product_shapes(*w, x.values.len(), x.tokens, out.len());
+    }
     assert_eq!(x.scales.len(), x.tokens, "one activation scale per token");
     let kernel = options.kernel.unwrap_or_else(kernel_choice).resolve()?;
     let threads = options.threads.unwrap_or_else(num_threads).max(1);
-    let (tokens, cols) = (x.tokens, w.cols());
-    let factors: Vec<f32> = x.scales.iter().map(|&s| i8_factor(w.scale(), s)).collect();
-    let bpr = w.blocks_per_row();
+    let Some(first) = ws.first() else {
+        return Ok(());
+    };
+    let (tokens, cols, bpr) = (x.tokens, first.cols(), first.blocks_per_row());
+    // `[matrices][tokens]`: each matrix has its own weight scale.
+    let factors: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|w| x.scales.iter().map(|&s| i8_factor(w.scale(), s)).collect())
+        .collect();
+    let products = ws
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(w, out)| ChunkedProduct {
+            rows: w.rows(),
+            bpr,
+            out,
+        })
+        .collect();
 
     match kernel {
         #[cfg(target_arch = "x86_64")]
@@ -338,24 +407,27 @@ pub fn gemm_i8_with<'a>(
                 // SAFETY: `resolve` returned Avx2, so the CPU has AVX2.
                 .map(|t| unsafe { avx2::sum_i8(x.row(t)) })
                 .collect();
-            let inputs = avx2::I8Inputs {
-                x: &xp,
-                kp,
-                sums: &sums,
-                factors: &factors,
-            };
-            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+            let inputs: Vec<avx2::I8Inputs<'_>> = factors
+                .iter()
+                .map(|factors| avx2::I8Inputs {
+                    x: &xp,
+                    kp,
+                    sums: &sums,
+                    factors,
+                })
+                .collect();
+            for_row_chunks(products, tokens, threads, |m, r0, outs| {
                 // SAFETY: `resolve` returned Avx2, so the CPU has AVX2; `xp` holds `tokens` rows
-                // of `kp` codes; the chunk's rows lie inside the matrix.
-                unsafe { avx2::gemm_i8_rows(w, &inputs, r0, outs) }
+                // of `kp` codes; the chunk's rows lie inside matrix `m`.
+                unsafe { avx2::gemm_i8_rows(ws[m], &inputs[m], r0, outs) }
             });
         }
         _ => {
-            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+            for_row_chunks(products, tokens, threads, |m, r0, outs| {
                 for (t, o) in outs.iter_mut().enumerate() {
                     for (i, y) in o.iter_mut().enumerate() {
-                        let acc = reference::dot_i8(w.row_blocks(r0 + i), x.row(t));
-                        *y = finish_i8(acc, factors[t]);
+                        let acc = reference::dot_i8(ws[m].row_blocks(r0 + i), x.row(t));
+                        *y = finish_i8(acc, factors[m][t]);
                     }
                 }
             });
@@ -399,20 +471,25 @@ pub fn gemm_f32_with<'a>(
     let threads = options.threads.unwrap_or_else(num_threads).max(1);
     let cols = w.cols();
     let bpr = w.blocks_per_row();
+    let product = vec![ChunkedProduct {
+        rows: w.rows(),
+        bpr,
+        out,
+    }];
 
     match kernel {
         #[cfg(target_arch = "x86_64")]
         KernelChoice::Avx2 => {
             let kp = bpr * QK_TERNARY;
             let xp = pad_rows(x, tokens, cols, kp);
-            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+            for_row_chunks(product, tokens, threads, |_, r0, outs| {
                 // SAFETY: `resolve` returned Avx2, so the CPU has AVX2 and FMA; `xp` holds
                 // `tokens` rows of `kp` floats; the chunk's rows lie inside the matrix.
                 unsafe { avx2::gemm_f32_rows(w, &xp, kp, r0, outs) }
             });
         }
         _ => {
-            for_row_chunks(w.rows(), bpr, tokens, out, threads, |r0, outs| {
+            for_row_chunks(product, tokens, threads, |_, r0, outs| {
                 for (t, o) in outs.iter_mut().enumerate() {
                     let xs = &x[t * cols..(t + 1) * cols];
                     for (i, y) in o.iter_mut().enumerate() {
