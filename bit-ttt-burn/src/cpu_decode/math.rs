@@ -143,57 +143,6 @@ pub fn add_vec_mat(x: &[f32], m: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `M += alpha · a ⊗ b` for a row-major `M` (a rank-one update).
-///
-/// # Shapes
-/// - a: `[rows]`, b: `[cols]`, m: `[rows, cols]`
-pub fn add_outer(m: &mut [f32], alpha: f32, a: &[f32], b: &[f32]) {
-    let cols = b.len();
-    debug_assert_eq!(
-        m.len(),
-        a.len() * cols,
-        "matrix is not [{}, {cols}]",
-        a.len()
-    );
-    for (ar, row) in a.iter().zip(m.chunks_exact_mut(cols)) {
-        let scale = alpha * ar;
-        for (w, bc) in row.iter_mut().zip(b) {
-            *w += scale * bc;
-        }
-    }
-}
-
-/// `out += x · M`, then `M += alpha · a ⊗ b`, in one pass over the rows of `M`: each row is
-/// read for the product before it is updated, so `out` sees `M` as it was. The same results,
-/// bit for bit, as [`add_vec_mat`] followed by [`add_outer`], with one read of `M` fewer.
-///
-/// # Shapes
-/// - x, a: `[rows]`, b, out: `[cols]`, m: `[rows, cols]`
-pub fn add_vec_mat_then_outer(
-    x: &[f32],
-    m: &mut [f32],
-    out: &mut [f32],
-    alpha: f32,
-    a: &[f32],
-    b: &[f32],
-) {
-    let cols = out.len();
-    debug_assert!(
-        m.len() == x.len() * cols && a.len() == x.len() && b.len() == cols,
-        "matrix is not [{}, {cols}] (a: {}, b: {})",
-        x.len(),
-        a.len(),
-        b.len()
-    );
-    for ((xr, ar), row) in x.iter().zip(a).zip(m.chunks_exact_mut(cols)) {
-        let scale = alpha * ar;
-        for ((o, w), bc) in out.iter_mut().zip(row.iter_mut()).zip(b) {
-            *o += xr * *w;
-            *w += scale * bc;
-        }
-    }
-}
-
 /// `y += alpha · x`.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (o, v) in y.iter_mut().zip(x) {
@@ -225,23 +174,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn product_then_update_in_one_pass_equals_the_two_passes() {
-        let x = [0.5, -2.0, 1.25];
-        let a = [1.5, 0.25, -1.0];
-        let b = [2.0, -0.5];
-        let m0 = [1.0, 2.0, -3.0, 0.5, 0.75, -1.25];
-        let (mut m, mut out) = (m0, [0.1, -0.2]);
-        add_vec_mat_then_outer(&x, &mut m, &mut out, 0.3, &a, &b);
-        // By hand: out = [0.1, -0.2] + x · m0.
-        assert_eq!(out, [0.1 + 0.5 + 6.0 + 0.9375, -0.2 + 1.0 - 1.0 - 1.5625]);
-        let (mut m2, mut out2) = (m0, [0.1, -0.2]);
-        add_vec_mat(&x, &m2, &mut out2);
-        add_outer(&mut m2, 0.3, &a, &b);
-        assert_eq!((m, out), (m2, out2));
-        assert_eq!(m[0], 1.0 + 0.3 * 1.5 * 2.0);
-    }
 
     #[test]
     fn norms_by_hand() {
@@ -322,9 +254,6 @@ mod tests {
         let mut out = [1.0, 0.0, 0.0];
         add_vec_mat(&[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &mut out);
         assert_eq!(out, [10.0, 12.0, 15.0]);
-        let mut m = [0.0; 6];
-        add_outer(&mut m, 2.0, &[1.0, -1.0], &[1.0, 2.0, 3.0]);
-        assert_eq!(m, [2.0, 4.0, 6.0, -2.0, -4.0, -6.0]);
         assert_eq!(dot(&[1.0, 2.0], &[3.0, 4.0]), 11.0);
         // Whole 32-lane chunks and a tail: Σ_{i<70} i · 2 = 4830 (exact in f32).
         let (a, b): (Vec<f32>, Vec<f32>) = (0..70).map(|i| (i as f32, 2.0)).unzip();

@@ -3,16 +3,19 @@
 //!
 //! Per head, with `G` the learning-rate-weighted gradient sum of the mini-batch so far
 //! (`TttCache::grads`), the token's gradient `∇ℓ(W_start)` is rank one, `XKᵀ ∇Z`; so
-//! `XQ W_i = XQ W_start − token_eta · (XQ G + ttt_lr_eta · (XQ · XK) ∇Z)` costs one pass over
-//! `W_start` (read) and one over `G` (read for `XQ G`, then the rank-one update, row by row). At the end of a
-//! mini-batch `W_start −= token_eta_last · G` and `G = 0`, as `TttCache::advance` does.
+//! `XQ W_i = XQ W_start − token_eta · (XQ G + ttt_lr_eta · (XQ · XK) ∇Z)`. `G` itself is kept
+//! as its rank-one terms (`G = Σ_j (η_j XK_j)ᵀ ∇Z_j` over the tokens of the mini-batch so far),
+//! so `XQ G = Σ_j (XQ · η_j XK_j) ∇Z_j` costs `O(mini_batch · head_dim)` and a token reads
+//! `W_start` once and never a dense `G`. At the end of a mini-batch
+//! `W_start −= token_eta_last · G` (one pass adding all the terms) and the terms are dropped,
+//! as `TttCache::advance` does.
 
 use burn::tensor::backend::Backend;
 
 use super::linear::{DecodeLinear, Input};
 use super::math::{
-    add_outer, add_vec_mat, add_vec_mat_then_outer, axpy, dot, gelu_tanh, gelu_tanh_bwd,
-    layer_norm, ln_l2_bwd, rotate_pairs, sigmoid_tanh,
+    add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd, rotate_pairs,
+    sigmoid_tanh,
 };
 use super::{for_each_head, values};
 use crate::ttt::{InnerModule, TttCache, TttLayer};
@@ -69,8 +72,16 @@ pub(crate) struct TttDecode {
 pub(crate) struct TttFastWeights {
     /// `W_start` tensors, each `[heads, rows, cols]` flattened.
     pub weights: Vec<Vec<f32>>,
-    /// The gradient sums of the unfinished mini-batch, shaped like `weights`.
+    /// The gradient sums of the unfinished mini-batch, shaped like `weights`. The bias sums are
+    /// always here; the weight matrices' sums are in `terms`, and here only when
+    /// `dense_grads` (a state continued from a Burn cache in the middle of a mini-batch).
     pub grads: Vec<Vec<f32>>,
+    /// Whether `grads` of the weight matrices may be non-zero.
+    pub dense_grads: bool,
+    /// Per weight matrix (W1, and W2 for TTT-MLP), the rank-one terms of its gradient sum:
+    /// `([heads, mini_batch, rows] η-scaled inputs, [heads, mini_batch, cols] ∇Z)`; the first
+    /// `seq_len_offset % mini_batch` of each head are in use.
+    pub terms: Vec<(Vec<f32>, Vec<f32>)>,
     /// Tokens seen.
     pub seq_len_offset: usize,
 }
@@ -147,6 +158,25 @@ impl TttDecode {
         })
     }
 
+    /// The weight matrices of the inner model: `(index in the state, rows, cols)` per head.
+    fn matrices(&self) -> Vec<(usize, usize, usize)> {
+        let d = self.head_dim;
+        match self.inner {
+            Inner::Linear => vec![(0, d, d)],
+            Inner::Mlp { hidden } => vec![(0, d, hidden), (2, hidden, d)],
+        }
+    }
+
+    /// Room for a mini-batch of rank-one gradient terms per weight matrix (see
+    /// [`TttFastWeights::terms`]).
+    fn empty_terms(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let per_head = self.heads * self.mini_batch_size;
+        self.matrices()
+            .into_iter()
+            .map(|(_, rows, cols)| (vec![0.0; per_head * rows], vec![0.0; per_head * cols]))
+            .collect()
+    }
+
     /// The projections, for checking their shapes.
     pub fn projections(&self) -> impl Iterator<Item = &DecodeLinear> {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
@@ -159,6 +189,8 @@ impl TttDecode {
         TttFastWeights {
             weights: self.initial.clone(),
             grads: self.initial.iter().map(|w| vec![0.0; w.len()]).collect(),
+            dense_grads: false,
+            terms: self.empty_terms(),
             seq_len_offset: 0,
         }
     }
@@ -181,6 +213,8 @@ impl TttDecode {
         let mut state = TttFastWeights {
             weights: flat(cache.state())?,
             grads: flat(cache.grads())?,
+            dense_grads: true,
+            terms: self.empty_terms(),
             seq_len_offset: cache.seq_len_offset(),
         };
         self.check_state(&state)?;
@@ -188,6 +222,7 @@ impl TttDecode {
         // replaces them); the step adds onto them, so they must be zero.
         if cache.position_in_mini_batch() == 0 {
             state.grads.iter_mut().for_each(|g| g.fill(0.0));
+            state.dense_grads = false;
         }
         Ok(state)
     }
@@ -196,7 +231,15 @@ impl TttDecode {
     pub fn check_state(&self, state: &TttFastWeights) -> Result<(), BitTttError> {
         let sizes = |t: &[Vec<f32>]| t.iter().map(Vec::len).collect::<Vec<_>>();
         let expected = sizes(&self.initial);
-        if sizes(&state.weights) != expected || sizes(&state.grads) != expected {
+        let term_sizes = |t: &[(Vec<f32>, Vec<f32>)]| {
+            t.iter()
+                .map(|(a, b)| (a.len(), b.len()))
+                .collect::<Vec<_>>()
+        };
+        if sizes(&state.weights) != expected
+            || sizes(&state.grads) != expected
+            || term_sizes(&state.terms) != term_sizes(&self.empty_terms())
+        {
             return Err(BitTttError::InvalidCache(format!(
                 "TTT state of sizes {:?} / {:?}, the layer's one-sequence state has {expected:?} \
                  (a state of another model, or of a batch of more than one sequence)",
@@ -233,31 +276,46 @@ impl TttDecode {
 
         // Per head: its slices of every fast-weight tensor, its inputs and its output.
         let mut hidden = vec![0.0; d_model];
-        let weights = split_heads(&mut state.weights, self.heads);
-        let grads = split_heads(&mut state.grads, self.heads);
+        let dense_grads = state.dense_grads;
+        let weights = split_heads(state.weights.iter_mut(), self.heads);
+        let grads = split_heads(state.grads.iter_mut(), self.heads);
+        let (terms_a, terms_b): (Vec<_>, Vec<_>) =
+            state.terms.iter_mut().map(|(a, b)| (a, b)).unzip();
+        let terms_a = split_heads(terms_a.into_iter(), self.heads);
+        let terms_b = split_heads(terms_b.into_iter(), self.heads);
         let d = self.head_dim;
         let work: Vec<_> = weights
             .into_iter()
             .zip(grads)
+            .zip(terms_a.into_iter().zip(terms_b))
             .zip(hidden.chunks_exact_mut(d))
             .enumerate()
-            .map(|(h, ((w, g), out))| (h, w, g, out))
+            .map(|(h, (((w, g), terms), out))| (h, w, g, terms, out))
             .collect();
-        for_each_head(work, threads, |(h, mut w, mut g, out)| {
+        for_each_head(work, threads, |(h, mut w, mut g, (mut ta, mut tb), out)| {
             let lr_logit =
                 dot(x, &self.lr_weight[h * d_model..(h + 1) * d_model]) + self.lr_bias[h];
             let ttt_lr_eta = sigmoid_tanh(lr_logit) * self.lr_scale;
             let head = h * d..(h + 1) * d;
+            let mut fast = HeadFastWeights {
+                w: &mut w,
+                g: &mut g,
+                dense_grads,
+                terms_a: &mut ta,
+                terms_b: &mut tb,
+            };
             step.run(
                 h,
-                &mut w,
-                &mut g,
+                &mut fast,
                 [&xq[head.clone()], &xk[head.clone()], &xv[head]],
                 ttt_lr_eta,
                 out,
             );
         });
         state.seq_len_offset += 1;
+        if closes_mini_batch {
+            state.dense_grads = false;
+        }
 
         // Post-norm, gate, output projection.
         let mut normed = vec![0.0; d_model];
@@ -290,30 +348,85 @@ fn affine_at_start(xk: &[f32], xq: &[f32], w: &[f32], b: &[f32]) -> (Vec<f32>, V
     (z, q_w)
 }
 
-/// Adds the token's gradient `lr · a ⊗ ∇z` to the gradient sum `G` and returns `q G` as it
-/// was before, in one pass over `G`; `G` is zero at the start of a mini-batch (`earlier` is
-/// false), so then it is only written.
-fn read_then_accumulate(
-    g: &mut [f32],
-    q: &[f32],
-    earlier: bool,
-    lr: f32,
-    a: &[f32],
-    grad: &[f32],
-) -> Vec<f32> {
-    let mut q_g = vec![0.0; grad.len()];
-    if earlier {
-        add_vec_mat_then_outer(q, g, &mut q_g, lr, a, grad);
-    } else {
-        add_outer(g, lr, a, grad);
+/// One head's slices of a [`TttFastWeights`].
+struct HeadFastWeights<'s, 'a> {
+    /// `W_start` tensors.
+    w: &'s mut [&'a mut [f32]],
+    /// Gradient sums (the matrices' only when `dense_grads`).
+    g: &'s mut [&'a mut [f32]],
+    dense_grads: bool,
+    /// Per weight matrix, `[mini_batch, rows]` η-scaled inputs and `[mini_batch, cols]` ∇Z.
+    terms_a: &'s mut [&'a mut [f32]],
+    terms_b: &'s mut [&'a mut [f32]],
+}
+
+impl HeadFastWeights<'_, '_> {
+    /// For weight matrix `m` (state tensor `k`): returns `q G` for the gradient sum before this
+    /// token (`position` terms, plus the dense sum when there is one), then records this
+    /// token's term `(lr · a) ⊗ grad` at `position`.
+    #[allow(clippy::too_many_arguments)]
+    fn read_then_accumulate(
+        &mut self,
+        m: usize,
+        k: usize,
+        position: usize,
+        q: &[f32],
+        lr: f32,
+        a: &[f32],
+        grad: &[f32],
+    ) -> Vec<f32> {
+        let (rows, cols) = (a.len(), grad.len());
+        let mut q_g = vec![0.0; cols];
+        if self.dense_grads {
+            add_vec_mat(q, self.g[k], &mut q_g);
+        }
+        let (ta, tb) = (&mut *self.terms_a[m], &mut *self.terms_b[m]);
+        for (a_j, b_j) in ta
+            .chunks_exact(rows)
+            .zip(tb.chunks_exact(cols))
+            .take(position)
+        {
+            axpy(dot(q, a_j), b_j, &mut q_g);
+        }
+        for (t, v) in ta[position * rows..(position + 1) * rows].iter_mut().zip(a) {
+            *t = lr * v;
+        }
+        tb[position * cols..(position + 1) * cols].copy_from_slice(grad);
+        q_g
     }
-    q_g
+
+    /// The end of a mini-batch of `len` tokens: `W_start −= eta_last · G` for every tensor, in
+    /// one pass over each weight matrix (all its rank-one terms added row by row), and the
+    /// sums start afresh.
+    fn close_mini_batch(&mut self, matrices: &[(usize, usize, usize)], len: usize, eta_last: f32) {
+        for (m, &(k, rows, cols)) in matrices.iter().enumerate() {
+            let (ta, tb) = (&*self.terms_a[m], &*self.terms_b[m]);
+            for (r, w_row) in self.w[k].chunks_exact_mut(cols).enumerate() {
+                for (a_j, b_j) in ta.chunks_exact(rows).zip(tb.chunks_exact(cols)).take(len) {
+                    axpy(-eta_last * a_j[r], b_j, w_row);
+                }
+            }
+        }
+        for (k, (w, g)) in self.w.iter_mut().zip(self.g.iter_mut()).enumerate() {
+            let is_matrix = matrices.iter().any(|&(mk, _, _)| mk == k);
+            if is_matrix && !self.dense_grads {
+                continue;
+            }
+            for (wv, gv) in w.iter_mut().zip(g.iter_mut()) {
+                *wv -= eta_last * *gv;
+                *gv = 0.0;
+            }
+        }
+    }
 }
 
 /// `[tensor][heads · per_head]` → `[head][tensor]` mutable slices.
-fn split_heads(tensors: &mut [Vec<f32>], heads: usize) -> Vec<Vec<&mut [f32]>> {
+fn split_heads<'a>(
+    tensors: impl Iterator<Item = &'a mut Vec<f32>>,
+    heads: usize,
+) -> Vec<Vec<&'a mut [f32]>> {
     let mut per_head: Vec<Vec<&mut [f32]>> = (0..heads).map(|_| Vec::new()).collect();
-    for tensor in tensors.iter_mut() {
+    for tensor in tensors {
         let per = tensor.len() / heads;
         for (h, part) in tensor.chunks_exact_mut(per).enumerate() {
             per_head[h].push(part);
@@ -352,13 +465,12 @@ impl HeadStep<'_> {
             .collect()
     }
 
-    /// One head: `w` and `g` are its slices of the fast weights and gradient sums, `x` its
-    /// `[XQ, XK, XV]` before RoPE; writes `f(XQ; W_i)` into `out`.
+    /// One head: `fast` is its part of the state, `x` its `[XQ, XK, XV]` before RoPE; writes
+    /// `f(XQ; W_i)` into `out`.
     fn run(
         &self,
         h: usize,
-        w: &mut [&mut [f32]],
-        g: &mut [&mut [f32]],
+        fast: &mut HeadFastWeights<'_, '_>,
         [xq, xk, xv]: [&[f32]; 3],
         ttt_lr_eta: f32,
         out: &mut [f32],
@@ -366,7 +478,8 @@ impl HeadStep<'_> {
         let layer = self.layer;
         let d = layer.head_dim;
         let half = d / 2;
-        let rope = self.position * half..(self.position + 1) * half;
+        let position = self.position;
+        let rope = position * half..(position + 1) * half;
         let (cos, sin) = (&layer.rope_cos[rope.clone()], &layer.rope_sin[rope]);
         let (mut xq, mut xk) = (xq.to_vec(), xk.to_vec());
         rotate_pairs(&mut xq, cos, sin);
@@ -375,60 +488,47 @@ impl HeadStep<'_> {
         let gamma = &layer.ttt_norm_weight[h * d..(h + 1) * d];
         let beta = &layer.ttt_norm_bias[h * d..(h + 1) * d];
         let eps = layer.ttt_norm_eps;
-        // G is zero at the start of a mini-batch: skip reading it.
-        let earlier = self.position > 0;
 
+        // State tensors: [W1, b1] (TTT-Linear) or [W1, b1, W2, b2] (TTT-MLP).
         let z_out = match layer.inner {
             Inner::Linear => {
-                let [w1, b1] = w else {
-                    unreachable!("TTT-Linear state is [W1, b1]")
-                };
-                let [g1, gb1] = g else {
-                    unreachable!("TTT-Linear grads are [W1, b1]")
-                };
-                let (z, q_w) = affine_at_start(&xk, &xq, w1, b1);
+                let (z, q_w) = affine_at_start(&xk, &xq, fast.w[0], fast.w[1]);
                 let mut grad_z = vec![0.0; d];
                 ln_l2_bwd(&z, &target, gamma, beta, eps, &mut grad_z);
-                let q_g = read_then_accumulate(g1, &xq, earlier, ttt_lr_eta, &xk, &grad_z);
-                axpy(ttt_lr_eta, &grad_z, gb1);
-                self.at_token_weights(&q_w, b1, &q_g, gb1, &grad_z, ttt_lr_eta * dot(&xq, &xk))
+                let q_g = fast.read_then_accumulate(0, 0, position, &xq, ttt_lr_eta, &xk, &grad_z);
+                axpy(ttt_lr_eta, &grad_z, fast.g[1]);
+                let lr_qa = ttt_lr_eta * dot(&xq, &xk);
+                self.at_token_weights(&q_w, fast.w[1], &q_g, fast.g[1], &grad_z, lr_qa)
             }
             Inner::Mlp { hidden } => {
-                let [w1, b1, w2, b2] = w else {
-                    unreachable!("TTT-MLP state is [W1, b1, W2, b2]")
-                };
-                let [g1, gb1, g2, gb2] = g else {
-                    unreachable!("TTT-MLP grads are [W1, b1, W2, b2]")
-                };
                 // First affine map; its input is XK for the gradient, XQ for the output.
-                let (z1, q1_w) = affine_at_start(&xk, &xq, w1, b1);
+                let (z1, q1_w) = affine_at_start(&xk, &xq, fast.w[0], fast.w[1]);
                 let x2: Vec<f32> = z1.iter().map(|&v| gelu_tanh(v)).collect();
-                let mut z2 = b2.to_vec();
-                add_vec_mat(&x2, w2, &mut z2);
+                let mut z2 = fast.w[3].to_vec();
+                add_vec_mat(&x2, fast.w[2], &mut z2);
                 let mut grad_z2 = vec![0.0; d];
                 ln_l2_bwd(&z2, &target, gamma, beta, eps, &mut grad_z2);
                 // ∇Z1 = (∇Z2 W2ᵀ) ⊙ gelu'(Z1), at W2_start.
+                let w2 = &*fast.w[2];
                 let grad_z1: Vec<f32> = (0..hidden)
                     .map(|s| dot(&w2[s * d..(s + 1) * d], &grad_z2) * gelu_tanh_bwd(z1[s]))
                     .collect();
-                let q1_g = read_then_accumulate(g1, &xq, earlier, ttt_lr_eta, &xk, &grad_z1);
-                axpy(ttt_lr_eta, &grad_z1, gb1);
-                let zq1 = self.at_token_weights(
-                    &q1_w,
-                    b1,
-                    &q1_g,
-                    gb1,
-                    &grad_z1,
-                    ttt_lr_eta * dot(&xq, &xk),
-                );
+                let q1_g =
+                    fast.read_then_accumulate(0, 0, position, &xq, ttt_lr_eta, &xk, &grad_z1);
+                axpy(ttt_lr_eta, &grad_z1, fast.g[1]);
+                let lr_qa = ttt_lr_eta * dot(&xq, &xk);
+                let zq1 =
+                    self.at_token_weights(&q1_w, fast.w[1], &q1_g, fast.g[1], &grad_z1, lr_qa);
                 let xq2: Vec<f32> = zq1.iter().map(|&v| gelu_tanh(v)).collect();
                 // Second affine map: its input is X2 for the gradient, XQ2 for the output; XQ2 G2
-                // is read before this token's update of G2.
+                // is read before this token's term is added.
                 let mut q2_w = vec![0.0; d];
-                add_vec_mat(&xq2, w2, &mut q2_w);
-                let q2_g = read_then_accumulate(g2, &xq2, earlier, ttt_lr_eta, &x2, &grad_z2);
-                axpy(ttt_lr_eta, &grad_z2, gb2);
-                self.at_token_weights(&q2_w, b2, &q2_g, gb2, &grad_z2, ttt_lr_eta * dot(&xq2, &x2))
+                add_vec_mat(&xq2, fast.w[2], &mut q2_w);
+                let q2_g =
+                    fast.read_then_accumulate(1, 2, position, &xq2, ttt_lr_eta, &x2, &grad_z2);
+                axpy(ttt_lr_eta, &grad_z2, fast.g[3]);
+                let lr_qa = ttt_lr_eta * dot(&xq2, &x2);
+                self.at_token_weights(&q2_w, fast.w[3], &q2_g, fast.g[3], &grad_z2, lr_qa)
             }
         };
         // f(XQ; W_i) = XQ + LN(z).
@@ -437,12 +537,7 @@ impl HeadStep<'_> {
             *o += q;
         }
         if let Some(last) = self.token_eta_last {
-            for (w, g) in w.iter_mut().zip(g.iter_mut()) {
-                for (wv, gv) in w.iter_mut().zip(g.iter_mut()) {
-                    *wv -= last * *gv;
-                    *gv = 0.0;
-                }
-            }
+            fast.close_mini_batch(&layer.matrices(), position + 1, last);
         }
     }
 }
