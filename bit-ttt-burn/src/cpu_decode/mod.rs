@@ -126,13 +126,18 @@ impl CpuDecodeState {
         self.position
     }
 
-    /// Number of f32 values the state holds (compare [`ModelState::num_elements`]).
+    /// Number of f32 values the state holds (compare [`ModelState::num_elements`]; a TTT layer
+    /// here also holds room for a mini-batch of rank-one gradient terms, so the count is larger
+    /// by a constant).
     pub fn num_elements(&self) -> usize {
         let len = |t: &[Vec<f32>]| t.iter().map(Vec::len).sum::<usize>();
         self.layers
             .iter()
             .map(|l| match l {
-                LayerState::Ttt(s) => len(&s.weights) + len(&s.grads),
+                LayerState::Ttt(s) => {
+                    let terms: usize = s.terms.iter().map(|(a, b)| a.len() + b.len()).sum();
+                    len(&s.weights) + len(&s.grads) + terms
+                }
                 LayerState::Attention(kv) => len(&kv.keys) + len(&kv.values),
             })
             .sum()
