@@ -167,13 +167,21 @@ impl TttDecode {
         }
     }
 
-    /// Room for a mini-batch of rank-one gradient terms per weight matrix (see
-    /// [`TttFastWeights::terms`]).
-    fn empty_terms(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
+    /// The lengths of the rank-one term buffers per weight matrix (see
+    /// [`TttFastWeights::terms`]): room for a mini-batch of terms per head.
+    fn term_sizes(&self) -> Vec<(usize, usize)> {
         let per_head = self.heads * self.mini_batch_size;
         self.matrices()
             .into_iter()
-            .map(|(_, rows, cols)| (vec![0.0; per_head * rows], vec![0.0; per_head * cols]))
+            .map(|(_, rows, cols)| (per_head * rows, per_head * cols))
+            .collect()
+    }
+
+    /// Zeroed rank-one term buffers, [`term_sizes`](Self::term_sizes) long.
+    fn empty_terms(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
+        self.term_sizes()
+            .into_iter()
+            .map(|(a, b)| (vec![0.0; a], vec![0.0; b]))
             .collect()
     }
 
@@ -238,7 +246,7 @@ impl TttDecode {
         };
         if sizes(&state.weights) != expected
             || sizes(&state.grads) != expected
-            || term_sizes(&state.terms) != term_sizes(&self.empty_terms())
+            || term_sizes(&state.terms) != self.term_sizes()
         {
             return Err(BitTttError::InvalidCache(format!(
                 "TTT state of sizes {:?} / {:?}, the layer's one-sequence state has {expected:?} \
