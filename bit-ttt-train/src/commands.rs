@@ -571,8 +571,14 @@ pub fn export(args: ExportArgs) -> Result<Exit> {
 
 /// `bench`: see [`bit_ttt_train::bench`].
 pub fn bench(args: BenchArgs) -> Result<Exit> {
-    use bit_ttt_train::bench::{self, BenchSettings};
-    let config = preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer);
+    use bit_ttt_train::bench::{self, BenchModel, BenchSettings};
+    let (model, name) = match &args.packed {
+        Some(path) => (BenchModel::Packed(path.clone()), path.display().to_string()),
+        None => (
+            BenchModel::Random(preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer)),
+            format!("random {}", args.preset),
+        ),
+    };
     let temp;
     let dir = match &args.dir {
         Some(dir) => {
@@ -585,23 +591,15 @@ pub fn bench(args: BenchArgs) -> Result<Exit> {
         }
     };
     let settings = BenchSettings {
-        config: config.clone(),
-        name: args.preset.clone(),
+        model,
+        name: name.clone(),
         threads: args.threads.clone(),
         decode_tokens: args.decode_tokens,
         prefill_tokens: args.prefill_tokens,
         bandwidth_bytes: args.bandwidth_mib << 20,
     };
     println!(
-        "bench: {} (d_model {}, {} layers, {} heads, FFN {}, vocabulary {}, {} mixer, {} head), random weights, ndarray backend, kernel {:?}",
-        args.preset,
-        config.d_model,
-        config.n_layers,
-        config.n_heads,
-        config.d_ffn,
-        config.vocab_size,
-        config.mixer.name(),
-        if config.ternary_head { "ternary" } else { "f32" },
+        "bench: {name}, ndarray backend, kernel {:?}",
         bit_ttt_burn::kernels::cpu::kernel_choice().resolve().ok(),
     );
     let results = bench::run(&settings, &dir, |line| println!("  {line}"))?;

@@ -284,6 +284,10 @@ struct BenchArgs {
     /// Directory for the packed model file (default: a temporary directory, removed after).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Measure this packed model file (`export`'s output, or `--dir`'s file of an earlier run)
+    /// instead of a random model; --preset, --mixer and --vocab-size are then ignored.
+    #[arg(long, conflicts_with_all = ["preset", "mixer", "vocab_size", "dir"])]
+    packed: Option<PathBuf>,
 }
 
 fn parse_mixer(s: &str) -> Result<MixerKind, String> {
