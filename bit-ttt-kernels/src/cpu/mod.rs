@@ -17,10 +17,11 @@
 //!
 //! # Threads
 //! The rows are split over a rayon pool of this crate (one pool per thread count asked for).
-//! A call from an ordinary thread hands its chunks to the pool and sleeps until they are done;
-//! each hand-off costs a thread wake-up, so calls smaller than about 40 µs of work stay on the
-//! calling thread. Run a decode step inside [`install`] instead: calls made from a worker of the
-//! pool split even small matrices (a few µs of work) among warm workers.
+//! A call from an ordinary thread works on its chunks itself while `threads - 1` workers of the
+//! pool, woken for it, join in; a worker that wakes after the work is done still costs the
+//! caller that wake-up, so calls smaller than about 10 µs of work stay on the calling thread.
+//! Run a decode step inside [`install`] instead: calls made from a worker of the pool split even
+//! small matrices (a few µs of work) among warm workers.
 //!
 //! # Kernels
 //! - [`reference`]: scalar loops, always available, the ground truth. The fast W1.58A8 kernels
@@ -221,10 +222,11 @@ pub fn install<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Below this many block·token products (about 40 µs of decode work) a call from outside the
-/// pool stays on its own thread: handing work to the pool and waiting for it costs a thread
-/// wake-up each way, several microseconds (much more in a virtual machine).
-const MIN_PARALLEL_WORK: usize = 32 * 1024;
+/// Below this many block·token products (about 10 µs of decode work) a call from outside the
+/// pool stays on its own thread: the caller works from the start ([`run_with_caller`]), but a
+/// worker that wakes only after the work is done still makes it wait for that wake-up, several
+/// microseconds (more in a virtual machine).
+const MIN_PARALLEL_WORK: usize = 8 * 1024;
 /// The same limit for a call from a worker of the pool ([`install`]), where splitting is cheap.
 const MIN_PARALLEL_WORK_IN_POOL: usize = 2 * 1024;
 /// Row chunks per thread, for load balance.
@@ -237,6 +239,10 @@ struct ChunkedProduct<'o> {
     bpr: usize,
     out: &'o mut [f32],
 }
+
+/// A chunk of a [`for_row_chunks`] call: the matrix, its first row, and per token the slice
+/// of the output for its rows.
+type RowChunk<'o> = (usize, usize, Vec<&'o mut [f32]>);
 
 /// Splits the outputs of one or more products with the same tokens into row chunks and runs
 /// `f(matrix, r0, outs)` on each, where `outs[t]` is token `t`'s slice of the chunk; on the pool
@@ -269,7 +275,7 @@ where
         return;
     };
     let chunk_work = work.div_ceil(n_chunks);
-    let mut chunks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::with_capacity(n_chunks + 4);
+    let mut chunks: Vec<RowChunk<'_>> = Vec::with_capacity(n_chunks + 4);
     for (m, p) in products.into_iter().enumerate().filter(|(_, p)| p.rows > 0) {
         // Chunks of a multiple of 4 rows (the GEMV kernel's row blocking).
         let chunk_rows = chunk_work.div_ceil(p.bpr.max(1) * tokens).div_ceil(4) * 4;
@@ -283,10 +289,58 @@ where
             }
         }
     }
-    pool.install(|| {
-        chunks
-            .into_par_iter()
-            .for_each(|(m, r0, mut outs)| f(m, r0, &mut outs));
+    if pool.current_thread_index().is_some() {
+        pool.install(|| {
+            chunks
+                .into_par_iter()
+                .for_each(|(m, r0, mut outs)| f(m, r0, &mut outs));
+        });
+    } else {
+        run_with_caller(&pool, threads, chunks, &f);
+    }
+}
+
+/// Counts a chunk as done when dropped, so a panicking chunk is counted too (the caller's wait
+/// in [`run_with_caller`] ends, and the scope then passes the panic on).
+struct ChunkDone<'a>(&'a AtomicUsize);
+
+impl Drop for ChunkDone<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Runs the chunks of a call from an ordinary thread: the calling thread starts on them at once
+/// and `threads - 1` workers of the pool join in as they wake, each taking the next chunk left.
+/// Handing all chunks to the pool instead (`install`) leaves the caller asleep until they are
+/// done and costs a thread wake-up each way: for a 2048x2048 GEMV (about 100 µs of work) that
+/// was a third of the call's time.
+fn run_with_caller<F>(pool: &rayon::ThreadPool, threads: usize, chunks: Vec<RowChunk<'_>>, f: &F)
+where
+    F: Fn(usize, usize, &mut [&mut [f32]]) + Sync,
+{
+    let n = chunks.len();
+    let chunks: Vec<Mutex<RowChunk<'_>>> = chunks.into_iter().map(Mutex::new).collect();
+    let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(chunk) = chunks.get(i) else { break };
+        let _done = ChunkDone(&done);
+        // Each chunk is taken once (the counter), so its lock is never contended.
+        let mut chunk = chunk.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, r0, outs) = &mut *chunk;
+        f(*m, *r0, outs);
+    };
+    pool.in_place_scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(|_| work());
+        }
+        work();
+        // The last chunks may still run on workers: wait for them spinning, as a blocking wait
+        // would cost one more wake-up. A worker that had not started yet finds nothing left.
+        while done.load(Ordering::Acquire) < n {
+            std::hint::spin_loop();
+        }
     });
 }
 
@@ -500,4 +554,70 @@ pub fn gemm_f32_with<'a>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three products of 64 rows (one block each) and two tokens: every output written once
+    /// with its matrix, row and token, whatever thread runs its chunk.
+    fn fill_all(threads: usize) -> Vec<Vec<f32>> {
+        let mut outs = vec![vec![-1.0f32; 2 * 64]; 3];
+        let products = outs
+            .iter_mut()
+            .map(|out| ChunkedProduct {
+                rows: 64,
+                bpr: MIN_PARALLEL_WORK,
+                out,
+            })
+            .collect();
+        for_row_chunks(products, 2, threads, |m, r0, outs| {
+            for (t, o) in outs.iter_mut().enumerate() {
+                for (i, y) in o.iter_mut().enumerate() {
+                    assert_eq!(*y, -1.0, "an output written twice");
+                    *y = (m * 1000 + t * 100 + r0 + i) as f32;
+                }
+            }
+        });
+        outs
+    }
+
+    #[test]
+    fn row_chunks_cover_every_output_once_from_any_thread() {
+        let expected: Vec<Vec<f32>> = (0..3)
+            .map(|m| {
+                (0..2)
+                    .flat_map(|t| (0..64).map(move |r| (m * 1000 + t * 100 + r) as f32))
+                    .collect()
+            })
+            .collect();
+        for threads in [1, 2, 3] {
+            assert_eq!(
+                fill_all(threads),
+                expected,
+                "{threads} threads, ordinary thread"
+            );
+            let in_pool = install(threads, || fill_all(threads));
+            assert_eq!(in_pool, expected, "{threads} threads, inside the pool");
+        }
+    }
+
+    #[test]
+    fn a_panicking_chunk_panics_the_caller_instead_of_hanging() {
+        for threads in [2, 3] {
+            let result = std::panic::catch_unwind(|| {
+                let mut out = vec![0.0f32; 64];
+                let products = vec![ChunkedProduct {
+                    rows: 64,
+                    bpr: MIN_PARALLEL_WORK,
+                    out: &mut out,
+                }];
+                for_row_chunks(products, 1, threads, |_, r0, _| {
+                    assert!(r0 < 32, "chunk at row {r0}");
+                });
+            });
+            assert!(result.is_err(), "{threads} threads");
+        }
+    }
 }
