@@ -41,7 +41,7 @@ use rayon::prelude::*;
 
 use self::attention::{AttentionDecode, KvHeads};
 use self::linear::{DecodeLinear, Input};
-use self::math::{axpy, rms_norm, silu};
+use self::math::{axpy, rms_norm};
 use self::ttt::{TttDecode, TttFastWeights};
 use crate::generate::{generate_with, GenerationConfig};
 use crate::model::{BitLlama, Mixer, MixerState, ModelState};
@@ -417,9 +417,7 @@ impl CpuDecoder {
                 &mut [&mut gate, &mut up],
                 threads,
             );
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = silu(*g) * u;
-            }
+            bit_ttt_kernels::cpu::silu_mul(&mut gate, &up);
             block
                 .down_proj
                 .forward(&Input::new(&gate), &mut mixed, threads);

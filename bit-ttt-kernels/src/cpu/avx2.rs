@@ -310,6 +310,69 @@ pub(crate) unsafe fn quantize_row(row: &[f32], eps: f32, codes: &mut [i8]) -> f3
     scale
 }
 
+/// `e^x` in eight lanes, Cephes' `expf` scheme: `x = n·ln2 + r` with `|r| <= ln2/2` (`ln2` in
+/// two parts, so `r` is exact), a degree-6 polynomial for `e^r`, `2^n` through the exponent
+/// bits. Within 2 ulp of `f32::exp` for `x` in -87.3..=88; `x` is clamped to that range, so the
+/// result stays finite and normal (a NaN lane becomes `e^-87.3`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp_ps(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.0),
+    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let p = _mm256_fmadd_ps(
+        p,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
+}
+
+/// [`silu_mul`](super::elementwise::silu_mul), eight values at a time: `g / (1 + e^(-g)) · u`
+/// in the reference's order, with [`exp_ps`].
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `gate.len() == up.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
+    let one = _mm256_set1_ps(1.0);
+    let sign = _mm256_set1_ps(-0.0);
+    let mut done = 0;
+    for (g, u) in gate.chunks_exact_mut(8).zip(up.chunks_exact(8)) {
+        // SAFETY: `g` and `u` are 8 floats.
+        unsafe {
+            let x = _mm256_loadu_ps(g.as_ptr());
+            let e = exp_ps(_mm256_xor_ps(x, sign));
+            let y = _mm256_mul_ps(
+                _mm256_div_ps(x, _mm256_add_ps(one, e)),
+                _mm256_loadu_ps(u.as_ptr()),
+            );
+            _mm256_storeu_ps(g.as_mut_ptr(), y);
+        }
+        done += 8;
+    }
+    super::elementwise::silu_mul_scalar(&mut gate[done..], &up[done..]);
+}
+
 /// The activations and per-token constants of one W1.58A8 call.
 pub(crate) struct I8Inputs<'a> {
     /// `[tokens, kp]` codes, zero-padded to whole blocks.

@@ -38,9 +38,11 @@ pub mod activations;
 mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub mod elementwise;
 pub mod reference;
 
 pub use activations::QuantizedActivations;
+pub use elementwise::silu_mul;
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
