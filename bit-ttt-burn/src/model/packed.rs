@@ -457,17 +457,27 @@ mod tests {
         BitLlama::<B>::load_packed(path, &Default::default())
     }
 
-    #[test]
-    fn packed_file_gives_the_training_mode_logits() {
-        for mixer in [
+    /// A tiny model with a ternary head for each mixer, freshly initialised, with its config.
+    fn tiny_ternary_models() -> Vec<(MixerKind, BitLlamaConfig, BitLlama<B>)> {
+        [
             MixerKind::TttLinear,
             MixerKind::TttMlp,
             MixerKind::Attention,
-        ] {
+        ]
+        .into_iter()
+        .map(|mixer| {
             let config = BitLlamaConfig::tiny(30)
                 .with_mixer(mixer)
                 .with_ternary_head(true);
             let model = config.init::<B>(&Default::default());
+            (mixer, config, model)
+        })
+        .collect()
+    }
+
+    #[test]
+    fn packed_file_gives_the_training_mode_logits() {
+        for (mixer, config, model) in tiny_ternary_models() {
             let expected = logits(&model);
             // Integer accumulation on both paths: not merely close, identical.
             assert_eq!(
@@ -489,15 +499,7 @@ mod tests {
 
     #[test]
     fn lazy_shapes_name_the_tensors_as_burn_store_does_without_initialising_them() {
-        for mixer in [
-            MixerKind::TttLinear,
-            MixerKind::TttMlp,
-            MixerKind::Attention,
-        ] {
-            let config = BitLlamaConfig::tiny(30)
-                .with_mixer(mixer)
-                .with_ternary_head(true);
-            let model = config.init::<B>(&Default::default());
+        for (mixer, _, model) in tiny_ternary_models() {
             let mut lazy = LazyShapes::default();
             model.visit(&mut lazy);
             assert!(
