@@ -73,9 +73,10 @@ pub struct BenchResult {
     pub prefill_tokens_per_s: f64,
     /// Length of the prefill.
     pub prefill_tokens: usize,
-    /// Weight bytes one decode step reads. The recurrent state is not counted: a TTT-Linear
-    /// step also reads its fast weights and reads and writes their gradient sums (about 37 MB
-    /// per token at the 1b shape), TTT-MLP eight times that, attention its KV cache.
+    /// Weight bytes one decode step reads ([`BitLlama::weight_bytes_per_token`]). Not counted:
+    /// the recurrent state (a TTT-Linear step of the fused decoder reads `W_start`, 12.6 MB per
+    /// token at the 1b shape, and the mini-batch's rank-one gradient terms, up to 6 MB; TTT-MLP
+    /// eight times that; attention its KV cache) and the TTT layers' η-gate weights (6.3 MB).
     pub bytes_per_token: usize,
     /// The machine's read bandwidth with `threads` threads, GB/s: the median of the rounds'.
     pub read_gbytes_per_s: f64,
