@@ -195,13 +195,7 @@ pub fn run(
         let (mut fused_s, mut fused_logits) = (0.0, Vec::new());
         for tokens in decode.chunks(round_tokens) {
             // The best of two passes, right before the round: the ceiling in these minutes.
-            let read = (0..2)
-                .map(|_| {
-                    let started = Instant::now();
-                    black_box(bandwidth::read_pass(&read_array, threads));
-                    settings.bandwidth_bytes as f64 / started.elapsed().as_secs_f64()
-                })
-                .fold(0.0, f64::max);
+            let read = bandwidth::best_read_bytes_per_second(&read_array, threads, 2);
             let started = Instant::now();
             fused_logits = decoder.read(tokens, &mut fused_state)?;
             let round_s = started.elapsed().as_secs_f64();

@@ -285,7 +285,7 @@ struct BenchArgs {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Measure this packed model file (`export`'s output, or `--dir`'s file of an earlier run)
-    /// instead of a random model; --preset, --mixer and --vocab-size are then ignored.
+    /// instead of a random model; not combined with --preset, --mixer, --vocab-size or --dir.
     #[arg(long, conflicts_with_all = ["preset", "mixer", "vocab_size", "dir"])]
     packed: Option<PathBuf>,
 }
