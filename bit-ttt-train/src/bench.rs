@@ -73,16 +73,22 @@ pub struct BenchResult {
     pub prefill_tokens_per_s: f64,
     /// Length of the prefill.
     pub prefill_tokens: usize,
-    /// Weight bytes one decode step reads ([`BitLlama::weight_bytes_per_token`]). Not counted:
-    /// the recurrent state (a TTT-Linear step of the fused decoder reads `W_start`, 12.6 MB per
-    /// token at the 1b shape, and the mini-batch's rank-one gradient terms, up to 6 MB; TTT-MLP
-    /// eight times that; attention its KV cache) and the TTT layers' η-gate weights (6.3 MB).
+    /// Bytes of parameters one decode step reads ([`CpuDecoder::weight_bytes_per_token`]: the
+    /// packed projections, the f32 rest a step reads (norms, the TTT layers' η gate and inner
+    /// norms) and one embedding row).
     pub bytes_per_token: usize,
+    /// Bytes of recurrent state a decode step reads, the mean over the measured tokens
+    /// ([`CpuDecoder::state_bytes_read`]: a TTT layer's `W_start` and the mini-batch's gradient
+    /// terms so far; an attention layer's KV cache).
+    pub state_bytes_per_token: f64,
     /// The machine's read bandwidth with `threads` threads, GB/s: the median of the rounds'.
     pub read_gbytes_per_s: f64,
     /// `tokens/s × bytes_per_token / read bandwidth` of the fused decoder: the median over the
     /// rounds, each against the read pass just before it.
     pub bandwidth_share: f64,
+    /// The same with the state's bytes added to the parameters': the share of the bandwidth
+    /// a step that must read both could use at most.
+    pub bandwidth_share_with_state: f64,
     /// Every round's fused decode tokens/s and read bandwidth (GB/s), in order.
     pub rounds: Vec<(f64, f64)>,
 }
@@ -158,17 +164,19 @@ pub fn run(
             loaded
         }
     };
-    let bytes_per_token = model.weight_bytes_per_token();
     progress(&format!(
-        "d_model {}, {} layers, {} heads, FFN {}, vocabulary {}, {} mixer, {} head; {:.1} MB of weights per decoded token",
+        "d_model {}, {} layers, {} heads, FFN {}, vocabulary {}, {} mixer, {} head",
         config.d_model,
         config.n_layers,
         config.n_heads,
         config.d_ffn,
         config.vocab_size,
         config.mixer.name(),
-        if config.ternary_head { "ternary" } else { "f32" },
-        bytes_per_token as f64 / 1e6
+        if config.ternary_head {
+            "ternary"
+        } else {
+            "f32"
+        },
     ));
 
     let vocab = config.vocab_size;
@@ -187,13 +195,21 @@ pub fn run(
     let mut results = Vec::new();
     for &threads in &settings.threads {
         let decoder = CpuDecoder::new(&model, threads)?;
+        let bytes_per_token = decoder.weight_bytes_per_token();
         let mut fused_state = decoder.new_state();
         // The first pass faults the array's pages in.
         black_box(bandwidth::read_pass(&read_array, threads));
         decoder.read(&warm_up, &mut fused_state)?;
         let mut rounds = Vec::with_capacity(n_rounds);
+        // Per round, the mean state bytes its steps read.
+        let mut round_state_bytes = Vec::with_capacity(n_rounds);
         let (mut fused_s, mut fused_logits) = (0.0, Vec::new());
         for tokens in decode.chunks(round_tokens) {
+            let first = fused_state.position();
+            let state_bytes: usize = (first..first + tokens.len())
+                .map(|p| decoder.state_bytes_read(p))
+                .sum();
+            round_state_bytes.push(state_bytes as f64 / tokens.len() as f64);
             // The best of two passes, right before the round: the ceiling in these minutes.
             let read = bandwidth::best_read_bytes_per_second(&read_array, threads, 2);
             let started = Instant::now();
@@ -227,10 +243,23 @@ pub fn run(
             / largest;
 
         let decode_tps = settings.decode_tokens as f64 / fused_s;
-        let shares = rounds
-            .iter()
-            .map(|&(tps, read)| tps * bytes_per_token as f64 / (read * 1e9))
-            .collect();
+        let share = |state: &dyn Fn(usize) -> f64| {
+            median(
+                rounds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(tps, read))| {
+                        tps * (bytes_per_token as f64 + state(i)) / (read * 1e9)
+                    })
+                    .collect(),
+            )
+        };
+        let (bandwidth_share, bandwidth_share_with_state) =
+            (share(&|_| 0.0), share(&|i| round_state_bytes[i]));
+        let state_bytes_per_token = (0..settings.decode_tokens)
+            .map(|i| decoder.state_bytes_read(warm_up.len() + i) as f64)
+            .sum::<f64>()
+            / settings.decode_tokens as f64;
         let result = BenchResult {
             preset: settings.name.clone(),
             mixer: config.mixer.name().to_string(),
@@ -241,16 +270,22 @@ pub fn run(
             prefill_tokens_per_s: settings.prefill_tokens as f64 / prefill_s,
             prefill_tokens: settings.prefill_tokens,
             bytes_per_token,
+            state_bytes_per_token,
             read_gbytes_per_s: median(rounds.iter().map(|r| r.1).collect()),
-            bandwidth_share: median(shares),
+            bandwidth_share,
+            bandwidth_share_with_state,
             rounds,
         };
         progress(&format!(
-            "{threads} thread(s): decode {:.1} tokens/s fused ({:.2} of the read bandwidth; \
+            "{threads} thread(s): decode {:.1} tokens/s fused ({:.2} of the read bandwidth for \
+             {:.1} MB of parameters per token, {:.2} with the {:.1} MB of state a step reads; \
              rounds {}), {:.1} through Burn ops; prefill {:.1} tokens/s; read bandwidth {:.1} \
              GB/s; fused vs Burn logits differ by {:.1e} of the largest",
             result.decode_tokens_per_s,
             result.bandwidth_share,
+            result.bytes_per_token as f64 / 1e6,
+            result.bandwidth_share_with_state,
+            result.state_bytes_per_token / 1e6,
             result
                 .rounds
                 .iter()
@@ -320,7 +355,7 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        let expected: usize = model
+        let packed_and_row: usize = model
             .projections()
             .iter()
             .map(|(_, p)| match p {
@@ -329,8 +364,23 @@ mod tests {
             })
             .sum::<usize>()
             + 64 * 4;
+        // The decoder's count (checked by hand in bit-ttt-burn) adds the norms and the TTT
+        // layers' own parameters to the packed blocks and the embedding row.
+        let decoder = CpuDecoder::new(&model, 1).unwrap();
+        let expected = decoder.weight_bytes_per_token();
+        assert!(expected > packed_and_row);
+        // Two warm-up tokens, then 17 measured in rounds of 9 and 8.
+        let state_bytes: Vec<f64> = (2..19)
+            .map(|p| decoder.state_bytes_read(p) as f64)
+            .collect();
+        let round_state = [
+            state_bytes[..9].iter().sum::<f64>() / 9.0,
+            state_bytes[9..].iter().sum::<f64>() / 8.0,
+        ];
         for r in &results {
             assert_eq!(r.bytes_per_token, expected);
+            let mean_state = state_bytes.iter().sum::<f64>() / 17.0;
+            assert!((r.state_bytes_per_token - mean_state).abs() < 1e-6 * mean_state);
             assert!(r.decode_tokens_per_s.is_finite() && r.decode_tokens_per_s > 0.0);
             assert!(r.prefill_tokens_per_s.is_finite() && r.prefill_tokens_per_s > 0.0);
             assert!(r.read_gbytes_per_s > 0.0);
@@ -347,6 +397,16 @@ mod tests {
                 .map(|&(tps, read)| tps * expected as f64 / (read * 1e9))
                 .collect();
             assert!((r.bandwidth_share - (shares[0] + shares[1]) / 2.0).abs() < 1e-12);
+            let with_state: Vec<f64> = r
+                .rounds
+                .iter()
+                .zip(round_state)
+                .map(|(&(tps, read), state)| tps * (expected as f64 + state) / (read * 1e9))
+                .collect();
+            assert!(
+                (r.bandwidth_share_with_state - (with_state[0] + with_state[1]) / 2.0).abs()
+                    < 1e-12
+            );
         }
 
         // The file just written, measured where it lies: the same model.

@@ -605,19 +605,21 @@ pub fn bench(args: BenchArgs) -> Result<Exit> {
     let results = bench::run(&settings, &dir, |line| println!("  {line}"))?;
     println!();
     println!(
-        "| threads | decode tok/s (fused) | share of read bandwidth | decode tok/s (Burn ops) | prefill tok/s ({} tokens) | MB/token | read GB/s | decode GB/s |",
+        "| threads | decode tok/s (fused) | share of read bandwidth | with state | decode tok/s (Burn ops) | prefill tok/s ({} tokens) | MB/token | state MB/token | read GB/s | decode GB/s |",
         args.prefill_tokens
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.threads,
             r.decode_tokens_per_s,
             r.bandwidth_share,
+            r.bandwidth_share_with_state,
             r.burn_decode_tokens_per_s,
             r.prefill_tokens_per_s,
             r.bytes_per_token as f64 / 1e6,
+            r.state_bytes_per_token / 1e6,
             r.read_gbytes_per_s,
             r.decode_tokens_per_s * r.bytes_per_token as f64 / 1e9,
         );

@@ -30,6 +30,17 @@ pub(crate) struct KvHeads {
 }
 
 impl AttentionDecode {
+    /// Bytes of parameters one step reads: the four projections.
+    pub fn weight_bytes(&self) -> usize {
+        self.projections().map(DecodeLinear::weight_bytes).sum()
+    }
+
+    /// Bytes of KV cache the step at sequence position `position` reads: the keys and values
+    /// of the `position` tokens before it and its own.
+    pub fn state_bytes_read(&self, position: usize) -> usize {
+        2 * (position + 1) * self.k_proj.d_output() * std::mem::size_of::<f32>()
+    }
+
     /// Copies the layer's parameters.
     pub fn new<B: Backend>(layer: &Attention<B>) -> Result<Self, BitTttError> {
         Ok(Self {

@@ -135,6 +135,20 @@ impl DecodeLinear {
         )))
     }
 
+    /// Bytes of parameters one product reads: the packed blocks and scale (or the f32 weights)
+    /// and the bias.
+    pub fn weight_bytes(&self) -> usize {
+        let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
+        match self {
+            DecodeLinear::Ternary { weights, bias, .. } => {
+                weights.view().size_in_bytes() + f32_bytes(1 + bias.as_ref().map_or(0, Vec::len))
+            }
+            DecodeLinear::Float { weight, bias, .. } => {
+                f32_bytes(weight.len() + bias.as_ref().map_or(0, Vec::len))
+            }
+        }
+    }
+
     /// Output features.
     pub fn d_output(&self) -> usize {
         match self {

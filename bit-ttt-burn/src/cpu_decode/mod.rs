@@ -233,6 +233,43 @@ impl CpuDecoder {
         self.vocab_size
     }
 
+    /// Bytes of parameters one step reads: every projection (packed blocks and scale, or f32
+    /// weights) with its bias, every norm, the TTT layers' own parameters, and one row of the
+    /// embedding. What a memory-bound step must stream from memory at the least.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let mixer = match &b.mixer {
+                    DecodeMixer::Ttt(t) => t.weight_bytes(),
+                    DecodeMixer::Attention(a) => a.weight_bytes(),
+                };
+                mixer
+                    + f32_bytes(b.mixer_norm.gamma.len() + b.ffn_norm.gamma.len())
+                    + [&b.gate_proj, &b.up_proj, &b.down_proj]
+                        .into_iter()
+                        .map(DecodeLinear::weight_bytes)
+                        .sum::<usize>()
+            })
+            .sum();
+        blocks + f32_bytes(self.d_model + self.norm.gamma.len()) + self.lm_head.weight_bytes()
+    }
+
+    /// Bytes of recurrent state the step at sequence `position` (the tokens read before it)
+    /// reads, for a state this decoder started: per TTT layer its `W_start`, bias gradient sums
+    /// and the mini-batch's rank-one gradient terms so far; per attention layer its KV cache.
+    pub fn state_bytes_read(&self, position: usize) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| match &b.mixer {
+                DecodeMixer::Ttt(t) => t.state_bytes_read(position),
+                DecodeMixer::Attention(a) => a.state_bytes_read(position),
+            })
+            .sum()
+    }
+
     /// The number of threads a step uses.
     pub fn threads(&self) -> usize {
         self.threads

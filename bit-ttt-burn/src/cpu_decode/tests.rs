@@ -280,3 +280,47 @@ fn fused_decode_matches_burn_with_ternary_weights_and_f32_activations() {
         assert_decoders_agree(&model, 1, 20, mixer.name());
     }
 }
+
+#[test]
+fn bytes_per_token_count_every_parameter_and_the_state_a_step_reads() {
+    // d_model 32, 2 blocks, 4 heads of 8, mini-batch 4. Beyond the projections and the
+    // embedding row (`BitLlama::weight_bytes_per_token`), a step reads two RMSNorm scales per
+    // block (64 values) and the final one (32); a TTT layer also its inner LayerNorm (2 · 4 · 8),
+    // the η gate (4 · 32 + 4), `token_eta` (4), the RoPE tables of a mini-batch (2 · 4 · 4) and
+    // its post-norm scale and shift (2 · 32): 296 values.
+    for (mixer, extra_values) in [
+        (MixerKind::TttLinear, 2 * (64 + 296) + 32),
+        (MixerKind::TttMlp, 2 * (64 + 296) + 32),
+        (MixerKind::Attention, 2 * 64 + 32),
+    ] {
+        let model = model(mixer, true);
+        let decoder = CpuDecoder::new(&model, 1).unwrap();
+        assert_eq!(
+            decoder.weight_bytes_per_token(),
+            model.weight_bytes_per_token() + 4 * extra_values,
+            "{mixer:?}"
+        );
+    }
+
+    // Per layer, TTT-Linear: W1 (4 · 8 · 8) and b1 (4 · 8), b1's gradient sum (4 · 8), and per
+    // earlier token of the mini-batch a term of 8 + 8 values per head. TTT-MLP (hidden 32):
+    // W1, b1, W2, b2 (1024 + 128 + 1024 + 32), the bias sums (160), terms of 40 + 40 per head.
+    // Attention: the keys and values of the tokens so far and this one, 32 each.
+    let per_layer = |mixer: MixerKind, position: usize| -> usize {
+        match mixer {
+            MixerKind::TttLinear => 256 + 32 + 32 + 4 * (position % 4) * 16,
+            MixerKind::TttMlp => 2208 + 160 + 4 * (position % 4) * 80,
+            MixerKind::Attention => 2 * (position + 1) * 32,
+        }
+    };
+    for mixer in MIXERS {
+        let decoder = CpuDecoder::new(&model(mixer, true), 1).unwrap();
+        for position in [0, 1, 3, 4, 6] {
+            assert_eq!(
+                decoder.state_bytes_read(position),
+                2 * 4 * per_layer(mixer, position),
+                "{mixer:?} at {position}"
+            );
+        }
+    }
+}

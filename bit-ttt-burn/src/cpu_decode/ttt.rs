@@ -192,6 +192,46 @@ impl TttDecode {
             .chain(self.g_proj.as_ref())
     }
 
+    /// Bytes of parameters one step reads: the projections, the η gate, the inner and the
+    /// post LayerNorms, `token_eta` and the RoPE tables. Not the initial fast weights: a step
+    /// reads the state's `W_start` instead (see [`state_bytes_read`](Self::state_bytes_read)).
+    pub fn weight_bytes(&self) -> usize {
+        let vectors = [
+            &self.ttt_norm_weight,
+            &self.ttt_norm_bias,
+            &self.lr_weight,
+            &self.lr_bias,
+            &self.token_eta,
+            &self.rope_cos,
+            &self.rope_sin,
+            &self.post_norm_gamma,
+        ];
+        let values: usize = vectors.iter().map(|v| v.len()).sum::<usize>()
+            + self.post_norm_beta.as_ref().map_or(0, Vec::len);
+        self.projections()
+            .map(DecodeLinear::weight_bytes)
+            .sum::<usize>()
+            + values * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes of fast-weight state the step at sequence position `position` reads, for a state
+    /// this decoder started: every `W_start` tensor, the bias gradient sums, and per weight
+    /// matrix the rank-one terms of the tokens before it in its mini-batch.
+    pub fn state_bytes_read(&self, position: usize) -> usize {
+        let in_batch = position % self.mini_batch_size;
+        let matrices = self.matrices();
+        let tensors: usize = self.initial.iter().map(Vec::len).sum();
+        let bias_grads: usize = (0..self.initial.len())
+            .filter(|k| !matrices.iter().any(|&(m, _, _)| m == *k))
+            .map(|k| self.initial[k].len())
+            .sum();
+        let terms: usize = matrices
+            .iter()
+            .map(|&(_, rows, cols)| self.heads * in_batch * (rows + cols))
+            .sum();
+        (tensors + bias_grads + terms) * std::mem::size_of::<f32>()
+    }
+
     /// The state at position 0: the initial fast weights, no gradients.
     pub fn new_state(&self) -> TttFastWeights {
         TttFastWeights {
