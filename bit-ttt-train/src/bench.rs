@@ -108,7 +108,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Builds the model, packs it into `dir/model.packed.safetensors` and maps it back (or maps
-/// the given packed file), and measures every thread count. `progress` receives one line per
+/// the given packed file; `dir` is then not used), and measures every thread count. `progress` receives one line per
 /// phase.
 ///
 /// # Errors

@@ -580,12 +580,14 @@ pub fn bench(args: BenchArgs) -> Result<Exit> {
         ),
     };
     let temp;
-    let dir = match &args.dir {
-        Some(dir) => {
+    let dir = match (&args.dir, &args.packed) {
+        (Some(dir), _) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             dir.clone()
         }
-        None => {
+        // A packed file is measured where it lies: nothing is written, no directory needed.
+        (None, Some(_)) => PathBuf::new(),
+        (None, None) => {
             temp = tempfile::tempdir().context("creating a temporary directory")?;
             temp.path().to_path_buf()
         }
