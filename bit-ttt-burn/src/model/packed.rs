@@ -105,7 +105,9 @@ impl<B: Backend> BitLlama<B> {
 
     /// Bytes of weights one decode step reads: the blocks and scale of every packed
     /// projection, the f32 weights and biases of the other projections, and one row of the
-    /// embedding. (Norms and the TTT layers' own parameters, a few MB at most, are left out.)
+    /// embedding. Norms and the TTT layers' own parameters (6.3 MB of η gate at the 1b shape)
+    /// are left out; [`CpuDecoder::weight_bytes_per_token`](crate::cpu_decode::CpuDecoder::weight_bytes_per_token)
+    /// counts everything a decode step reads.
     pub fn weight_bytes_per_token(&self) -> usize {
         let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
         let bias_len = |bias: &Option<burn::module::Param<burn::tensor::Tensor<B, 1>>>| {
@@ -145,8 +147,8 @@ impl<B: Backend> BitLlama<B> {
         Ok(self)
     }
 
-    /// Writes the packed inference file (see the [module docs](self)) atomically. Ternary
-    /// projections are packed on the way if they are not already.
+    /// Writes the packed inference file (layout: the README's "Packed ternary layout")
+    /// atomically. Ternary projections are packed on the way if they are not already.
     ///
     /// # Errors
     /// [`BitTttError::Io`], or [`BitTttError::Kernel`] for non-finite weights.
