@@ -108,8 +108,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Builds the model, packs it into `dir/model.packed.safetensors` and maps it back (or maps
-/// the given packed file; `dir` is then not used), and measures every thread count. `progress` receives one line per
-/// phase.
+/// the given packed file; `dir` is then not used), and measures every thread count.
+/// `progress` receives one line per phase.
 ///
 /// # Errors
 /// [`TrainError::InvalidSetting`] for zero tokens or threads, or an invalid model
@@ -176,7 +176,7 @@ pub fn run(
             "ternary"
         } else {
             "f32"
-        },
+        }
     ));
 
     let vocab = config.vocab_size;
@@ -196,20 +196,17 @@ pub fn run(
     for &threads in &settings.threads {
         let decoder = CpuDecoder::new(&model, threads)?;
         let bytes_per_token = decoder.weight_bytes_per_token();
+        // The state bytes each measured step reads, by its position after the warm-up.
+        let state_bytes: Vec<f64> = (0..settings.decode_tokens)
+            .map(|i| decoder.state_bytes_read(warm_up.len() + i) as f64)
+            .collect();
         let mut fused_state = decoder.new_state();
         // The first pass faults the array's pages in.
         black_box(bandwidth::read_pass(&read_array, threads));
         decoder.read(&warm_up, &mut fused_state)?;
         let mut rounds = Vec::with_capacity(n_rounds);
-        // Per round, the mean state bytes its steps read.
-        let mut round_state_bytes = Vec::with_capacity(n_rounds);
         let (mut fused_s, mut fused_logits) = (0.0, Vec::new());
         for tokens in decode.chunks(round_tokens) {
-            let first = fused_state.position();
-            let state_bytes: usize = (first..first + tokens.len())
-                .map(|p| decoder.state_bytes_read(p))
-                .sum();
-            round_state_bytes.push(state_bytes as f64 / tokens.len() as f64);
             // The best of two passes, right before the round: the ceiling in these minutes.
             let read = bandwidth::best_read_bytes_per_second(&read_array, threads, 2);
             let started = Instant::now();
@@ -254,12 +251,14 @@ pub fn run(
                     .collect(),
             )
         };
+        // Per round, the mean state bytes its steps read.
+        let round_state: Vec<f64> = state_bytes
+            .chunks(round_tokens)
+            .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+            .collect();
         let (bandwidth_share, bandwidth_share_with_state) =
-            (share(&|_| 0.0), share(&|i| round_state_bytes[i]));
-        let state_bytes_per_token = (0..settings.decode_tokens)
-            .map(|i| decoder.state_bytes_read(warm_up.len() + i) as f64)
-            .sum::<f64>()
-            / settings.decode_tokens as f64;
+            (share(&|_| 0.0), share(&|i| round_state[i]));
+        let state_bytes_per_token = state_bytes.iter().sum::<f64>() / state_bytes.len() as f64;
         let result = BenchResult {
             preset: settings.name.clone(),
             mixer: config.mixer.name().to_string(),
@@ -377,9 +376,9 @@ mod tests {
             state_bytes[..9].iter().sum::<f64>() / 9.0,
             state_bytes[9..].iter().sum::<f64>() / 8.0,
         ];
+        let mean_state = state_bytes.iter().sum::<f64>() / 17.0;
         for r in &results {
             assert_eq!(r.bytes_per_token, expected);
-            let mean_state = state_bytes.iter().sum::<f64>() / 17.0;
             assert!((r.state_bytes_per_token - mean_state).abs() < 1e-6 * mean_state);
             assert!(r.decode_tokens_per_s.is_finite() && r.decode_tokens_per_s > 0.0);
             assert!(r.prefill_tokens_per_s.is_finite() && r.prefill_tokens_per_s > 0.0);
