@@ -478,7 +478,16 @@ pub(crate) unsafe fn gemm_i8_rows(
     if tokens == 1 {
         let out = &mut *outs[0];
         // SAFETY: the `n` rows from r0 lie inside `w` and the token is `kp` codes (checked above).
-        unsafe { gemv_rows(row(0), bpr, inputs.x.as_ptr(), out, inputs.sums[0], inputs.factors[0]) };
+        unsafe {
+            gemv_rows(
+                row(0),
+                bpr,
+                inputs.x.as_ptr(),
+                out,
+                inputs.sums[0],
+                inputs.factors[0],
+            )
+        };
         return;
     }
 
