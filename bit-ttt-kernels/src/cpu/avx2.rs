@@ -91,10 +91,10 @@ const PREFETCH_BLOCKS: usize = 64;
 /// of 4) and added to the ×1 accumulator (then both are within ±8192, the sum within ±16384),
 /// and one `vpmaddwd` widens the sum.
 ///
-/// A full group is unrolled (a constant trip count), so no loop control runs between its
-/// blocks; a row shorter than a group, or the rest of a longer one, takes the rolled loop.
-/// Always inlined (it has no `target_feature` of its own, so it may be): a call per row, with
-/// its vector return through memory, cost about a fifth of the time of a 1024-column row.
+/// A full group is unrolled ([`group_dot`] with a constant count), so no loop control runs
+/// between its blocks; the rest of a row takes the rolled loop. Always inlined (it has no
+/// `target_feature` of its own, so it may be): a call per row, returning its vector through
+/// memory, showed as 31% of a 1024×1024 call's samples.
 ///
 /// # Safety
 /// The CPU must have AVX2. The row is `bpr` blocks at `w`; the token is `bpr·128` bytes at `x`.
@@ -113,32 +113,38 @@ unsafe fn row_dot(w: *const BlockTernary, bpr: usize, x: *const i8) -> __m256i {
         let full = bpr - bpr % FLUSH_BLOCKS;
         let mut k = 0;
         while k < full {
-            let (wk, xk) = (w.wrapping_add(k), x.wrapping_add(k * QK_TERNARY));
-            let mut acc = [_mm256_setzero_si256(); 2];
-            for j in 0..FLUSH_BLOCKS {
-                if j % 2 == 0 {
-                    prefetch_ahead(wk.wrapping_add(j));
-                }
-                // SAFETY: k + j < full <= bpr.
-                block_dot(wk, xk, j, &mut acc);
-            }
-            acc32 = _mm256_add_epi32(acc32, widen(acc));
+            // SAFETY: blocks k .. k + FLUSH_BLOCKS <= full <= bpr.
+            acc32 = _mm256_add_epi32(acc32, widen(group_dot(w, x, k, FLUSH_BLOCKS)));
             k += FLUSH_BLOCKS;
         }
         if k < bpr {
-            let (wk, xk) = (w.wrapping_add(k), x.wrapping_add(k * QK_TERNARY));
-            let mut acc = [_mm256_setzero_si256(); 2];
-            for j in 0..bpr - k {
-                if j % 2 == 0 {
-                    prefetch_ahead(wk.wrapping_add(j));
-                }
-                // SAFETY: k + j < bpr.
-                block_dot(wk, xk, j, &mut acc);
-            }
-            acc32 = _mm256_add_epi32(acc32, widen(acc));
+            // SAFETY: blocks k .. bpr.
+            acc32 = _mm256_add_epi32(acc32, widen(group_dot(w, x, k, bpr - k)));
         }
         acc32
     }
+}
+
+/// The two 16-bit accumulators of [`row_dot`] over blocks `k .. k + n` of a row (`n` at most
+/// [`FLUSH_BLOCKS`]), prefetching one line per two blocks. Inlined with a constant `n`, the loop
+/// unrolls.
+///
+/// # Safety
+/// The CPU must have AVX2. Blocks `k .. k + n` at `w` and their `n·128` activation bytes at
+/// `x + 128·k` must be readable.
+#[inline(always)]
+unsafe fn group_dot(w: *const BlockTernary, x: *const i8, k: usize, n: usize) -> [__m256i; 2] {
+    let (wk, xk) = (w.wrapping_add(k), x.wrapping_add(k * QK_TERNARY));
+    // SAFETY: the caller guarantees AVX2.
+    let mut acc = unsafe { [_mm256_setzero_si256(); 2] };
+    for j in 0..n {
+        if j % 2 == 0 {
+            prefetch_ahead(wk.wrapping_add(j));
+        }
+        // SAFETY: block k + j and its activations, by the contract.
+        unsafe { block_dot(wk, xk, j, &mut acc) };
+    }
+    acc
 }
 
 /// Prefetches the 64-byte line [`PREFETCH_BLOCKS`] blocks after `block` (called once per two
