@@ -134,6 +134,10 @@ unsafe fn row_dot(w: *const BlockTernary, bpr: usize, x: *const i8) -> __m256i {
 /// `x + 128·k` must be readable.
 #[inline(always)]
 unsafe fn group_dot(w: *const BlockTernary, x: *const i8, k: usize, n: usize) -> [__m256i; 2] {
+    debug_assert!(
+        n <= FLUSH_BLOCKS,
+        "{n} blocks overflow the 16-bit accumulators"
+    );
     let (wk, xk) = (w.wrapping_add(k), x.wrapping_add(k * QK_TERNARY));
     // SAFETY: the caller guarantees AVX2.
     let mut acc = unsafe { [_mm256_setzero_si256(); 2] };
