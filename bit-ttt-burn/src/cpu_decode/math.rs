@@ -23,6 +23,7 @@ pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// `(x̂, std)` with `x̂ = (x − mean) / std`, `std = sqrt(var + eps)` (biased variance).
+#[inline(always)]
 fn normalize(x: &[f32], eps: f32, x_hat: &mut [f32]) -> f32 {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
@@ -38,6 +39,7 @@ fn normalize(x: &[f32], eps: f32, x_hat: &mut [f32]) -> f32 {
 ///
 /// # Shapes
 /// - x, gamma, beta, out: `[d]`
+#[inline(always)]
 pub fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     normalize(x, eps, out);
     for (i, o) in out.iter_mut().enumerate() {
@@ -51,6 +53,7 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, eps: f32, out:
 ///
 /// # Shapes
 /// - z, target, gamma, beta, grad: `[d]`
+#[inline(always)]
 pub fn ln_l2_bwd(
     z: &[f32],
     target: &[f32],
@@ -77,12 +80,14 @@ pub fn ln_l2_bwd(
 }
 
 /// GELU with the tanh approximation, `½ x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
+#[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     let inner = (x + x * x * x * CUBIC) * SQRT_2_OVER_PI;
     x * 0.5 * (inner.tanh() + 1.0)
 }
 
 /// The derivative of [`gelu_tanh`].
+#[inline(always)]
 pub fn gelu_tanh_bwd(x: f32) -> f32 {
     let x2 = x * x;
     let t = (x * (x2 * CUBIC + 1.0) * SQRT_2_OVER_PI).tanh();
@@ -90,6 +95,7 @@ pub fn gelu_tanh_bwd(x: f32) -> f32 {
 }
 
 /// `sigmoid(x) = ½ (1 + tanh(x / 2))`, the form the TTT layer's η gate uses.
+#[inline(always)]
 pub fn sigmoid_tanh(x: f32) -> f32 {
     ((x * 0.5).tanh() + 1.0) * 0.5
 }
@@ -98,6 +104,7 @@ pub fn sigmoid_tanh(x: f32) -> f32 {
 ///
 /// # Shapes
 /// - x: `[head_dim]`; cos, sin: `[head_dim / 2]`
+#[inline(always)]
 pub fn rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     for ((pair, c), s) in x.chunks_exact_mut(2).zip(cos).zip(sin) {
         let (even, odd) = (pair[0], pair[1]);
@@ -124,6 +131,7 @@ pub fn rope_angles(position: usize, theta: f64, cos: &mut [f32], sin: &mut [f32]
 ///
 /// # Shapes
 /// - x: `[rows]`, m: `[rows, cols]`, out: `[cols]`
+#[inline(always)]
 pub fn add_vec_mat(x: &[f32], m: &[f32], out: &mut [f32]) {
     let cols = out.len();
     debug_assert_eq!(
@@ -140,6 +148,7 @@ pub fn add_vec_mat(x: &[f32], m: &[f32], out: &mut [f32]) {
 }
 
 /// `y += alpha · x`.
+#[inline(always)]
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (o, v) in y.iter_mut().zip(x) {
         *o += alpha * v;
@@ -149,6 +158,7 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// `Σ a_i b_i`, in 32 interleaved partial sums: a single running sum cannot be vectorized
 /// (float addition is not associative) and waits on the add latency at every element; the
 /// η gate's dot products over `d_model` were several percent of a decode step.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 32;
     let mut acc = [0.0f32; LANES];

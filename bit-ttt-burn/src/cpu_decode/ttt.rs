@@ -341,9 +341,6 @@ impl TttDecode {
             .map(|(h, (((w, g), terms), out))| (h, w, g, terms, out))
             .collect();
         for_each_head(work, threads, |(h, mut w, mut g, (mut ta, mut tb), out)| {
-            let lr_logit =
-                dot(x, &self.lr_weight[h * d_model..(h + 1) * d_model]) + self.lr_bias[h];
-            let ttt_lr_eta = sigmoid_tanh(lr_logit) * self.lr_scale;
             let head = h * d..(h + 1) * d;
             let mut fast = HeadFastWeights {
                 w: &mut w,
@@ -352,13 +349,13 @@ impl TttDecode {
                 terms_a: &mut ta,
                 terms_b: &mut tb,
             };
-            step.run(
-                h,
-                &mut fast,
-                [&xq[head.clone()], &xk[head.clone()], &xv[head]],
-                ttt_lr_eta,
-                out,
-            );
+            let inputs = HeadInputs {
+                x,
+                xq: &xq[head.clone()],
+                xk: &xk[head.clone()],
+                xv: &xv[head],
+            };
+            step.run(h, &mut fast, inputs, out);
         });
         state.seq_len_offset += 1;
         if closes_mini_batch {
@@ -385,6 +382,7 @@ impl TttDecode {
 
 /// One affine map `z = a W + b` at `W_start` in one pass over the rows of `W` (`[rows, cols]`):
 /// returns `(XK W + b, XQ W)`.
+#[inline(always)]
 fn affine_at_start(xk: &[f32], xq: &[f32], w: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let cols = b.len();
     let mut z = b.to_vec();
@@ -413,6 +411,7 @@ impl HeadFastWeights<'_, '_> {
     /// token (`position` terms, plus the dense sum when there is one), then records this
     /// token's term `(lr · a) ⊗ grad` at `position`.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn read_then_accumulate(
         &mut self,
         m: usize,
@@ -446,6 +445,7 @@ impl HeadFastWeights<'_, '_> {
     /// The end of a mini-batch of `len` tokens: `W_start −= eta_last · G` for every tensor, in
     /// one pass over each weight matrix (all its rank-one terms added row by row), and the
     /// sums start afresh.
+    #[inline(always)]
     fn close_mini_batch(&mut self, matrices: &[(usize, usize, usize)], len: usize, eta_last: f32) {
         for (m, &(k, rows, cols)) in matrices.iter().enumerate() {
             let (ta, tb) = (&*self.terms_a[m], &*self.terms_b[m]);
@@ -483,6 +483,18 @@ fn split_heads<'a>(
     per_head
 }
 
+/// What one head of a token's step reads: the layer's input and the head's parts of its
+/// projections.
+#[derive(Clone, Copy)]
+struct HeadInputs<'a> {
+    /// The normed residual (the η gate's input), `[d_model]`.
+    x: &'a [f32],
+    /// `XQ`, `XK`, `XV` before RoPE, `[head_dim]` each.
+    xq: &'a [f32],
+    xk: &'a [f32],
+    xv: &'a [f32],
+}
+
 /// What every head of one token's step shares.
 struct HeadStep<'a> {
     layer: &'a TttDecode,
@@ -494,11 +506,62 @@ struct HeadStep<'a> {
     token_eta_last: Option<f32>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run this thread's heads through the generic code even where the CPU
+    /// has AVX2, to compare the two.
+    pub(crate) static GENERIC_HEADS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl HeadStep<'_> {
+    /// One head (see [`run_generic`](Self::run_generic)), compiled for AVX2 and FMA where the
+    /// CPU has them.
+    ///
+    /// A head's loops run over `head_dim` floats (rows of `W_start`, the η gate's `d_model`
+    /// weights); compiled for the baseline x86_64 they are four wide. Inside
+    /// [`run_avx2`](Self::run_avx2), with every helper inlined into it, they are eight wide.
+    /// The heads mostly wait on memory (each reads its `W_start` once), so the gain is small:
+    /// in a 1b model's one-thread decode step their `perf` samples fell by 5-18% (three
+    /// alternated runs; about 1.5% of the step), on two threads no clear change (-10% to +6%).
+    /// The operations and their order are the same (Rust contracts no multiply-add into an
+    /// FMA), so the results are bit-identical (tested).
+    fn run(
+        &self,
+        h: usize,
+        fast: &mut HeadFastWeights<'_, '_>,
+        inputs: HeadInputs<'_>,
+        out: &mut [f32],
+    ) {
+        #[cfg(test)]
+        if GENERIC_HEADS.get() {
+            return self.run_generic(h, fast, inputs, out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.run_avx2(h, fast, inputs, out) };
+        }
+        self.run_generic(h, fast, inputs, out)
+    }
+
+    /// [`run_generic`](Self::run_generic) compiled with AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn run_avx2(
+        &self,
+        h: usize,
+        fast: &mut HeadFastWeights<'_, '_>,
+        inputs: HeadInputs<'_>,
+        out: &mut [f32],
+    ) {
+        self.run_generic(h, fast, inputs, out)
+    }
+
     /// The query's pre-activation `q W_i + b_i` at the token's weights
     /// `W_i = W_start − token_eta · (G + ttt_lr_eta · a ⊗ ∇z)` (`G` before this token, `gb`
     /// after it), from `q_w = q W_start` and `q_g = q G`: with `lr_qa = ttt_lr_eta · (q · a)`,
     /// `q_w + b − token_eta · (q_g + lr_qa · ∇z + gb)`.
+    #[inline(always)]
     fn at_token_weights(
         &self,
         q_w: &[f32],
@@ -513,17 +576,21 @@ impl HeadStep<'_> {
             .collect()
     }
 
-    /// One head: `fast` is its part of the state, `x` its `[XQ, XK, XV]` before RoPE; writes
-    /// `f(XQ; W_i)` into `out`.
-    fn run(
+    /// One head: `fast` is its part of the state; writes `f(XQ; W_i)` into `out`. Always
+    /// inlined, as is every helper it calls, so that [`run_avx2`](Self::run_avx2) compiles all
+    /// of it with its features.
+    #[inline(always)]
+    fn run_generic(
         &self,
         h: usize,
         fast: &mut HeadFastWeights<'_, '_>,
-        [xq, xk, xv]: [&[f32]; 3],
-        ttt_lr_eta: f32,
+        HeadInputs { x, xq, xk, xv }: HeadInputs<'_>,
         out: &mut [f32],
     ) {
         let layer = self.layer;
+        let d_model = x.len();
+        let lr_logit = dot(x, &layer.lr_weight[h * d_model..(h + 1) * d_model]) + layer.lr_bias[h];
+        let ttt_lr_eta = sigmoid_tanh(lr_logit) * layer.lr_scale;
         let d = layer.head_dim;
         let half = d / 2;
         let position = self.position;
