@@ -249,8 +249,9 @@ type RowChunk<'o> = (usize, usize, Vec<&'o mut [f32]>);
 
 /// Splits the outputs of one or more products with the same tokens into row chunks and runs
 /// `f(matrix, r0, outs)` on each, where `outs[t]` is token `t`'s slice of the chunk; on the pool
-/// ([`guided_chunks`], [`run_with_caller`]) when there is enough work. All chunks of all matrices form one parallel region, so products
-/// that read the same input (a layer's Q, K and V) cost one fork and join, not one each.
+/// ([`guided_chunks`], [`run_with_caller`]) when there is enough work. All chunks of all
+/// matrices form one parallel region, so products that read the same input (a layer's Q, K and
+/// V) cost one fork and join, not one each.
 fn for_row_chunks<F>(products: Vec<ChunkedProduct<'_>>, tokens: usize, threads: usize, f: F)
 where
     F: Fn(usize, usize, &mut [&mut [f32]]) + Sync,
