@@ -309,16 +309,13 @@ fn guided_chunks<'o>(
             left = left.saturating_sub(rows * row_work);
             r0 += rows;
         }
-        let ends: Vec<usize> = chunks[first + 1..]
-            .iter()
-            .map(|c| c.1)
-            .chain([p.rows])
-            .collect();
         for token_out in p.out.chunks_mut(p.rows) {
             let mut rest = token_out;
-            for (c, &end) in ends.iter().enumerate() {
-                let (part, after) = rest.split_at_mut(end - chunks[first + c].1);
-                chunks[first + c].2.push(part);
+            for c in first..chunks.len() {
+                // A chunk ends where the next one of this product starts, the last at its end.
+                let end = chunks.get(c + 1).map_or(p.rows, |next| next.1);
+                let (part, after) = rest.split_at_mut(end - chunks[c].1);
+                chunks[c].2.push(part);
                 rest = after;
             }
         }
