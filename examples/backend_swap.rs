@@ -1,7 +1,9 @@
 //! One model, one input, several backends: the same BitLlama (saved once, loaded on each
 //! backend) reads the same tokens on `ndarray`, `wgpu` and, when built with the `cuda` feature,
 //! `cuda`. Prints each backend's largest logit difference to `ndarray`, how often the next-token
-//! argmax agrees, and the time of a forward pass.
+//! argmax agrees, and the time of a forward pass; first for the training form (latent f32
+//! weights, ternarized in every forward), then for the packed inference file, whose 2-bit
+//! weights each backend makes resident once at load (`TernaryBackend::upload_ternary`).
 //!
 //! ```text
 //! cargo run --release --example backend_swap                    # ndarray and wgpu
@@ -30,6 +32,18 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The packed inference file, beside the model directory's files.
+const PACKED_FILE: &str = "model.packed.safetensors";
+
+/// Which file a backend loads.
+#[derive(Clone, Copy)]
+enum Form {
+    /// `model.safetensors`: latent f32 weights, ternarized in every forward.
+    Training,
+    /// The packed file: 2-bit weights, resident on the device from the load on.
+    Packed,
+}
 
 fn main() {
     if let Err(e) = run() {
@@ -63,6 +77,7 @@ fn run() -> Result<(), Error> {
     <NdArray as Backend>::seed(&cpu, 0);
     let model = config.init::<NdArray>(&cpu);
     model.save(&config, &dir)?;
+    model.save_packed(&config, &dir.join(PACKED_FILE))?;
     println!(
         "BitLlama: {} mixer, {} projections, d_model {}, {} layers, {} parameters; one sequence of {n_tokens} tokens",
         mixer.name(),
@@ -75,18 +90,27 @@ fn run() -> Result<(), Error> {
         .map(|i| ((i * 7919 + 13) % config.vocab_size) as i64)
         .collect();
 
-    let result = compare_backends(&dir, &tokens, config.vocab_size);
+    let result = [Form::Training, Form::Packed]
+        .into_iter()
+        .try_for_each(|form| compare_backends(&dir, form, &tokens, config.vocab_size));
     std::fs::remove_dir_all(&dir).ok();
     result
 }
 
-fn compare_backends(dir: &Path, tokens: &[i64], vocab: usize) -> Result<(), Error> {
-    let reference = run_on::<NdArray>(dir, tokens, &Default::default())?;
+fn compare_backends(dir: &Path, form: Form, tokens: &[i64], vocab: usize) -> Result<(), Error> {
+    println!(
+        "{}",
+        match form {
+            Form::Training => "training form (model.safetensors):",
+            Form::Packed => "packed file (model.packed.safetensors, weights resident per backend):",
+        }
+    );
+    let reference = run_on::<NdArray>(dir, form, tokens, &Default::default())?;
     let mut rows = vec![("ndarray", Ok(reference.seconds), 0.0, 1.0)];
 
     match wgpu_adapter_works() {
         true => {
-            let got = run_on::<Wgpu>(dir, tokens, &WgpuDevice::default())?;
+            let got = run_on::<Wgpu>(dir, form, tokens, &WgpuDevice::default())?;
             let (diff, agree) = compare(&reference.logits, &got.logits, vocab);
             rows.push(("wgpu", Ok(got.seconds), diff, agree));
         }
@@ -96,7 +120,7 @@ fn compare_backends(dir: &Path, tokens: &[i64], vocab: usize) -> Result<(), Erro
     #[cfg(feature = "cuda")]
     {
         use burn::backend::cuda::{Cuda, CudaDevice};
-        let got = run_on::<Cuda>(dir, tokens, &CudaDevice::default())?;
+        let got = run_on::<Cuda>(dir, form, tokens, &CudaDevice::default())?;
         let (diff, agree) = compare(&reference.logits, &got.logits, vocab);
         rows.push(("cuda", Ok(got.seconds), diff, agree));
     }
@@ -126,13 +150,18 @@ fn compare_backends(dir: &Path, tokens: &[i64], vocab: usize) -> Result<(), Erro
     Ok(())
 }
 
-/// Loads the saved model on backend `B`, runs one warm-up forward pass and three timed ones.
+/// Loads the saved model in `form` on backend `B`, runs one warm-up forward pass and three
+/// timed ones.
 fn run_on<B: TernaryBackend>(
     dir: &Path,
+    form: Form,
     tokens: &[i64],
     device: &B::Device,
 ) -> Result<Outcome, Error> {
-    let (model, _) = BitLlama::<B>::load(dir, device)?;
+    let (model, _) = match form {
+        Form::Training => BitLlama::<B>::load(dir, device)?,
+        Form::Packed => BitLlama::<B>::load_packed(&dir.join(PACKED_FILE), device)?,
+    };
     let forward = || {
         let input = Tensor::<B, 2, Int>::from_data(
             TensorData::new(tokens.to_vec(), [1, tokens.len()]),

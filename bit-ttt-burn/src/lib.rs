@@ -5,21 +5,24 @@
 //! Every module is generic over the Burn backend `B`; wrap it in `Autodiff<B>` to train.
 #![warn(missing_docs)]
 
-pub mod attention;
 pub mod bit_linear;
 pub mod cpu_decode;
+pub mod decode;
 pub mod error;
 pub mod files;
 pub mod generate;
+pub mod mixer;
 pub mod model;
 pub mod packed_bit_linear;
 pub mod projection;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;
+pub mod soul;
 pub mod swiglu;
 pub mod ternary_backend;
-pub mod ttt;
+
+pub use mixer::{attention, ttt};
 
 /// The packed layout and CPU kernels this crate runs on, for callers that tune them (threads,
 /// kernel choice) without depending on `bit-ttt-kernels` themselves.
@@ -29,8 +32,8 @@ pub use bit_linear::{BitLinear, BitLinearConfig};
 pub use error::BitTttError;
 pub use generate::GenerationConfig;
 pub use model::{BitLlama, BitLlamaConfig, MixerKind, ModelState};
-pub use packed_bit_linear::{PackedBitLinear, TernaryWeights};
+pub use packed_bit_linear::{PackedBitLinear, TernaryParam, TernaryWeights};
 pub use projection::{Projection, ProjectionConfig};
 pub use sampling::SamplingConfig;
-pub use ternary_backend::{ActivationPrecision, TernaryBackend};
+pub use ternary_backend::{ternary_linear_on_host, ActivationPrecision, TernaryBackend};
 pub use ttt::{InnerLoopImpl, TttCache, TttConfig, TttInner, TttLayer};

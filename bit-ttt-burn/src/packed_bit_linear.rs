@@ -1,20 +1,27 @@
 //! `PackedBitLinear`: the inference-only form of [`BitLinear`], with weights packed 2 bits each.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
 
 use bit_ttt_kernels::{BlockTernary, PackedTernary, TernaryView};
-use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::module::{
+    AutodiffModule, Content, Devices, EmptyRecord, Module, ModuleDisplay, ModuleDisplayDefault,
+    ModuleMapper, ModuleVisitor, Param,
+};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorPrimitive};
 use memmap2::Mmap;
 
 use crate::quantize::ternary_codes;
 use crate::{ActivationPrecision, BitLinear, BitTttError, TernaryBackend};
 
-/// Where the packed blocks of a [`PackedBitLinear`] live.
+/// Where the packed blocks of a [`PackedBitLinear`] live on the host. Cloning is cheap: owned
+/// weights are shared, mapped ones stay mapped.
 #[derive(Clone, Debug)]
 pub enum TernaryWeights {
     /// In memory, owned (packed from a trained layer).
-    Owned(PackedTernary),
+    Owned(Arc<PackedTernary>),
     /// In a memory-mapped packed model file, read in place (zero copy).
     Mapped {
         /// The mapping, shared by every layer of the file.
@@ -31,6 +38,11 @@ pub enum TernaryWeights {
 }
 
 impl TernaryWeights {
+    /// Owned weights.
+    pub fn owned(packed: PackedTernary) -> Self {
+        TernaryWeights::Owned(Arc::new(packed))
+    }
+
     /// A view the kernels read.
     pub fn view(&self) -> TernaryView<'_> {
         match self {
@@ -52,6 +64,182 @@ impl TernaryWeights {
     }
 }
 
+/// The packed weights of a [`PackedBitLinear`]: the host form ([`TernaryWeights`], which the
+/// fused CPU decoder and `save_packed` read) and the backend's resident copy
+/// ([`TernaryBackend::PackedWeights`]), made once per device by
+/// [`TernaryBackend::upload_ternary`] and shared by clones of the layer.
+///
+/// A module without parameters to Burn (nothing to train or record): the packed file stores
+/// the weights. Moving the layer to another device or backend drops the resident copy; the
+/// next forward (or [`upload`](Self::upload)) makes a new one there.
+pub struct TernaryParam<B: Backend> {
+    host: TernaryWeights,
+    /// The device and the backend's `PackedWeights` (type-erased: the struct is generic over
+    /// any `Backend`, as Burn's module derive requires, and only `TernaryBackend`s upload).
+    resident: Arc<Mutex<Option<Resident<B>>>>,
+    _backend: PhantomData<B>,
+}
+
+/// A resident copy and the device it lives on.
+struct Resident<B: Backend> {
+    device: B::Device,
+    weights: Arc<dyn Any + Send + Sync>,
+}
+
+impl<B: Backend> Clone for Resident<B> {
+    fn clone(&self) -> Self {
+        Self {
+            device: self.device.clone(),
+            weights: self.weights.clone(),
+        }
+    }
+}
+
+impl<B: Backend> TernaryParam<B> {
+    /// Packed weights with no resident copy yet.
+    pub fn new(host: TernaryWeights) -> Self {
+        Self {
+            host,
+            resident: Arc::new(Mutex::new(None)),
+            _backend: PhantomData,
+        }
+    }
+
+    /// The host form.
+    pub fn host(&self) -> &TernaryWeights {
+        &self.host
+    }
+
+    /// A view of the host form, which the CPU kernels read.
+    pub fn view(&self) -> TernaryView<'_> {
+        self.host.view()
+    }
+
+    /// The same host weights without the resident copy (for another device or backend).
+    fn detached<B2: Backend>(&self) -> TernaryParam<B2> {
+        TernaryParam::new(self.host.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Resident<B>>> {
+        // A panic while holding the lock leaves at worst no copy: nothing to recover.
+        self.resident.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<B: TernaryBackend> TernaryParam<B> {
+    /// The backend's resident copy on `device`, uploaded now if there is none there.
+    ///
+    /// # Errors
+    /// As [`TernaryBackend::upload_ternary`].
+    pub fn upload(&self, device: &B::Device) -> Result<Arc<B::PackedWeights>, BitTttError> {
+        let mut resident = self.lock();
+        if let Some(r) = resident.as_ref().filter(|r| &r.device == device) {
+            if let Ok(weights) = r.weights.clone().downcast::<B::PackedWeights>() {
+                return Ok(weights);
+            }
+        }
+        let weights = Arc::new(B::upload_ternary(&self.host, device)?);
+        *resident = Some(Resident {
+            device: device.clone(),
+            weights: weights.clone(),
+        });
+        Ok(weights)
+    }
+
+    /// Whether a resident copy exists on `device`.
+    pub fn is_resident_on(&self, device: &B::Device) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|r| &r.device == device && r.weights.is::<B::PackedWeights>())
+    }
+}
+
+impl<B: Backend> Clone for TernaryParam<B> {
+    fn clone(&self) -> Self {
+        Self {
+            host: self.host.clone(),
+            resident: self.resident.clone(),
+            _backend: PhantomData,
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for TernaryParam<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let view = self.host.view();
+        f.debug_struct("TernaryParam")
+            .field("rows", &view.rows())
+            .field("cols", &view.cols())
+            .field(
+                "mapped",
+                &matches!(self.host, TernaryWeights::Mapped { .. }),
+            )
+            .finish()
+    }
+}
+
+impl<B: Backend> Module<B> for TernaryParam<B> {
+    type Record = EmptyRecord;
+
+    fn collect_devices(&self, devices: Devices<B>) -> Devices<B> {
+        devices
+    }
+
+    fn fork(self, device: &B::Device) -> Self {
+        self.to_device(device)
+    }
+
+    fn to_device(self, device: &B::Device) -> Self {
+        let stays = self.lock().as_ref().is_some_and(|r| &r.device == device);
+        if stays {
+            self
+        } else {
+            self.detached()
+        }
+    }
+
+    fn visit<V: ModuleVisitor<B>>(&self, _visitor: &mut V) {}
+
+    fn map<M: ModuleMapper<B>>(self, _mapper: &mut M) -> Self {
+        self
+    }
+
+    fn load_record(self, _record: Self::Record) -> Self {
+        self
+    }
+
+    fn into_record(self) -> Self::Record {
+        EmptyRecord::new()
+    }
+}
+
+impl<B: AutodiffBackend> AutodiffModule<B> for TernaryParam<B> {
+    type InnerModule = TernaryParam<B::InnerBackend>;
+
+    fn valid(&self) -> Self::InnerModule {
+        self.detached()
+    }
+
+    fn from_inner(module: Self::InnerModule) -> Self {
+        module.detached()
+    }
+}
+
+impl<B: Backend> ModuleDisplayDefault for TernaryParam<B> {
+    fn content(&self, content: Content) -> Option<Content> {
+        let view = self.host.view();
+        content
+            .add_formatted(&format!(
+                "packed ternary [{}, {}]",
+                view.rows(),
+                view.cols()
+            ))
+            .optional()
+    }
+}
+
+impl<B: Backend> ModuleDisplay for TernaryParam<B> {}
+
 /// A [`BitLinear`] frozen for inference: ternary weights packed 2 bits each, their scale, and
 /// the f32 bias.
 ///
@@ -62,8 +250,9 @@ impl TernaryWeights {
 /// activation codes; only the order of the final multiplications differs.
 #[derive(Module, Debug)]
 pub struct PackedBitLinear<B: Backend> {
-    /// The packed ternary weights, `[d_output, d_input]`.
-    pub weight: TernaryWeights,
+    /// The packed ternary weights, `[d_output, d_input]`: on the host, and resident where the
+    /// backend computes.
+    pub weight: TernaryParam<B>,
     /// Optional bias, `[d_output]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// Whether activations are quantized to int8 (W1.58A8) or kept in f32 (W1.58A16).
@@ -91,7 +280,7 @@ impl<B: Backend> PackedBitLinear<B> {
         let gamma = gamma.into_data().convert::<f32>().into_vec::<f32>()?[0];
         let weight = PackedTernary::pack(&codes, d_output, d_input, gamma)?;
         Ok(Self {
-            weight: TernaryWeights::Owned(weight),
+            weight: TernaryParam::new(TernaryWeights::owned(weight)),
             // `val()` materialises a lazily initialised bias; cloning the `Param` itself would
             // re-run its initializer and give another bias.
             bias: layer.bias.as_ref().map(|b| Param::from_tensor(b.val())),
@@ -102,6 +291,15 @@ impl<B: Backend> PackedBitLinear<B> {
 }
 
 impl<B: TernaryBackend> PackedBitLinear<B> {
+    /// Makes the weights resident on `device` (see [`TernaryParam::upload`]): done at load so
+    /// that the first forward does not pay for it, and so an upload error shows there.
+    ///
+    /// # Errors
+    /// As [`TernaryBackend::upload_ternary`].
+    pub fn upload(&self, device: &B::Device) -> Result<(), BitTttError> {
+        self.weight.upload(device).map(|_| ())
+    }
+
     /// Applies the layer with the packed weights, through the backend's
     /// [`TernaryBackend::ternary_linear`] kernel.
     ///
@@ -110,7 +308,9 @@ impl<B: TernaryBackend> PackedBitLinear<B> {
     /// - output: `[..., d_output]`
     ///
     /// # Panics
-    /// If the last dimension of `input` is not `d_input` (a programmer error).
+    /// If the last dimension of `input` is not `d_input` (a programmer error), or if the
+    /// weights cannot be made resident on the input's device (see [`upload`](Self::upload),
+    /// which reports that as an error).
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let in_dims = input.dims();
         let weight = self.weight.view();
@@ -130,7 +330,11 @@ impl<B: TernaryBackend> PackedBitLinear<B> {
         } else {
             ActivationPrecision::F32
         };
-        let y = B::ternary_linear(x.into_primitive().tensor(), weight, precision);
+        let resident = match self.weight.upload(&x.device()) {
+            Ok(resident) => resident,
+            Err(e) => panic!("PackedBitLinear: the weights cannot be made resident: {e}"),
+        };
+        let y = B::ternary_linear(x.into_primitive().tensor(), &resident, precision);
         // [tokens, d_output] -> [..., d_output]
         let mut out_dims = in_dims;
         out_dims[D - 1] = d_output;
@@ -216,7 +420,7 @@ mod tests {
             .into_data()
             .to_vec::<f32>()
             .unwrap();
-        let TernaryWeights::Owned(weight) = &packed.weight else {
+        let TernaryWeights::Owned(weight) = packed.weight.host() else {
             panic!("packing gives owned weights")
         };
         assert_eq!(weight.dequantize(), effective);

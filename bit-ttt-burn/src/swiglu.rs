@@ -45,6 +45,26 @@ impl SwiGluConfig {
     }
 }
 
+impl<B: Backend> SwiGlu<B> {
+    /// The projections with their names inside the network, in file order.
+    pub fn projections(&self) -> Vec<(&'static str, &Projection<B>)> {
+        vec![
+            ("gate_proj", &self.gate_proj),
+            ("up_proj", &self.up_proj),
+            ("down_proj", &self.down_proj),
+        ]
+    }
+
+    /// As [`projections`](Self::projections), mutable.
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Projection<B>)> {
+        vec![
+            ("gate_proj", &mut self.gate_proj),
+            ("up_proj", &mut self.up_proj),
+            ("down_proj", &mut self.down_proj),
+        ]
+    }
+}
+
 impl<B: TernaryBackend> SwiGlu<B> {
     /// Applies the network.
     ///

@@ -9,10 +9,24 @@
 //! |---------|--------|
 //! | `NdArray` | the CPU kernels of `bit-ttt-kernels` (AVX2 or scalar, rayon), reading an f32 input array in place (an f64 one is converted) |
 //! | `Autodiff<B>` | `B`'s kernel; the packed layer is inference-only, so no gradient is recorded |
-//! | `Wgpu`, `Cuda`, your backend |  the default method: the input is read back to the host, the same CPU kernels run there, the output goes back to the device |
+//! | `Wgpu`, `Cuda`, your backend | [`ternary_linear_on_host`]: the input is read back to the host, the same CPU kernels run there, the output goes back to the device |
 //!
-//! A backend of your own gets the fallback with `impl TernaryBackend for MyBackend {}` and can
-//! override [`TernaryBackend::ternary_linear`] with its own kernel.
+//! The weights a kernel reads are the backend's own [`TernaryBackend::PackedWeights`], made
+//! resident once per layer by [`TernaryBackend::upload_ternary`]: on `NdArray` the host bytes
+//! themselves (owned, or a memory-mapped packed file read in place), so nothing is copied.
+//! A backend of your own gets the fallback by keeping the host form:
+//!
+//! ```ignore
+//! impl TernaryBackend for MyBackend {
+//!     type PackedWeights = TernaryWeights;
+//!     fn upload_ternary(w: &TernaryWeights, _: &Self::Device) -> Result<TernaryWeights, BitTttError> {
+//!         Ok(w.clone()) // a cheap handle: owned weights are shared, mapped ones stay mapped
+//!     }
+//!     fn ternary_linear(x: FloatTensor<Self>, w: &TernaryWeights, p: ActivationPrecision) -> FloatTensor<Self> {
+//!         ternary_linear_on_host::<Self>(x, w.view(), p)
+//!     }
+//! }
+//! ```
 
 use bit_ttt_kernels::cpu::{self, QuantizedActivations};
 use bit_ttt_kernels::TernaryView;
@@ -20,6 +34,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+
+use crate::{BitTttError, TernaryWeights};
 
 /// How a packed ternary layer treats its input activations.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,7 +50,26 @@ pub enum ActivationPrecision {
 }
 
 /// A Burn backend that can multiply activations by packed ternary weights.
+///
+/// The weights are made resident once ([`upload_ternary`](Self::upload_ternary), at load or
+/// when a layer is packed) in the form the backend computes with
+/// ([`PackedWeights`](Self::PackedWeights)); every [`ternary_linear`](Self::ternary_linear)
+/// call then reads them there. A backend without kernels of its own keeps the host form
+/// ([`TernaryWeights`]) and calls [`ternary_linear_on_host`].
 pub trait TernaryBackend: Backend {
+    /// Packed ternary weights where this backend computes: a zero-copy host handle on the CPU
+    /// (owned or memory-mapped bytes), a device buffer on a GPU backend with kernels.
+    type PackedWeights: Clone + std::fmt::Debug + Send + Sync + 'static;
+
+    /// Makes `weights` resident on `device`: called once per layer, not per call.
+    ///
+    /// # Errors
+    /// [`BitTttError`] when the weights cannot be placed there.
+    fn upload_ternary(
+        weights: &TernaryWeights,
+        device: &Self::Device,
+    ) -> Result<Self::PackedWeights, BitTttError>;
+
     /// `input · (gamma · W)ᵀ` for packed ternary `W` (`[d_output, d_input]`, scale `gamma`),
     /// with the activations quantized as `precision` says.
     ///
@@ -42,14 +77,14 @@ pub trait TernaryBackend: Backend {
     /// - input: `[tokens, d_input]`
     /// - output: `[tokens, d_output]`
     ///
-    /// The default reads the input back to the host and runs the CPU kernels there.
+    /// # Panics
+    /// If the input's width is not the weights' `d_input` (a programmer error: the packed
+    /// layer checks it first).
     fn ternary_linear(
         input: FloatTensor<Self>,
-        weight: TernaryView<'_>,
+        weight: &Self::PackedWeights,
         precision: ActivationPrecision,
-    ) -> FloatTensor<Self> {
-        ternary_linear_on_host::<Self>(input, weight, precision)
-    }
+    ) -> FloatTensor<Self>;
 }
 
 /// The CPU computation every path shares: `x` holds `tokens` rows of `weight.cols()` values.
@@ -81,8 +116,12 @@ fn check_input_shape(tokens: usize, d_input: usize, weight: TernaryView<'_>) {
     );
 }
 
-/// The fallback: host round trip around [`ternary_linear_cpu`].
-fn ternary_linear_on_host<B: Backend>(
+/// The fallback of a backend without ternary kernels: the input is read back to the host, the
+/// CPU kernels of `bit-ttt-kernels` run there, and the output goes back to the device.
+///
+/// # Panics
+/// If the input's width is not the weights' `d_input` (a programmer error).
+pub fn ternary_linear_on_host<B: Backend>(
     input: FloatTensor<B>,
     weight: TernaryView<'_>,
     precision: ActivationPrecision,
@@ -138,12 +177,22 @@ mod ndarray_kernel {
     macro_rules! impl_for_ndarray {
         ($($float:ty, $int:ty);*) => {$(
             impl TernaryBackend for NdArray<$float, $int> {
+                /// The host bytes themselves: the kernels read them where they lie.
+                type PackedWeights = TernaryWeights;
+
+                fn upload_ternary(
+                    weights: &TernaryWeights,
+                    _device: &Self::Device,
+                ) -> Result<TernaryWeights, BitTttError> {
+                    Ok(weights.clone())
+                }
+
                 fn ternary_linear(
                     input: NdArrayTensor,
-                    weight: TernaryView<'_>,
+                    weight: &TernaryWeights,
                     precision: ActivationPrecision,
                 ) -> NdArrayTensor {
-                    ternary_linear_ndarray::<Self>(input, weight, precision)
+                    ternary_linear_ndarray::<Self>(input, weight.view(), precision)
                 }
             }
         )*};
@@ -153,9 +202,18 @@ mod ndarray_kernel {
 
 /// Inference through an autodiff backend: the inner backend's kernel, outside the graph.
 impl<B: TernaryBackend> TernaryBackend for Autodiff<B> {
+    type PackedWeights = B::PackedWeights;
+
+    fn upload_ternary(
+        weights: &TernaryWeights,
+        device: &Self::Device,
+    ) -> Result<Self::PackedWeights, BitTttError> {
+        B::upload_ternary(weights, device)
+    }
+
     fn ternary_linear(
         input: FloatTensor<Self>,
-        weight: TernaryView<'_>,
+        weight: &Self::PackedWeights,
         precision: ActivationPrecision,
     ) -> FloatTensor<Self> {
         let output = B::ternary_linear(Self::inner(input), weight, precision);
@@ -163,11 +221,35 @@ impl<B: TernaryBackend> TernaryBackend for Autodiff<B> {
     }
 }
 
+/// Backends without ternary kernels of their own yet: the host form and the host round trip.
+macro_rules! impl_on_host {
+    ($backend:ty) => {
+        impl TernaryBackend for $backend {
+            type PackedWeights = TernaryWeights;
+
+            fn upload_ternary(
+                weights: &TernaryWeights,
+                _device: &Self::Device,
+            ) -> Result<TernaryWeights, BitTttError> {
+                Ok(weights.clone())
+            }
+
+            fn ternary_linear(
+                input: FloatTensor<Self>,
+                weight: &TernaryWeights,
+                precision: ActivationPrecision,
+            ) -> FloatTensor<Self> {
+                ternary_linear_on_host::<Self>(input, weight.view(), precision)
+            }
+        }
+    };
+}
+
 #[cfg(feature = "wgpu")]
-impl TernaryBackend for burn::backend::Wgpu {}
+impl_on_host!(burn::backend::Wgpu);
 
 #[cfg(feature = "cuda")]
-impl TernaryBackend for burn::backend::Cuda {}
+impl_on_host!(burn::backend::Cuda);
 
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
@@ -177,19 +259,23 @@ mod tests {
 
     /// Weights `[[1, 0, -1], [-1, 1, 1]]` with gamma 0.5; input rows `[1, 2, 3]`, `[0, -1, 2]`.
     /// In f32: row 0 -> 0.5 * [1 - 3, -1 + 2 + 3] = [-1, 2]; row 1 -> 0.5 * [-2, 1] = [-1, 0.5].
-    fn example() -> (PackedTernary, Vec<f32>) {
+    fn example() -> (TernaryWeights, Vec<f32>) {
         let weight = PackedTernary::pack(&[1, 0, -1, -1, 1, 1], 2, 3, 0.5).unwrap();
-        (weight, vec![1.0, 2.0, 3.0, 0.0, -1.0, 2.0])
+        (
+            TernaryWeights::owned(weight),
+            vec![1.0, 2.0, 3.0, 0.0, -1.0, 2.0],
+        )
     }
 
     fn run<B: TernaryBackend>(
         x: &[f32],
-        weight: TernaryView<'_>,
+        weight: &TernaryWeights,
         precision: ActivationPrecision,
     ) -> Vec<f32> {
         let device = Default::default();
         let input = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [2, 3]), &device);
-        let output = B::ternary_linear(input.into_primitive().tensor(), weight, precision);
+        let resident = B::upload_ternary(weight, &device).unwrap();
+        let output = B::ternary_linear(input.into_primitive().tensor(), &resident, precision);
         Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(output))
             .into_data()
             .convert::<f32>()
@@ -201,12 +287,11 @@ mod tests {
     fn hand_computed_f32_activations() {
         let (weight, x) = example();
         let expected = [-1.0, 2.0, -1.0, 0.5];
-        let native = run::<NdArray>(&x, weight.view(), ActivationPrecision::F32);
+        let native = run::<NdArray>(&x, &weight, ActivationPrecision::F32);
         assert_eq!(native, expected);
-        let through_autodiff =
-            run::<Autodiff<NdArray>>(&x, weight.view(), ActivationPrecision::F32);
+        let through_autodiff = run::<Autodiff<NdArray>>(&x, &weight, ActivationPrecision::F32);
         assert_eq!(through_autodiff, expected);
-        let f64_fallback = run::<NdArray<f64>>(&x, weight.view(), ActivationPrecision::F32);
+        let f64_fallback = run::<NdArray<f64>>(&x, &weight, ActivationPrecision::F32);
         assert_eq!(f64_fallback, expected);
     }
 
@@ -225,12 +310,9 @@ mod tests {
         ];
         let precision = ActivationPrecision::Int8 { eps: 1e-5 };
         for (name, got) in [
-            ("ndarray", run::<NdArray>(&x, weight.view(), precision)),
-            (
-                "autodiff",
-                run::<Autodiff<NdArray>>(&x, weight.view(), precision),
-            ),
-            ("f64", run::<NdArray<f64>>(&x, weight.view(), precision)),
+            ("ndarray", run::<NdArray>(&x, &weight, precision)),
+            ("autodiff", run::<Autodiff<NdArray>>(&x, &weight, precision)),
+            ("f64", run::<NdArray<f64>>(&x, &weight, precision)),
         ] {
             for (g, e) in got.iter().zip(expected) {
                 assert!((g - e).abs() <= 1e-6, "{name}: {got:?} vs {expected:?}");
@@ -248,7 +330,7 @@ mod tests {
             .transpose();
         let output = <NdArray as TernaryBackend>::ternary_linear(
             input.into_primitive().tensor(),
-            weight.view(),
+            &weight,
             ActivationPrecision::F32,
         );
         let got = Tensor::<NdArray, 2>::from_primitive(TensorPrimitive::Float(output))

@@ -93,7 +93,7 @@ impl DecodeLinear {
 
     fn from_packed<B: Backend>(layer: &PackedBitLinear<B>) -> Result<Self, BitTttError> {
         Ok(DecodeLinear::Ternary {
-            weights: layer.weight.clone(),
+            weights: layer.weight.host().clone(),
             precision: if layer.quantize_activations {
                 ActivationPrecision::Int8 {
                     eps: layer.eps as f32,
@@ -295,7 +295,7 @@ mod tests {
         eps: Option<f32>,
     ) -> DecodeLinear {
         DecodeLinear::Ternary {
-            weights: TernaryWeights::Owned(PackedTernary::pack(values, rows, cols, scale).unwrap()),
+            weights: TernaryWeights::owned(PackedTernary::pack(values, rows, cols, scale).unwrap()),
             precision: match eps {
                 Some(eps) => ActivationPrecision::Int8 { eps },
                 None => ActivationPrecision::F32,

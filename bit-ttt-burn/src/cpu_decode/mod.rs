@@ -29,22 +29,23 @@
 //! # Ok(()) }
 //! ```
 
-mod attention;
-mod linear;
-mod math;
-mod ttt;
+pub(crate) mod linear;
+pub(crate) mod math;
 
+use std::mem::size_of;
 use std::ops::ControlFlow;
+use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
-use self::attention::{AttentionDecode, KvHeads};
 use self::linear::{DecodeLinear, Input};
 use self::math::{axpy, rms_norm};
-use self::ttt::{TttDecode, TttFastWeights};
+use crate::decode::BlockStep;
 use crate::generate::{generate_with, GenerationConfig};
-use crate::model::{BitLlama, Mixer, MixerState, ModelState};
+use crate::mixer::{MixerDecode, MixerDecodeState};
+use crate::model::{BitLlama, Block, ModelState};
+use crate::soul::{LayerSoul, Soul};
 use crate::BitTttError;
 
 /// All of a tensor's values as f32, row-major.
@@ -56,7 +57,7 @@ pub(crate) fn values<B: Backend, const D: usize>(
 
 /// Runs `f` on every item: on the current rayon pool (the kernels' pool inside
 /// [`bit_ttt_kernels::cpu::install`]) when `threads > 1`, else in order on this thread.
-fn for_each_head<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync + Send) {
+pub(crate) fn for_each_head<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync + Send) {
     if threads > 1 {
         items.into_par_iter().for_each(f);
     } else {
@@ -86,37 +87,174 @@ impl Norm {
     }
 }
 
-/// A block's mixer.
+/// One residual block in the fused CPU form: `x += mixer(RMSNorm(x))`, `x += SwiGLU(RMSNorm(x))`
+/// on plain slices. Its [`BlockStep`] keeps the hidden state on the host.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)] // one per layer, built once: boxing only adds an indirection
-enum DecodeMixer {
-    Ttt(TttDecode),
-    Attention(AttentionDecode),
-}
-
-/// One residual block: `x += mixer(RMSNorm(x))`, `x += SwiGLU(RMSNorm(x))`.
-#[derive(Debug)]
-struct DecodeBlock {
+pub struct CpuBlock {
     mixer_norm: Norm,
-    mixer: DecodeMixer,
+    mixer: MixerDecode,
     ffn_norm: Norm,
     gate_proj: DecodeLinear,
     up_proj: DecodeLinear,
     down_proj: DecodeLinear,
+    d_model: usize,
+    threads: usize,
 }
 
-/// What one layer remembers.
+impl CpuBlock {
+    /// Prepares `block` (parameters copied out once, ternary projections packed, packed ones
+    /// shared) to run with `threads` threads (`0`: the kernels' default).
+    ///
+    /// # Errors
+    /// As [`CpuDecoder::new`]: a non-finite latent weight, a tensor that cannot be read as f32,
+    /// projections that do not chain (`what` names the block in the message).
+    pub fn new<B: Backend>(
+        block: &Block<B>,
+        threads: usize,
+        what: &str,
+    ) -> Result<Self, BitTttError> {
+        let d_model = block.mixer_norm.gamma.dims()[0];
+        let cpu = Self {
+            mixer_norm: Norm::new(&block.mixer_norm)?,
+            mixer: MixerDecode::new(&block.mixer)?,
+            ffn_norm: Norm::new(&block.ffn_norm)?,
+            gate_proj: DecodeLinear::from_projection(&block.ffn.gate_proj)?,
+            up_proj: DecodeLinear::from_projection(&block.ffn.up_proj)?,
+            down_proj: DecodeLinear::from_projection(&block.ffn.down_proj)?,
+            d_model,
+            threads: resolve_threads(threads),
+        };
+        // The Burn forward would panic on a block whose projections do not chain; say so here.
+        for p in cpu.mixer.projections() {
+            p.check_shape(d_model, d_model, &format!("a projection of {what}'s mixer"))?;
+        }
+        let d_ffn = cpu.gate_proj.d_output();
+        cpu.gate_proj
+            .check_shape(d_model, d_ffn, &format!("{what}'s gate_proj"))?;
+        cpu.up_proj
+            .check_shape(d_model, d_ffn, &format!("{what}'s up_proj"))?;
+        cpu.down_proj
+            .check_shape(d_ffn, d_model, &format!("{what}'s down_proj"))?;
+        Ok(cpu)
+    }
+
+    /// Bytes of parameters one step reads (see [`CpuDecoder::weight_bytes_per_token`]).
+    pub fn weight_bytes(&self) -> usize {
+        self.mixer.weight_bytes()
+            + (self.mixer_norm.gamma.len() + self.ffn_norm.gamma.len()) * size_of::<f32>()
+            + [&self.gate_proj, &self.up_proj, &self.down_proj]
+                .into_iter()
+                .map(DecodeLinear::weight_bytes)
+                .sum::<usize>()
+    }
+
+    /// Bytes of state the step at `position` reads (see [`CpuDecoder::state_bytes_read`]).
+    pub fn state_bytes_read(&self, position: usize) -> usize {
+        self.mixer.state_bytes_read(position)
+    }
+
+    /// The block's step on `x` in place; the caller runs it inside the kernels' pool.
+    fn step_in_place(&self, x: &mut [f32], state: &mut CpuBlockState) {
+        let threads = self.threads;
+        let mut mixed = vec![0.0; self.d_model];
+        let normed = self.mixer_norm.forward(x);
+        self.mixer.step(&normed, &mut state.0, threads, &mut mixed);
+        axpy(1.0, &mixed, x);
+
+        // SwiGLU: down(silu(gate(h)) ⊙ up(h)).
+        let normed = self.ffn_norm.forward(x);
+        let input = Input::new(&normed);
+        let d_ffn = self.gate_proj.d_output();
+        let (mut gate, mut up) = (vec![0.0; d_ffn], vec![0.0; d_ffn]);
+        DecodeLinear::forward_many(
+            &[&self.gate_proj, &self.up_proj],
+            &input,
+            &mut [&mut gate, &mut up],
+            threads,
+        );
+        bit_ttt_kernels::cpu::silu_mul(&mut gate, &up);
+        self.down_proj
+            .forward(&Input::new(&gate), &mut mixed, threads);
+        axpy(1.0, &mixed, x);
+    }
+}
+
+/// What one [`CpuBlock`] remembers of one sequence: its mixer's TTT fast weights (with room
+/// for a mini-batch of rank-one gradient terms) or KV cache.
 #[derive(Debug, Clone, PartialEq)]
-enum LayerState {
-    Ttt(TttFastWeights),
-    Attention(KvHeads),
+pub struct CpuBlockState(MixerDecodeState);
+
+impl CpuBlockState {
+    /// Number of f32 values the state holds.
+    pub fn num_elements(&self) -> usize {
+        self.0.num_elements()
+    }
 }
 
-/// The state of one sequence for a [`CpuDecoder`]: per layer the TTT fast weights (constant
-/// size) or the KV cache, and the number of tokens read.
+impl BlockStep for CpuBlock {
+    type Hidden = Vec<f32>;
+    type State = CpuBlockState;
+
+    fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    fn new_state(&self) -> CpuBlockState {
+        CpuBlockState(self.mixer.new_state())
+    }
+
+    fn hidden_from_host(&self, hidden: &[f32]) -> Vec<f32> {
+        hidden.to_vec()
+    }
+
+    fn hidden_to_host(&self, hidden: Vec<f32>) -> Result<Vec<f32>, BitTttError> {
+        Ok(hidden)
+    }
+
+    fn step(&self, mut hidden: Vec<f32>, state: &mut CpuBlockState) -> Vec<f32> {
+        bit_ttt_kernels::cpu::install(self.threads, || self.step_in_place(&mut hidden, state));
+        hidden
+    }
+
+    fn fits(&self, state: &CpuBlockState) -> bool {
+        self.mixer.fits(&state.0, self.d_model)
+    }
+
+    fn tokens_read(&self, state: &CpuBlockState) -> usize {
+        self.mixer.tokens_read(&state.0, self.d_model)
+    }
+
+    fn state_to_soul(&self, state: &CpuBlockState, index: usize) -> Result<LayerSoul, BitTttError> {
+        self.mixer.state_to_soul(&state.0, self.d_model, index)
+    }
+
+    fn state_from_soul(
+        &self,
+        soul: &mut LayerSoul,
+        position: usize,
+    ) -> Result<CpuBlockState, BitTttError> {
+        Ok(CpuBlockState(self.mixer.state_from_soul(
+            soul,
+            position,
+            self.d_model,
+        )?))
+    }
+}
+
+/// `threads`, or the kernels' default for 0.
+fn resolve_threads(threads: usize) -> usize {
+    if threads == 0 {
+        bit_ttt_kernels::cpu::num_threads()
+    } else {
+        threads
+    }
+}
+
+/// The state of one sequence for a [`CpuDecoder`]: per block its [`CpuBlockState`], and the
+/// number of tokens read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuDecodeState {
-    layers: Vec<LayerState>,
+    blocks: Vec<CpuBlockState>,
     position: usize,
 }
 
@@ -130,28 +268,19 @@ impl CpuDecodeState {
     /// here also holds room for a mini-batch of rank-one gradient terms, so the count is larger
     /// by a constant).
     pub fn num_elements(&self) -> usize {
-        let len = |t: &[Vec<f32>]| t.iter().map(Vec::len).sum::<usize>();
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Ttt(s) => {
-                    let terms: usize = s.terms.iter().map(|(a, b)| a.len() + b.len()).sum();
-                    len(&s.weights) + len(&s.grads) + terms
-                }
-                LayerState::Attention(kv) => len(&kv.keys) + len(&kv.values),
-            })
-            .sum()
+        self.blocks.iter().map(CpuBlockState::num_elements).sum()
     }
 }
 
-/// A [`BitLlama`] prepared for fused decoding on the CPU (see the [module docs](self)).
+/// A [`BitLlama`] prepared for fused decoding on the CPU (see the [module docs](self)): the
+/// embedding, a chain of [`CpuBlock`]s, the final norm and the head.
 #[derive(Debug)]
 pub struct CpuDecoder {
     /// `[vocab_size, d_model]`.
     embedding: Vec<f32>,
     d_model: usize,
     vocab_size: usize,
-    blocks: Vec<DecodeBlock>,
+    blocks: Vec<CpuBlock>,
     norm: Norm,
     lm_head: DecodeLinear,
     threads: usize,
@@ -167,49 +296,22 @@ impl CpuDecoder {
     /// if a tensor cannot be read as f32; [`BitTttError::InvalidInput`] if the projections do
     /// not chain (a hand-assembled model: block widths, FFN width, head and vocabulary).
     pub fn new<B: Backend>(model: &BitLlama<B>, threads: usize) -> Result<Self, BitTttError> {
+        let [vocab_size, d_model] = model.embedding.weight.dims();
         let blocks = model
             .blocks
             .iter()
-            .map(|block| {
-                Ok(DecodeBlock {
-                    mixer_norm: Norm::new(&block.mixer_norm)?,
-                    mixer: match &block.mixer {
-                        Mixer::Ttt(layer) => DecodeMixer::Ttt(TttDecode::new(layer)?),
-                        Mixer::Attention(layer) => {
-                            DecodeMixer::Attention(AttentionDecode::new(layer)?)
-                        }
-                    },
-                    ffn_norm: Norm::new(&block.ffn_norm)?,
-                    gate_proj: DecodeLinear::from_projection(&block.ffn.gate_proj)?,
-                    up_proj: DecodeLinear::from_projection(&block.ffn.up_proj)?,
-                    down_proj: DecodeLinear::from_projection(&block.ffn.down_proj)?,
-                })
-            })
+            .enumerate()
+            .map(|(i, block)| CpuBlock::new(block, threads, &format!("block {i}")))
             .collect::<Result<Vec<_>, BitTttError>>()?;
-        let [vocab_size, d_model] = model.embedding.weight.dims();
-        // The Burn forward would panic on a model whose projections do not chain; say so here.
-        for (i, block) in blocks.iter().enumerate() {
-            let mixer: Box<dyn Iterator<Item = &DecodeLinear>> = match &block.mixer {
-                DecodeMixer::Ttt(t) => Box::new(t.projections()),
-                DecodeMixer::Attention(a) => Box::new(a.projections()),
-            };
-            for p in mixer {
-                p.check_shape(
-                    d_model,
-                    d_model,
-                    &format!("a projection of block {i}'s mixer"),
-                )?;
-            }
-            let d_ffn = block.gate_proj.d_output();
-            block
-                .gate_proj
-                .check_shape(d_model, d_ffn, &format!("block {i}'s gate_proj"))?;
-            block
-                .up_proj
-                .check_shape(d_model, d_ffn, &format!("block {i}'s up_proj"))?;
-            block
-                .down_proj
-                .check_shape(d_ffn, d_model, &format!("block {i}'s down_proj"))?;
+        if let Some((i, _)) = blocks
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.d_model != d_model)
+        {
+            return Err(BitTttError::InvalidInput(format!(
+                "block {i} is {} wide, the embedding {d_model}",
+                blocks[i].d_model
+            )));
         }
         let lm_head = DecodeLinear::from_projection(&model.lm_head)?;
         lm_head.check_shape(d_model, vocab_size, "the LM head")?;
@@ -220,11 +322,7 @@ impl CpuDecoder {
             blocks,
             norm: Norm::new(&model.norm)?,
             lm_head,
-            threads: if threads == 0 {
-                bit_ttt_kernels::cpu::num_threads()
-            } else {
-                threads
-            },
+            threads: resolve_threads(threads),
         })
     }
 
@@ -233,28 +331,20 @@ impl CpuDecoder {
         self.vocab_size
     }
 
+    /// The blocks, in order: each a [`BlockStep`], for drivers that run them (or some of
+    /// them) block by block.
+    pub fn blocks(&self) -> &[CpuBlock] {
+        &self.blocks
+    }
+
     /// Bytes of parameters one step reads: every projection (packed blocks and scale, or f32
     /// weights) with its bias, every norm, the TTT layers' own parameters, and one row of the
     /// embedding. What a memory-bound step must stream from memory at the least.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| {
-                let mixer = match &b.mixer {
-                    DecodeMixer::Ttt(t) => t.weight_bytes(),
-                    DecodeMixer::Attention(a) => a.weight_bytes(),
-                };
-                mixer
-                    + f32_bytes(b.mixer_norm.gamma.len() + b.ffn_norm.gamma.len())
-                    + [&b.gate_proj, &b.up_proj, &b.down_proj]
-                        .into_iter()
-                        .map(DecodeLinear::weight_bytes)
-                        .sum::<usize>()
-            })
-            .sum();
-        blocks + f32_bytes(self.d_model + self.norm.gamma.len()) + self.lm_head.weight_bytes()
+        let blocks: usize = self.blocks.iter().map(CpuBlock::weight_bytes).sum();
+        blocks
+            + (self.d_model + self.norm.gamma.len()) * size_of::<f32>()
+            + self.lm_head.weight_bytes()
     }
 
     /// Bytes of recurrent state the step at sequence `position` (the tokens read before it)
@@ -263,10 +353,7 @@ impl CpuDecoder {
     pub fn state_bytes_read(&self, position: usize) -> usize {
         self.blocks
             .iter()
-            .map(|b| match &b.mixer {
-                DecodeMixer::Ttt(t) => t.state_bytes_read(position),
-                DecodeMixer::Attention(a) => a.state_bytes_read(position),
-            })
+            .map(|b| b.state_bytes_read(position))
             .sum()
     }
 
@@ -279,16 +366,64 @@ impl CpuDecoder {
     /// cache empty.
     pub fn new_state(&self) -> CpuDecodeState {
         CpuDecodeState {
+            blocks: self.blocks.iter().map(BlockStep::new_state).collect(),
+            position: 0,
+        }
+    }
+
+    /// `state` in the portable form of `.soul` files (see [`crate::soul`]): what
+    /// [`save_state`](Self::save_state) writes, and what [`BitLlama::state_from_soul`] turns
+    /// into a Burn state. A TTT layer's gradient terms of an unfinished mini-batch are summed
+    /// into the dense form Burn keeps.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] if `state` belongs to another model.
+    pub fn state_to_soul(&self, state: &CpuDecodeState) -> Result<Soul, BitTttError> {
+        self.check_state(state)?;
+        Ok(Soul {
+            position: state.position,
             layers: self
                 .blocks
                 .iter()
-                .map(|b| match &b.mixer {
-                    DecodeMixer::Ttt(t) => LayerState::Ttt(t.new_state()),
-                    DecodeMixer::Attention(a) => LayerState::Attention(a.new_state()),
-                })
-                .collect(),
-            position: 0,
+                .zip(&state.blocks)
+                .enumerate()
+                .map(|(i, (b, s))| b.state_to_soul(s, i))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The state a portable [`Soul`] describes (one sequence), checked against this model.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] if it has another number of layers, another kind of
+    /// mixer, other shapes (another model), more than one sequence, counters that disagree
+    /// with its position, or tensors this model's state does not have.
+    pub fn state_from_soul(&self, mut soul: Soul) -> Result<CpuDecodeState, BitTttError> {
+        if soul.layers.len() != self.blocks.len() {
+            return Err(BitTttError::InvalidCache(format!(
+                "a state of {} layers for a model of {}",
+                soul.layers.len(),
+                self.blocks.len()
+            )));
         }
+        let batch = soul.batch_size()?;
+        if batch != 1 {
+            return Err(BitTttError::InvalidCache(format!(
+                "a state of {batch} sequences: the fused decoder reads one"
+            )));
+        }
+        let total: usize = soul.layers.iter().map(|l| l.tensors.len()).sum();
+        let blocks = self
+            .blocks
+            .iter()
+            .zip(&mut soul.layers)
+            .map(|(b, layer)| b.state_from_soul(layer, soul.position))
+            .collect::<Result<Vec<_>, _>>()?;
+        soul.check_all_taken(total)?;
+        Ok(CpuDecodeState {
+            blocks,
+            position: soul.position,
+        })
     }
 
     /// The state of a one-sequence [`ModelState`] of the same model (e.g. after a prefill
@@ -301,46 +436,33 @@ impl CpuDecoder {
         &self,
         state: &ModelState<B>,
     ) -> Result<CpuDecodeState, BitTttError> {
-        if state.layers.len() != self.blocks.len() {
-            return Err(BitTttError::InvalidCache(format!(
-                "a state of {} layers for a model of {}",
-                state.layers.len(),
-                self.blocks.len()
-            )));
-        }
-        let layers = self
-            .blocks
-            .iter()
-            .zip(&state.layers)
-            .map(|(block, layer)| match (&block.mixer, layer) {
-                (DecodeMixer::Ttt(t), MixerState::Ttt(cache)) => {
-                    Ok(LayerState::Ttt(t.state_from_cache(cache)?))
-                }
-                (DecodeMixer::Attention(a), MixerState::Attention(cache)) => Ok(
-                    LayerState::Attention(a.state_from_cache(cache, self.d_model)?),
-                ),
-                _ => Err(BitTttError::InvalidCache(
-                    "a state of another kind of mixer".into(),
-                )),
-            })
-            .collect::<Result<Vec<_>, BitTttError>>()?;
-        // Every forward advances the position, each TTT offset and each KV length together.
-        for (block, layer) in self.blocks.iter().zip(&layers) {
-            let seen = match (&block.mixer, layer) {
-                (DecodeMixer::Attention(a), LayerState::Attention(kv)) => a.len(kv, self.d_model),
-                (_, LayerState::Ttt(s)) => s.seq_len_offset,
-                _ => continue,
-            };
-            if seen != state.position {
-                return Err(BitTttError::InvalidCache(format!(
-                    "a layer has read {seen} tokens, the state's position is {}",
-                    state.position
-                )));
-            }
-        }
-        Ok(CpuDecodeState {
-            layers,
-            position: state.position,
+        self.state_from_soul(state.to_soul()?)
+    }
+
+    /// Writes `state` to a `.soul` file, atomically: the same file [`ModelState::save`]
+    /// writes, so Burn ([`BitLlama::load_state`]) or this decoder can continue from it.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] if `state` belongs to another model; [`BitTttError::Io`].
+    pub fn save_state(&self, state: &CpuDecodeState, path: &Path) -> Result<(), BitTttError> {
+        self.state_to_soul(state)?.save(path)
+    }
+
+    /// Restores a state from a `.soul` file written by [`save_state`](Self::save_state) or
+    /// [`ModelState::save`] (one sequence).
+    ///
+    /// # Errors
+    /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] if the
+    /// file does not parse or does not fit this model (see
+    /// [`state_from_soul`](Self::state_from_soul)).
+    pub fn load_state(&self, path: &Path) -> Result<CpuDecodeState, BitTttError> {
+        let (soul, _) = Soul::load(path, self.blocks.len())?;
+        self.state_from_soul(soul).map_err(|e| match e {
+            BitTttError::InvalidCache(reason) => BitTttError::CorruptFile {
+                path: path.to_path_buf(),
+                reason,
+            },
+            other => other,
         })
     }
 
@@ -403,19 +525,46 @@ impl CpuDecoder {
         generate_with(prompt, config, |tokens| self.read(tokens, state), on_token)
     }
 
+    /// The embedding row of `token` (`[d_model]`): the hidden state entering the first block.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidInput`] if `token` is not below the vocabulary size.
+    pub fn embed(&self, token: u32) -> Result<Vec<f32>, BitTttError> {
+        let token = token as usize;
+        if token >= self.vocab_size {
+            return Err(BitTttError::InvalidInput(format!(
+                "token id {token} is out of range for a vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        Ok(self.embedding[token * self.d_model..(token + 1) * self.d_model].to_vec())
+    }
+
+    /// The logits (`[vocab_size]`) of the hidden state leaving the last block: final norm
+    /// and head.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidInput`] if `hidden` is not `d_model` long.
+    pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>, BitTttError> {
+        if hidden.len() != self.d_model {
+            return Err(BitTttError::InvalidInput(format!(
+                "a hidden state of {} values for a model of width {}",
+                hidden.len(),
+                self.d_model
+            )));
+        }
+        Ok(bit_ttt_kernels::cpu::install(self.threads, || {
+            self.head(hidden)
+        }))
+    }
+
     fn check_state(&self, state: &CpuDecodeState) -> Result<(), BitTttError> {
-        let fits = state.layers.len() == self.blocks.len()
+        let fits = state.blocks.len() == self.blocks.len()
             && self
                 .blocks
                 .iter()
-                .zip(&state.layers)
-                .all(|(b, l)| match (&b.mixer, l) {
-                    (DecodeMixer::Ttt(t), LayerState::Ttt(s)) => t.check_state(s).is_ok(),
-                    (DecodeMixer::Attention(a), LayerState::Attention(kv)) => {
-                        a.fits(kv, self.d_model)
-                    }
-                    _ => false,
-                });
+                .zip(&state.blocks)
+                .all(|(b, s)| b.fits(s) && b.tokens_read(s) == state.position);
         if fits {
             Ok(())
         } else {
@@ -425,46 +574,24 @@ impl CpuDecoder {
         }
     }
 
+    fn head(&self, hidden: &[f32]) -> Vec<f32> {
+        let mut logits = vec![0.0; self.vocab_size];
+        self.lm_head.forward(
+            &Input::new(&self.norm.forward(hidden)),
+            &mut logits,
+            self.threads,
+        );
+        logits
+    }
+
     fn step_unchecked(&self, token: usize, state: &mut CpuDecodeState) -> Vec<f32> {
         let d_model = self.d_model;
-        let threads = self.threads;
         let mut x = self.embedding[token * d_model..(token + 1) * d_model].to_vec();
-        let mut mixed = vec![0.0; d_model];
-        for (block, layer) in self.blocks.iter().zip(&mut state.layers) {
-            let normed = block.mixer_norm.forward(&x);
-            match (&block.mixer, layer) {
-                (DecodeMixer::Ttt(t), LayerState::Ttt(s)) => {
-                    t.step(&normed, s, threads, &mut mixed);
-                }
-                (DecodeMixer::Attention(a), LayerState::Attention(kv)) => {
-                    a.step(&normed, kv, threads, &mut mixed);
-                }
-                _ => unreachable!("check_state matched every layer with its mixer"),
-            }
-            axpy(1.0, &mixed, &mut x);
-
-            // SwiGLU: down(silu(gate(h)) ⊙ up(h)).
-            let normed = block.ffn_norm.forward(&x);
-            let input = Input::new(&normed);
-            let d_ffn = block.gate_proj.d_output();
-            let (mut gate, mut up) = (vec![0.0; d_ffn], vec![0.0; d_ffn]);
-            DecodeLinear::forward_many(
-                &[&block.gate_proj, &block.up_proj],
-                &input,
-                &mut [&mut gate, &mut up],
-                threads,
-            );
-            bit_ttt_kernels::cpu::silu_mul(&mut gate, &up);
-            block
-                .down_proj
-                .forward(&Input::new(&gate), &mut mixed, threads);
-            axpy(1.0, &mixed, &mut x);
+        for (block, block_state) in self.blocks.iter().zip(&mut state.blocks) {
+            block.step_in_place(&mut x, block_state);
         }
         state.position += 1;
-        let mut logits = vec![0.0; self.vocab_size];
-        self.lm_head
-            .forward(&Input::new(&self.norm.forward(&x)), &mut logits, threads);
-        logits
+        self.head(&x)
     }
 }
 

@@ -340,17 +340,143 @@ fn simd_and_generic_ttt_heads_are_bit_identical() {
         // One thread: the heads run on this thread, where the switch is set.
         let decoder = CpuDecoder::new(&model, 1).unwrap();
         let decode = |generic: bool| {
-            ttt::GENERIC_HEADS.set(generic);
+            crate::mixer::ttt::decode::GENERIC_HEADS.set(generic);
             let mut state = decoder.new_state();
             let logits: Vec<Vec<f32>> = tokens(11)
                 .iter()
                 .map(|&t| decoder.step(t, &mut state).unwrap())
                 .collect();
-            ttt::GENERIC_HEADS.set(false);
+            crate::mixer::ttt::decode::GENERIC_HEADS.set(false);
             (logits, state)
         };
         let (simd, generic) = (decode(false), decode(true));
         assert!(simd.0.iter().flatten().all(|v| v.is_finite()));
         assert_eq!(simd, generic, "{}", mixer.name());
+    }
+}
+
+/// Reads `split` tokens with the fused decoder, saves its state to a `.soul` file, restores it
+/// in Burn and in a fresh fused decoder, and continues both: each gives the logits of an
+/// uninterrupted Burn run within `assert_close`.
+#[test]
+fn a_fused_state_saved_to_soul_continues_in_burn_and_in_the_fused_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    for mixer in MIXERS {
+        let model = model(mixer, false);
+        let decoder = CpuDecoder::new(&model, 1).unwrap();
+        let all = tokens(11);
+        // 6 tokens end inside a mini-batch of 4 (unfinished gradient terms), 8 on a boundary.
+        for split in [6, 8] {
+            let mut uninterrupted = model.new_state();
+            let mut fused = decoder.new_state();
+            decoder.read(&all[..split], &mut fused).unwrap();
+            model.read(&all[..split], &mut uninterrupted).unwrap();
+            let path = dir.path().join(format!("{}-{split}.soul", mixer.name()));
+            decoder.save_state(&fused, &path).unwrap();
+
+            let mut in_burn = model.load_state(&path).unwrap();
+            let mut restored = decoder.load_state(&path).unwrap();
+            assert_eq!(in_burn.position, split);
+            assert_eq!(restored.position(), split);
+            let mut kept = fused.clone();
+            for &token in &all[split..] {
+                let expected = model.read(&[token], &mut uninterrupted).unwrap();
+                let what = format!("{} split {split}", mixer.name());
+                let burn = model.read(&[token], &mut in_burn).unwrap();
+                assert_close(
+                    &burn,
+                    &expected,
+                    &format!("{what}: Burn from the fused state"),
+                );
+                let again = decoder.step(token, &mut restored).unwrap();
+                assert_close(&again, &expected, &format!("{what}: fused from the file"));
+                let same = decoder.step(token, &mut kept).unwrap();
+                if split % 4 == 0 || mixer == MixerKind::Attention {
+                    // Saved on a mini-batch boundary (or a KV cache): the very same state.
+                    assert_eq!(again, same, "{what}: restored and kept states differ");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_soul_of_another_model_or_of_two_sequences_is_an_error_for_the_fused_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.soul");
+    let ttt = model(MixerKind::TttLinear, false);
+    let mut state = ttt.new_state();
+    ttt.read(&tokens(3), &mut state).unwrap();
+    state.save(&path).unwrap();
+
+    let attention = CpuDecoder::new(&model(MixerKind::Attention, false), 1).unwrap();
+    let err = attention.load_state(&path).unwrap_err();
+    assert!(
+        matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("layers.0.kv_len")),
+        "{err}"
+    );
+
+    // Two sequences: Burn reads them, the fused decoder (one sequence) says why it does not.
+    let mut two = ttt.new_batch_state(2);
+    let batch = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_ints(
+        [[1, 2, 3], [4, 5, 6]],
+        &Default::default(),
+    );
+    ttt.forward_with_state(batch, &mut two);
+    two.save(&path).unwrap();
+    let decoder = CpuDecoder::new(&ttt, 1).unwrap();
+    let err = decoder.load_state(&path).unwrap_err();
+    assert!(
+        matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("2 sequences")),
+        "{err}"
+    );
+}
+
+/// A chain split between Burn blocks and fused CPU blocks (the seam the GPU/CPU split uses):
+/// the first `k` blocks run in Burn, the rest fused, the hidden state crossing once per token.
+/// Every split gives the fused decoder's logits within `assert_close`.
+#[test]
+fn a_chain_of_burn_and_fused_blocks_decodes_like_either() {
+    use crate::decode::{step_blocks, BurnBlock};
+    for mixer in MIXERS {
+        for ternary in [false, true] {
+            let model = model(mixer, ternary);
+            let decoder = CpuDecoder::new(&model, 1).unwrap();
+            let device = Default::default();
+            let burn_blocks: Vec<BurnBlock<'_, B>> = model
+                .blocks
+                .iter()
+                .map(|b| BurnBlock::new(b, &device))
+                .collect();
+            let n = model.blocks.len();
+            for k in 0..=n {
+                let mut fused_state = decoder.new_state();
+                let mut burn_states: Vec<_> =
+                    burn_blocks[..k].iter().map(BlockStep::new_state).collect();
+                let mut cpu_states: Vec<_> = decoder.blocks()[k..]
+                    .iter()
+                    .map(BlockStep::new_state)
+                    .collect();
+                for (i, token) in tokens(7).into_iter().enumerate() {
+                    let expected = decoder.step(token, &mut fused_state).unwrap();
+                    let x = decoder.embed(token).unwrap();
+                    let x = step_blocks(&burn_blocks[..k], &mut burn_states, &x).unwrap();
+                    let x = step_blocks(&decoder.blocks()[k..], &mut cpu_states, &x).unwrap();
+                    let got = decoder.logits(&x).unwrap();
+                    let what = format!(
+                        "{} ternary={ternary}, {k} Burn blocks, token {i}",
+                        mixer.name()
+                    );
+                    assert_close(&got, &expected, &what);
+                }
+            }
+            // A state of the wrong block is refused before anything runs.
+            let mut wrong: Vec<_> = decoder.blocks()[..1]
+                .iter()
+                .map(BlockStep::new_state)
+                .collect();
+            let x = decoder.embed(1).unwrap();
+            assert!(step_blocks(&decoder.blocks()[..2], &mut wrong, &x).is_err());
+        }
     }
 }

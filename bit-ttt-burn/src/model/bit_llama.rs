@@ -4,8 +4,8 @@ use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
 
+use crate::mixer::MixerState;
 use crate::model::block::Block;
-use crate::model::mixer::MixerState;
 use crate::model::BitLlamaConfig;
 use crate::{Projection, ProjectionConfig, TernaryBackend};
 

@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::model::mixer::{Mixer, MixerState};
+use crate::mixer::{Mixer, MixerState};
 use crate::model::BitLlamaConfig;
 use crate::swiglu::{SwiGlu, SwiGluConfig};
 use crate::TernaryBackend;

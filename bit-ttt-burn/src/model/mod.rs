@@ -4,13 +4,12 @@ mod bit_llama;
 mod block;
 mod config;
 pub mod files;
-mod mixer;
 mod packed;
 mod soul;
 #[cfg(test)]
 pub(crate) mod test_util;
 
+pub use crate::mixer::{Mixer, MixerState};
 pub use bit_llama::{BitLlama, ModelState};
 pub use block::Block;
 pub use config::{BitLlamaConfig, MixerKind};
-pub use mixer::{Mixer, MixerState};

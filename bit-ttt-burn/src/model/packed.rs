@@ -29,9 +29,9 @@ use memmap2::Mmap;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 use crate::files::write_atomic;
-use crate::model::{BitLlama, BitLlamaConfig, Mixer};
-use crate::packed_bit_linear::TernaryWeights;
-use crate::{BitTttError, Projection};
+use crate::model::{BitLlama, BitLlamaConfig};
+use crate::packed_bit_linear::{TernaryParam, TernaryWeights};
+use crate::{BitTttError, Projection, TernaryBackend};
 
 /// A visitor of the projections of a model: their module path, and the projection.
 type ProjectionVisitor<'a, B> =
@@ -49,57 +49,37 @@ impl<B: Backend> ModuleVisitor<B> for Materialize {
 const FORMAT: &str = "bit-ttt-packed";
 const VERSION: &str = "1";
 
-/// Runs `$body` with `$path` (the module path) and `$p` (a reference, `&mut` when `mut` is
-/// given) bound for every projection of `$model`, in file order. One walk for the shared and
-/// the mutable visit, so the two can never disagree.
-macro_rules! visit_projections {
-    (@one $path:ident, $p:ident, $body:block, $name:expr, $place:expr) => {{
-        let $path: String = $name;
-        let $p = $place;
-        $body
-    }};
-    ($model:expr, $($m:ident)?; |$path:ident, $p:ident| $body:block) => {{
-        for (i, block) in (& $($m)? $model.blocks).into_iter().enumerate() {
-            let mixer = format!("blocks.{i}.mixer");
-            match & $($m)? block.mixer {
-                Mixer::Ttt(t) => {
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.q_proj"), & $($m)? t.q_proj);
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.k_proj"), & $($m)? t.k_proj);
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.v_proj"), & $($m)? t.v_proj);
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.o_proj"), & $($m)? t.o_proj);
-                    if let Some(g) = & $($m)? t.g_proj {
-                        visit_projections!(@one $path, $p, $body, format!("{mixer}.g_proj"), g);
-                    }
-                }
-                Mixer::Attention(a) => {
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.q_proj"), & $($m)? a.q_proj);
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.k_proj"), & $($m)? a.k_proj);
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.v_proj"), & $($m)? a.v_proj);
-                    visit_projections!(@one $path, $p, $body, format!("{mixer}.o_proj"), & $($m)? a.o_proj);
-                }
-            }
-            visit_projections!(@one $path, $p, $body, format!("blocks.{i}.ffn.gate_proj"), & $($m)? block.ffn.gate_proj);
-            visit_projections!(@one $path, $p, $body, format!("blocks.{i}.ffn.up_proj"), & $($m)? block.ffn.up_proj);
-            visit_projections!(@one $path, $p, $body, format!("blocks.{i}.ffn.down_proj"), & $($m)? block.ffn.down_proj);
-        }
-        visit_projections!(@one $path, $p, $body, "lm_head".to_string(), & $($m)? $model.lm_head);
-    }};
-}
-
 impl<B: Backend> BitLlama<B> {
-    /// Calls `f` with the module path and a mutable reference of every projection.
+    /// Calls `f` with the module path and a mutable reference of every projection, in file
+    /// order (see [`projections`](Self::projections)).
     pub(crate) fn for_each_projection(
         &mut self,
         f: &mut ProjectionVisitor<'_, B>,
     ) -> Result<(), BitTttError> {
-        visit_projections!(self, mut; |path, p| { f(path, p)?; });
-        Ok(())
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for (name, p) in block.mixer.projections_mut() {
+                f(format!("blocks.{i}.mixer.{name}"), p)?;
+            }
+            for (name, p) in block.ffn.projections_mut() {
+                f(format!("blocks.{i}.ffn.{name}"), p)?;
+            }
+        }
+        f("lm_head".to_string(), &mut self.lm_head)
     }
 
-    /// The module path and a reference of every projection, in file order.
+    /// The module path and a reference of every projection, in file order: per block its
+    /// mixer's (each mixer lists its own), then the feed-forward network's; the head last.
     pub fn projections(&self) -> Vec<(String, &Projection<B>)> {
         let mut all = Vec::new();
-        visit_projections!(self, ; |path, p| { all.push((path, p)); });
+        for (i, block) in self.blocks.iter().enumerate() {
+            for (name, p) in block.mixer.projections() {
+                all.push((format!("blocks.{i}.mixer.{name}"), p));
+            }
+            for (name, p) in block.ffn.projections() {
+                all.push((format!("blocks.{i}.ffn.{name}"), p));
+            }
+        }
+        all.push(("lm_head".to_string(), &self.lm_head));
         all
     }
 
@@ -211,8 +191,11 @@ impl<B: Backend> BitLlama<B> {
             .map_err(|e| BitTttError::InvalidInput(format!("serializing the packed file: {e}")))?;
         write_atomic(path, &bytes)
     }
+}
 
-    /// Opens a packed inference file by memory-mapping it; the ternary weights are read in place.
+impl<B: TernaryBackend> BitLlama<B> {
+    /// Opens a packed inference file by memory-mapping it; the ternary weights are read in place
+    /// on the CPU, and uploaded once to a GPU backend's device.
     ///
     /// # Errors
     /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] for a
@@ -293,13 +276,13 @@ impl<B: Backend> BitLlama<B> {
             let view = bit_ttt_kernels::TernaryView::new(blocks, rows, cols, gamma)?;
             view.verify_codes()?;
             *p = Projection::Packed(crate::PackedBitLinear {
-                weight: TernaryWeights::Mapped {
+                weight: TernaryParam::new(TernaryWeights::Mapped {
                     map: map.clone(),
                     offset: qweight.data().as_ptr() as usize - base,
                     rows,
                     cols,
                     scale: gamma,
-                },
+                }),
                 bias: layer
                     .bias
                     .as_ref()
@@ -347,7 +330,26 @@ impl<B: Backend> BitLlama<B> {
         if !result.errors.is_empty() || !result.missing.is_empty() {
             return Err(corrupt(format!("{:?} {:?}", result.errors, result.missing)));
         }
+        model.upload_packed()?;
         Ok((model, config))
+    }
+
+    /// Makes every packed projection's weights resident on the model's device (see
+    /// [`PackedBitLinear::upload`](crate::PackedBitLinear::upload)): a no-op for weights that
+    /// already are. [`load_packed`](Self::load_packed) does it; call it after
+    /// [`into_packed`](Self::into_packed) or a move to another device to pay for the upload
+    /// (and see its errors) before the first forward rather than in it.
+    ///
+    /// # Errors
+    /// As [`TernaryBackend::upload_ternary`].
+    pub fn upload_packed(&self) -> Result<(), BitTttError> {
+        let device = self.embedding.weight.device();
+        for (_, p) in self.projections() {
+            if let Projection::Packed(layer) = p {
+                layer.upload(&device)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -430,9 +432,9 @@ fn check_tensor(
 /// A zero-size stand-in used while a projection is moved out and packed.
 fn placeholder_projection<B: Backend>() -> Projection<B> {
     Projection::Packed(crate::PackedBitLinear {
-        weight: TernaryWeights::Owned(
+        weight: TernaryParam::new(TernaryWeights::owned(
             bit_ttt_kernels::PackedTernary::pack(&[], 0, 0, 1.0).expect("an empty matrix packs"),
-        ),
+        )),
         bias: None,
         quantize_activations: false,
         eps: 0.0,

@@ -1,97 +1,77 @@
-//! `.soul` files: the state of a model after reading a context, saved to disk and restored later,
-//! so a long document is read once and generation resumes from it.
-//!
-//! A `.soul` file is a safetensors file. For a TTT layer `i` it holds the fast weights at the
-//! start of the current mini-batch, `layers.{i}.state.{k}`, and the accumulated step of the
-//! unfinished mini-batch, `layers.{i}.grads.{k}` (`[batch, heads, rows, cols]` each; `k` counts
-//! the inner model's tensors: W1, b1 for TTT-Linear, W1, b1, W2, b2 for TTT-MLP). For an
-//! attention layer it holds `layers.{i}.keys` and `layers.{i}.values` (the KV cache; that file
-//! grows with the context, a TTT one does not). The metadata holds `format = bit-ttt-soul`,
-//! `version = 1`, the number of tokens read (`position`), and per TTT layer its position in the
-//! stream (`layers.{i}.seq_len_offset`) and mini-batch size.
-//!
-//! Restoring checks that the file fits the model (layer count, kinds, shapes, element types;
-//! keys and values `[batch, n_heads, position, d_model / n_heads]` each) and that its counters
-//! agree (`position` equals every TTT layer's `seq_len_offset` and every attention layer's
-//! `kv_len`), so a restored state cannot make the next forward panic. It gives exactly the
-//! state that was saved, so the logits that follow are those of the uninterrupted run.
+//! `.soul` files of a [`BitLlama`] decoded by Burn: [`ModelState::save`] and
+//! [`BitLlama::load_state`]. The format and its checks are in [`crate::soul`]; each mixer
+//! converts its own part.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
-use safetensors::{tensor::TensorView, Dtype, SafeTensors};
-
-use crate::attention::KvCache;
-use crate::files::{read_file, write_atomic};
-use crate::model::{BitLlama, Mixer, MixerState, ModelState};
-use crate::ttt::TttCache;
+use crate::model::{BitLlama, ModelState};
+use crate::soul::Soul;
 use crate::BitTttError;
 
-const FORMAT: &str = "bit-ttt-soul";
-const VERSION: &str = "1";
+impl<B: burn::tensor::backend::Backend> ModelState<B> {
+    /// This state in the portable form of `.soul` files.
+    ///
+    /// # Errors
+    /// [`BitTttError::Data`] if a tensor cannot be read as f32.
+    pub fn to_soul(&self) -> Result<Soul, BitTttError> {
+        Ok(Soul {
+            position: self.position,
+            layers: self
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, layer)| layer.to_soul(i))
+                .collect::<Result<_, _>>()?,
+        })
+    }
 
-impl<B: Backend> ModelState<B> {
     /// Writes this state to a `.soul` file, atomically.
     ///
     /// # Errors
     /// [`BitTttError::Io`], or [`BitTttError::Data`] if a tensor cannot be read as f32.
     pub fn save(&self, path: &Path) -> Result<(), BitTttError> {
-        let mut metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("version".to_string(), VERSION.to_string()),
-            ("position".to_string(), self.position.to_string()),
-        ]);
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut push = |name: String, t: &Tensor<B, 4>| -> Result<(), BitTttError> {
-            let values: Vec<f32> = t.to_data().convert::<f32>().into_vec()?;
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((name, t.dims().to_vec(), bytes));
-            Ok(())
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            match layer {
-                MixerState::Ttt(cache) => {
-                    metadata.insert(
-                        format!("layers.{i}.seq_len_offset"),
-                        cache.seq_len_offset().to_string(),
-                    );
-                    metadata.insert(
-                        format!("layers.{i}.mini_batch_size"),
-                        cache.mini_batch_size().to_string(),
-                    );
-                    for (k, t) in cache.state().iter().enumerate() {
-                        push(format!("layers.{i}.state.{k}"), t)?;
-                    }
-                    for (k, t) in cache.grads().iter().enumerate() {
-                        push(format!("layers.{i}.grads.{k}"), t)?;
-                    }
-                }
-                MixerState::Attention(kv) => {
-                    metadata.insert(format!("layers.{i}.kv_len"), kv.len().to_string());
-                    if let (Some(keys), Some(values)) = (&kv.keys, &kv.values) {
-                        push(format!("layers.{i}.keys"), keys)?;
-                        push(format!("layers.{i}.values"), values)?;
-                    }
-                }
-            }
-        }
-        let views: Vec<(String, TensorView<'_>)> = tensors
-            .iter()
-            .map(|(name, shape, bytes)| {
-                let view =
-                    TensorView::new(Dtype::F32, shape.clone(), bytes).expect("consistent tensor");
-                (name.clone(), view)
-            })
-            .collect();
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| BitTttError::InvalidInput(format!("serializing the state: {e}")))?;
-        write_atomic(path, &bytes)
+        self.to_soul()?.save(path)
     }
 }
 
-impl<B: Backend> BitLlama<B> {
-    /// Restores a state saved by [`ModelState::save`] for this model.
+impl<B: burn::tensor::backend::Backend> BitLlama<B> {
+    /// The state a portable [`Soul`] describes, checked against this model (every tensor and
+    /// counter of every block; nothing left over). `total` is the number of tensors the soul
+    /// came with, for the message when some are left over.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] naming the first thing that does not fit.
+    pub fn state_from_soul(&self, mut soul: Soul) -> Result<ModelState<B>, BitTttError> {
+        if soul.layers.len() != self.blocks.len() {
+            return Err(BitTttError::InvalidCache(format!(
+                "a state of {} layers for a model of {}",
+                soul.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        let total: usize = soul.layers.iter().map(|l| l.tensors.len()).sum();
+        let batch = soul.batch_size()?;
+        let device = self.embedding.weight.device();
+        let d_model = self.embedding.weight.dims()[1];
+        let layers = self
+            .blocks
+            .iter()
+            .zip(&mut soul.layers)
+            .map(|(block, layer)| {
+                block
+                    .mixer
+                    .state_from_soul(layer, soul.position, batch, d_model, &device)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        soul.check_all_taken(total)?;
+        Ok(ModelState {
+            layers,
+            position: soul.position,
+        })
+    }
+
+    /// Restores a state saved by [`ModelState::save`] (or by another decoder of this model,
+    /// e.g. [`CpuDecoder::save_state`](crate::cpu_decode::CpuDecoder::save_state)).
     ///
     /// # Errors
     /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] if the
@@ -99,150 +79,14 @@ impl<B: Backend> BitLlama<B> {
     /// field: a KV cache of another head count or head size, keys and values of different
     /// lengths), or its `position` disagrees with a layer's `seq_len_offset` or `kv_len`.
     pub fn load_state(&self, path: &Path) -> Result<ModelState<B>, BitTttError> {
-        let bytes = read_file(path)?;
-        let corrupt = |reason: String| BitTttError::CorruptFile {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        let field = |key: &str| -> Result<usize, BitTttError> {
-            metadata
-                .get(key)
-                .ok_or_else(|| corrupt(format!("metadata {key:?} is missing")))?
-                .parse()
-                .map_err(|_| corrupt(format!("metadata {key:?} is not a number")))
-        };
-        if metadata.get("format").map(String::as_str) != Some(FORMAT)
-            || metadata.get("version").map(String::as_str) != Some(VERSION)
-        {
-            return Err(corrupt(format!("not a {FORMAT} version {VERSION} file")));
-        }
-        let device = self.embedding.weight.device();
-        // A tensor of the file, checked against the shape the model needs (when one is given).
-        let tensor =
-            |name: String, expected: Option<[usize; 4]>| -> Result<Tensor<B, 4>, BitTttError> {
-                let view = file
-                    .tensor(&name)
-                    .map_err(|_| corrupt(format!("tensor {name:?} is missing")))?;
-                if view.dtype() != Dtype::F32 {
-                    return Err(corrupt(format!(
-                        "tensor {name:?} is {:?}, expected F32",
-                        view.dtype()
-                    )));
-                }
-                let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
-                    corrupt(format!(
-                        "tensor {name:?} has shape {:?}, expected 4 dimensions",
-                        view.shape()
-                    ))
-                })?;
-                if let Some(expected) = expected {
-                    if shape != expected {
-                        return Err(corrupt(format!(
-                            "tensor {name:?} has shape {shape:?}, the model expects {expected:?}"
-                        )));
-                    }
-                }
-                let values: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                Ok(Tensor::from_data(TensorData::new(values, shape), &device))
-            };
-
-        let position = field("position")?;
-        let batch = self.batch_of(&file, &corrupt)?;
-        let d_model = self.embedding.weight.dims()[1];
-        let mut layers = Vec::with_capacity(self.blocks.len());
-        let mut expected_names = 0;
-        for (i, block) in self.blocks.iter().enumerate() {
-            layers.push(match &block.mixer {
-                Mixer::Ttt(ttt) => {
-                    let cache = ttt.new_cache(batch);
-                    let load = |kind: &str, like: &[Tensor<B, 4>]| {
-                        like.iter()
-                            .enumerate()
-                            .map(|(k, t)| tensor(format!("layers.{i}.{kind}.{k}"), Some(t.dims())))
-                            .collect::<Result<Vec<_>, _>>()
-                    };
-                    let state = load("state", cache.state())?;
-                    let grads = load("grads", cache.grads())?;
-                    expected_names += state.len() + grads.len();
-                    let offset = field(&format!("layers.{i}.seq_len_offset"))?;
-                    // Every forward advances the position and each layer's offset by the same
-                    // count, so a difference means an edited or mixed-up file; the offset picks
-                    // the RoPE and step-size positions, the model's position would disagree.
-                    if offset != position {
-                        return Err(corrupt(format!(
-                            "layer {i}: seq_len_offset {offset} but position {position}"
-                        )));
-                    }
-                    let mini_batch = field(&format!("layers.{i}.mini_batch_size"))?;
-                    if mini_batch != cache.mini_batch_size() {
-                        return Err(corrupt(format!(
-                            "layer {i} was saved with mini-batch size {mini_batch}, the model uses {}",
-                            cache.mini_batch_size()
-                        )));
-                    }
-                    MixerState::Ttt(TttCache::from_parts(state, grads, offset, mini_batch)?)
-                }
-                Mixer::Attention(attention) => {
-                    let kv_len = field(&format!("layers.{i}.kv_len"))?;
-                    // The cache holds one key and value per token read; any other count would
-                    // put the next token's RoPE and causal mask at the wrong position.
-                    if kv_len != position {
-                        return Err(corrupt(format!(
-                            "layer {i}: kv_len {kv_len} but position {position}"
-                        )));
-                    }
-                    if kv_len == 0 {
-                        MixerState::Attention(KvCache::default())
-                    } else {
-                        expected_names += 2;
-                        // The next forward concatenates new keys of this shape to the cached
-                        // ones along the token axis: another batch, head count or head size,
-                        // or values of another length than the keys, would panic there.
-                        let heads = attention.num_heads;
-                        let expected = [batch, heads, kv_len, d_model / heads];
-                        let keys = tensor(format!("layers.{i}.keys"), Some(expected))?;
-                        let values = tensor(format!("layers.{i}.values"), Some(expected))?;
-                        MixerState::Attention(KvCache {
-                            keys: Some(keys),
-                            values: Some(values),
-                        })
-                    }
-                }
-            });
-        }
-        if file.len() != expected_names {
-            let mut names: Vec<&str> = file.names();
-            names.sort();
-            return Err(corrupt(format!(
-                "the file holds {} tensors, this model's state has {expected_names} ({names:?})",
-                file.len()
-            )));
-        }
-        Ok(ModelState { layers, position })
-    }
-
-    /// The batch size a `.soul` file was saved with (dimension 0 of any tensor; 1 if none).
-    fn batch_of(
-        &self,
-        file: &SafeTensors<'_>,
-        corrupt: &dyn Fn(String) -> BitTttError,
-    ) -> Result<usize, BitTttError> {
-        match file.tensors().first() {
-            None => Ok(1),
-            Some((name, view)) => view
-                .shape()
-                .first()
-                .copied()
-                .filter(|&b| b > 0)
-                .ok_or_else(|| corrupt(format!("tensor {name:?} has no batch dimension"))),
-        }
+        let (soul, _) = Soul::load(path, self.blocks.len())?;
+        self.state_from_soul(soul).map_err(|e| match e {
+            BitTttError::InvalidCache(reason) => BitTttError::CorruptFile {
+                path: path.to_path_buf(),
+                reason,
+            },
+            other => other,
+        })
     }
 }
 

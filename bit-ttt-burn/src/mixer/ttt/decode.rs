@@ -12,13 +12,14 @@
 
 use burn::tensor::backend::Backend;
 
-use super::linear::{DecodeLinear, Input};
-use super::math::{
+use super::{state, InnerModule, TttLayer};
+use crate::cpu_decode::linear::{DecodeLinear, Input};
+use crate::cpu_decode::math::{
     add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd, rotate_pairs,
     sigmoid_tanh,
 };
-use super::{for_each_head, values};
-use crate::ttt::{InnerModule, TttCache, TttLayer};
+use crate::cpu_decode::{for_each_head, values};
+use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
 
 /// The inner model of a [`TttDecode`].
@@ -243,32 +244,112 @@ impl TttDecode {
         }
     }
 
-    /// The state of a one-sequence [`TttCache`].
-    pub fn state_from_cache<B: Backend>(
+    /// The shape of state tensor `k` of one sequence, `[1, heads, rows, cols]` (biases have
+    /// one row), as Burn's `TttCache` holds it.
+    fn tensor_shape(&self, k: usize) -> [usize; 4] {
+        match self.matrices().iter().find(|&&(m, _, _)| m == k) {
+            Some(&(_, rows, cols)) => [1, self.heads, rows, cols],
+            None => [1, self.heads, 1, self.initial[k].len() / self.heads],
+        }
+    }
+
+    /// `state` as block `index`'s part of a `.soul` file, in the form Burn's `TttCache` saves:
+    /// the weight matrices' gradient sums are formed from their rank-one terms (and the dense
+    /// sum, if any), so a state saved in the middle of a mini-batch continues within float
+    /// rounding of the uninterrupted run (exactly when saved at a mini-batch boundary).
+    pub fn state_to_soul(
         &self,
-        cache: &TttCache<B>,
+        state: &TttFastWeights,
+        index: usize,
+    ) -> Result<LayerSoul, BitTttError> {
+        let mut soul = LayerSoul::new(index);
+        soul.fields
+            .insert(state::TOKENS_READ.into(), state.seq_len_offset);
+        soul.fields
+            .insert("mini_batch_size".into(), self.mini_batch_size);
+        let in_batch = state.seq_len_offset % self.mini_batch_size;
+        let matrices = self.matrices();
+        for (k, (w, g)) in state.weights.iter().zip(&state.grads).enumerate() {
+            let shape = self.tensor_shape(k).to_vec();
+            let mut grads = match matrices.iter().position(|&(mk, _, _)| mk == k) {
+                Some(_) if !state.dense_grads => vec![0.0; g.len()],
+                _ => g.clone(),
+            };
+            if let Some(m) = matrices.iter().position(|&(mk, _, _)| mk == k) {
+                // G += Σ_j (η_j a_j)ᵀ ∇Z_j per head, over the terms of this mini-batch.
+                let (_, rows, cols) = matrices[m];
+                let (ta, tb) = &state.terms[m];
+                let per_head = self.mini_batch_size;
+                for h in 0..self.heads {
+                    let g_head = &mut grads[h * rows * cols..(h + 1) * rows * cols];
+                    let a_head = &ta[h * per_head * rows..(h + 1) * per_head * rows];
+                    let b_head = &tb[h * per_head * cols..(h + 1) * per_head * cols];
+                    for (a_j, b_j) in a_head
+                        .chunks_exact(rows)
+                        .zip(b_head.chunks_exact(cols))
+                        .take(in_batch)
+                    {
+                        for (r, g_row) in g_head.chunks_exact_mut(cols).enumerate() {
+                            axpy(a_j[r], b_j, g_row);
+                        }
+                    }
+                }
+            }
+            soul.tensors.insert(
+                format!("state.{k}"),
+                HostTensor::new(shape.clone(), w.clone())?,
+            );
+            soul.tensors
+                .insert(format!("grads.{k}"), HostTensor::new(shape, grads)?);
+        }
+        Ok(soul)
+    }
+
+    /// The state of one sequence that has read `position` tokens, from its part of a `.soul`
+    /// file (taking its tensors out of `soul`).
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] naming the tensor or counter that is missing, of another
+    /// shape (another model, or more than one sequence), or disagrees with `position` or the
+    /// layer's mini-batch.
+    pub fn state_from_soul(
+        &self,
+        soul: &mut LayerSoul,
+        position: usize,
     ) -> Result<TttFastWeights, BitTttError> {
-        let flat = |tensors: &[burn::tensor::Tensor<B, 4>]| -> Result<Vec<Vec<f32>>, BitTttError> {
-            tensors.iter().map(|t| values(t.clone())).collect()
+        let mut take = |kind: &str| -> Result<Vec<Vec<f32>>, BitTttError> {
+            (0..self.initial.len())
+                .map(|k| {
+                    let shape = self.tensor_shape(k);
+                    Ok(soul
+                        .take_tensor(&format!("{kind}.{k}"), Some(&shape))?
+                        .values)
+                })
+                .collect()
         };
-        if cache.mini_batch_size() != self.mini_batch_size {
+        let weights = take("state")?;
+        let grads = take("grads")?;
+        let offset = soul.field(state::TOKENS_READ)?;
+        if offset != position {
+            return Err(soul.position_error(state::TOKENS_READ, offset, position));
+        }
+        let mini_batch = soul.field("mini_batch_size")?;
+        if mini_batch != self.mini_batch_size {
             return Err(BitTttError::InvalidCache(format!(
-                "a TTT cache of mini-batch {} for a layer of mini-batch {}",
-                cache.mini_batch_size(),
-                self.mini_batch_size
+                "layer {} was saved with mini-batch size {mini_batch}, the model uses {}",
+                soul.index, self.mini_batch_size
             )));
         }
         let mut state = TttFastWeights {
-            weights: flat(cache.state())?,
-            grads: flat(cache.grads())?,
+            weights,
+            grads,
             dense_grads: true,
             terms: self.empty_terms(),
-            seq_len_offset: cache.seq_len_offset(),
+            seq_len_offset: offset,
         };
-        self.check_state(&state)?;
         // At a mini-batch boundary the sums are unused and start afresh (`TttCache::advance`
         // replaces them); the step adds onto them, so they must be zero.
-        if cache.position_in_mini_batch() == 0 {
+        if offset % self.mini_batch_size == 0 {
             state.grads.iter_mut().for_each(|g| g.fill(0.0));
             state.dense_grads = false;
         }

@@ -8,6 +8,9 @@ use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor};
 use crate::rope::apply_rope;
 use crate::{Projection, ProjectionConfig, TernaryBackend};
 
+pub(crate) mod decode;
+mod state;
+
 /// Configuration of an [`Attention`] layer.
 #[derive(Config, Debug)]
 pub struct AttentionConfig {
@@ -77,6 +80,15 @@ impl<B: Backend> KvCache<B> {
             .map(|t| t.shape().num_elements())
             .sum()
     }
+
+    /// Bytes of the keys and values.
+    pub fn size_bytes(&self) -> usize {
+        [&self.keys, &self.values]
+            .into_iter()
+            .flatten()
+            .map(|t| t.shape().num_elements() * t.dtype().size())
+            .sum()
+    }
 }
 
 impl AttentionConfig {
@@ -105,6 +117,28 @@ impl AttentionConfig {
             num_heads: self.num_heads,
             rope_theta: self.rope_theta,
         }
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// The projections with their names inside the layer, in file order.
+    pub fn projections(&self) -> Vec<(&'static str, &Projection<B>)> {
+        vec![
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ]
+    }
+
+    /// As [`projections`](Self::projections), mutable.
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Projection<B>)> {
+        vec![
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
     }
 }
 

@@ -27,12 +27,14 @@ mod test_util;
 pub mod autodiff;
 pub mod cache;
 pub mod config;
+pub(crate) mod decode;
 pub mod dual;
 pub mod gelu;
 pub mod inner;
 pub mod layer;
 pub mod ln;
 pub mod mini_batch;
+mod state;
 
 #[cfg(test)]
 mod tests;

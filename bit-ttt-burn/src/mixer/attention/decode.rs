@@ -2,10 +2,11 @@
 
 use burn::tensor::backend::Backend;
 
-use super::linear::{DecodeLinear, Input};
-use super::math::{axpy, dot, rope_angles, rotate_pairs};
-use super::{for_each_head, values};
-use crate::attention::{Attention, KvCache};
+use super::{state, Attention};
+use crate::cpu_decode::for_each_head;
+use crate::cpu_decode::linear::{DecodeLinear, Input};
+use crate::cpu_decode::math::{axpy, dot, rope_angles, rotate_pairs};
+use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
 
 /// An [`Attention`] layer's projections and shape.
@@ -85,46 +86,58 @@ impl AttentionDecode {
         }
     }
 
-    /// The state of a one-sequence [`KvCache`].
-    pub fn state_from_cache<B: Backend>(
+    /// `cache` as block `index`'s part of a `.soul` file, in the form Burn's `KvCache` saves
+    /// (`[1, heads, tokens, head_dim]` keys and values).
+    pub fn state_to_soul(
         &self,
-        cache: &KvCache<B>,
+        cache: &KvHeads,
+        d_model: usize,
+        index: usize,
+    ) -> Result<LayerSoul, BitTttError> {
+        let mut soul = LayerSoul::new(index);
+        let len = self.len(cache, d_model);
+        soul.fields.insert(state::TOKENS_READ.into(), len);
+        if len > 0 {
+            let shape = vec![1, self.heads, len, d_model / self.heads];
+            for (name, heads) in [("keys", &cache.keys), ("values", &cache.values)] {
+                let values = heads.concat();
+                soul.tensors
+                    .insert(name.into(), HostTensor::new(shape.clone(), values)?);
+            }
+        }
+        Ok(soul)
+    }
+
+    /// The cache of one sequence that has read `position` tokens, from its part of a `.soul`
+    /// file (taking its tensors out of `soul`).
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] naming the tensor or counter that is missing, of another
+    /// shape (another model, or more than one sequence), or disagrees with `position`.
+    pub fn state_from_soul(
+        &self,
+        soul: &mut LayerSoul,
+        position: usize,
         d_model: usize,
     ) -> Result<KvHeads, BitTttError> {
-        let mut state = self.new_state();
-        let (keys, vals) = match (&cache.keys, &cache.values) {
-            (Some(keys), Some(vals)) => (keys, vals),
-            (None, None) => return Ok(state),
-            _ => {
-                return Err(BitTttError::InvalidCache(
-                    "a KV cache with keys but no values, or values but no keys".into(),
-                ))
-            }
-        };
+        let kv_len = soul.field(state::TOKENS_READ)?;
+        if kv_len != position {
+            return Err(soul.position_error(state::TOKENS_READ, kv_len, position));
+        }
+        let mut cache = self.new_state();
+        if kv_len == 0 {
+            return Ok(cache);
+        }
         let head_dim = d_model / self.heads;
-        let expected = [1, self.heads, keys.dims()[2], head_dim];
-        if keys.dims() != expected || vals.dims() != expected {
-            return Err(BitTttError::InvalidCache(format!(
-                "KV cache of shapes {:?} / {:?}, expected {expected:?} (one sequence)",
-                keys.dims(),
-                vals.dims()
-            )));
-        }
-        // [1, heads, tokens, head_dim]: each head's rows are contiguous.
-        let per_head = keys.dims()[2] * head_dim;
-        for (all, per) in [
-            (values(keys.clone())?, &mut state.keys),
-            (values(vals.clone())?, &mut state.values),
-        ] {
-            for (h, part) in all
-                .chunks_exact(per_head.max(1))
-                .enumerate()
-                .take(self.heads)
-            {
-                per[h] = part.to_vec();
+        let expected = [1, self.heads, kv_len, head_dim];
+        for (name, heads) in [("keys", &mut cache.keys), ("values", &mut cache.values)] {
+            let all = soul.take_tensor(name, Some(&expected))?.values;
+            // [1, heads, tokens, head_dim]: each head's rows are contiguous.
+            for (h, part) in all.chunks_exact(kv_len * head_dim).enumerate() {
+                heads[h] = part.to_vec();
             }
         }
-        Ok(state)
+        Ok(cache)
     }
 
     /// Attends one token `x` (`[d_model]`) to itself and the cache (its position is the number

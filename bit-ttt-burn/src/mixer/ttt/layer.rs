@@ -139,6 +139,30 @@ fn sigmoid_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 impl<B: Backend> TttLayer<B> {
+    /// The projections with their names inside the layer, in file order.
+    pub fn projections(&self) -> Vec<(&'static str, &Projection<B>)> {
+        let mut all = vec![
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ];
+        all.extend(self.g_proj.as_ref().map(|g| ("g_proj", g)));
+        all
+    }
+
+    /// As [`projections`](Self::projections), mutable.
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Projection<B>)> {
+        let mut all = vec![
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ];
+        all.extend(self.g_proj.as_mut().map(|g| ("g_proj", g)));
+        all
+    }
+
     /// A cache at position 0 holding the initial fast weights.
     pub fn new_cache(&self, batch_size: usize) -> TttCache<B> {
         TttCache::new(self.inner.init_state(batch_size), self.mini_batch_size)
