@@ -299,7 +299,7 @@ mod tests {
     fn hand_computed_int8_activations() {
         // Row 0: absmax 3, s = 127/3, codes [42.33 -> 42, 84.67 -> 85, 127];
         //   sums [42 - 127, -42 + 85 + 127] = [-85, 170], times gamma / s = 0.5 * 3 / 127.
-        // Row 1: absmax 2, s = 63.5, codes [0, -63.5 -> -64, 127] (round half away from zero);
+        // Row 1: absmax 2, s = 63.5, codes [0, -63.5 -> -64, 127] (round half to even);
         //   sums [-127, -64 + 127] = [-127, 63], times 0.5 * 2 / 127.
         let (weight, x) = example();
         let expected = [
