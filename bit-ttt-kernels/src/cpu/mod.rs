@@ -2,7 +2,7 @@
 //!
 //! `y[t, r] = Σ_k W[r, k] · x[t, k]` for a batch of `t` tokens, where `W` is a packed ternary
 //! matrix ([`PackedTernary`](crate::PackedTernary) or a borrowed [`TernaryView`], for example one
-//! memory-mapped from a [`PackedFile`](crate::file::PackedFile)). Two activation formats:
+//! pointing into the memory-mapped packed model file of `bit-ttt-burn`). Two activation formats:
 //! - **W1.58A8** ([`QuantizedActivations`]): int8 activations with one scale per token,
 //!   integer accumulation, one float multiply at the end: `y = acc · gamma / s_t`.
 //! - **W1.58A16** (plain f32 activations), for experiments with activation quantization off.
