@@ -1,9 +1,9 @@
 //! One token through causal attention with a KV cache, on plain slices.
 
+use bit_ttt_kernels::cpu::{axpy, dot, rope_angles, rotate_pairs};
 use burn::tensor::backend::Backend;
 
 use super::linear::{DecodeLinear, Input};
-use super::math::{axpy, dot, rope_angles, rotate_pairs};
 use super::{for_each_head, values};
 use crate::attention::{Attention, KvCache};
 use crate::BitTttError;

@@ -31,17 +31,16 @@
 
 mod attention;
 mod linear;
-mod math;
 mod ttt;
 
 use std::ops::ControlFlow;
 
+use bit_ttt_kernels::cpu::{axpy, rms_norm};
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
 use self::attention::{AttentionDecode, KvHeads};
 use self::linear::{DecodeLinear, Input};
-use self::math::{axpy, rms_norm};
 use self::ttt::{TttDecode, TttFastWeights};
 use crate::generate::{generate_with, GenerationConfig};
 use crate::model::{BitLlama, Mixer, MixerState, ModelState};
