@@ -37,48 +37,4 @@ pub enum KernelError {
     /// A kernel was asked for that this CPU cannot run (for example AVX2 on a CPU without it).
     #[error("the {0} kernel is not available on this CPU")]
     KernelUnavailable(&'static str),
-    /// Reading or writing a packed file failed.
-    #[error("{path}: {message}")]
-    Io {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The kind of the I/O error.
-        kind: std::io::ErrorKind,
-        /// Its message.
-        message: String,
-    },
-    /// A file that does not start with the packed-file magic bytes.
-    #[error("{path}: not a bit-ttt packed ternary file (bad magic)")]
-    BadMagic {
-        /// The file.
-        path: std::path::PathBuf,
-    },
-    /// A packed file of a format version this crate cannot read.
-    #[error("{path}: unsupported packed file version {version}")]
-    UnsupportedVersion {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The version in its header.
-        version: u32,
-    },
-    /// A file shorter than its header says: something it describes lies past its end.
-    #[error("{path}: truncated: {what} needs {needed} bytes, the file has {len}")]
-    Truncated {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What lies past the end.
-        what: String,
-        /// The file length that part needs.
-        needed: u64,
-        /// The actual file length.
-        len: u64,
-    },
-    /// A packed file whose header is inconsistent (misaligned offset, bad name, overflow, ...).
-    #[error("{path}: malformed packed file: {reason}")]
-    Malformed {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
 }

@@ -5,8 +5,6 @@
 //! - [`cpu`]: matrix products of packed weights with int8 or f32 activations. A scalar reference
 //!   always exists; faster kernels (AVX2) are chosen at run time and checked against it, and the
 //!   work is split over output rows on the crate's own thread pool.
-//! - [`file`]: the packed file format, memory-mapped so that the kernels read the weights in
-//!   place ([`PackedFile`], [`write_packed_file`](file::write_packed_file)).
 //!
 //! This crate has no dependency on the other bit-ttt crates: `bit-ttt-burn` uses it, never the reverse.
 #![warn(missing_docs)]
@@ -14,9 +12,7 @@
 pub mod bandwidth;
 pub mod cpu;
 pub mod error;
-pub mod file;
 pub mod packing;
 
 pub use error::KernelError;
-pub use file::PackedFile;
 pub use packing::{BlockTernary, PackedTernary, TernaryView, QK_TERNARY};

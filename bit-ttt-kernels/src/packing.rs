@@ -213,7 +213,8 @@ impl PackedTernary {
 }
 
 /// A borrowed packed ternary matrix: shape, scale and blocks that live elsewhere (in a
-/// [`PackedTernary`], or in a memory-mapped [`PackedFile`](crate::file::PackedFile)).
+/// [`PackedTernary`], or in the memory-mapped packed model file
+/// of `bit-ttt-burn`).
 ///
 /// The fields are private so that the invariant the kernels rely on always holds:
 /// `blocks.len() == rows * ceil(cols / 128)` and the scale is finite and positive. The codes are

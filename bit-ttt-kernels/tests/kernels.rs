@@ -3,8 +3,7 @@
 use bit_ttt_kernels::cpu::{
     self, available_kernels, reference, CpuOptions, KernelChoice, QuantizedActivations,
 };
-use bit_ttt_kernels::file::write_packed_file;
-use bit_ttt_kernels::{KernelError, PackedFile, PackedTernary};
+use bit_ttt_kernels::{KernelError, PackedTernary};
 
 const ROWS: [usize; 4] = [1, 3, 17, 33];
 const COLS: [usize; 5] = [1, 31, 127, 1000, 4097];
@@ -186,37 +185,6 @@ fn avx2_is_detected_where_the_cpu_has_it() {
     let has = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     assert_eq!(KernelChoice::Avx2.is_available(), has);
     assert_eq!(available_kernels().contains(&KernelChoice::Avx2), has);
-}
-
-#[test]
-fn kernels_read_a_memory_mapped_file_in_place() {
-    let mut rng = Lcg(5);
-    let (rows, cols, tokens) = (17, 4097, 7);
-    let w = PackedTernary::pack(&rng.ternary(rows * cols), rows, cols, 0.9).unwrap();
-    let path =
-        std::env::temp_dir().join(format!("bit-ttt-kernels-mmap-{}.bttp", std::process::id()));
-    write_packed_file(&path, &[("layer.0.q", w.view())]).unwrap();
-    let file = PackedFile::open(&path).unwrap();
-    let view = file.get("layer.0.q").unwrap();
-    let x = activations(&mut rng, tokens, cols);
-    let mut want = vec![0.0; tokens * rows];
-    reference::gemm_i8(&w, &x, &mut want);
-    for kernel in available_kernels() {
-        let mut got = vec![0.0; tokens * rows];
-        cpu::gemm_i8_with(view, &x, &mut got, CpuOptions::new(kernel, 2)).unwrap();
-        assert_eq!(bits(&got), bits(&want), "{kernel:?}");
-    }
-    drop(file);
-
-    // The same file cut short: an error, not a crash.
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-    let err = PackedFile::open(&path).unwrap_err();
-    std::fs::remove_file(&path).unwrap();
-    assert!(
-        matches!(&err, KernelError::Truncated { needed, len, .. } if needed > len),
-        "{err}"
-    );
 }
 
 /// Calls from a worker of the pool split smaller products than calls from outside it.

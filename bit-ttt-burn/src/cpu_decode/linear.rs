@@ -6,14 +6,8 @@ use std::cell::OnceCell;
 use bit_ttt_kernels::cpu::{self, CpuOptions, QuantizedActivations};
 use burn::tensor::backend::Backend;
 
-use rayon::prelude::*;
-
-use super::math::{add_vec_mat, axpy};
 use super::values;
 use crate::{ActivationPrecision, BitTttError, PackedBitLinear, Projection, TernaryWeights};
-
-/// Below this many f32 weights a projection stays on one thread (splitting costs more).
-const MIN_PARALLEL_F32: usize = 1 << 16;
 
 /// One projection of a token, `y = x Wᵀ (+ b)`.
 #[derive(Debug)]
@@ -246,26 +240,8 @@ impl DecodeLinear {
                 done.expect("the global kernel choice was checked by set_kernel_choice");
                 bias
             }
-            DecodeLinear::Float {
-                weight,
-                bias,
-                d_output,
-            } => {
-                if threads > 1 && weight.len() >= MIN_PARALLEL_F32 {
-                    // Column chunks on the current pool; each element sums the rows in the
-                    // same order as the one-thread loop, so the result is the same.
-                    let chunk = d_output.div_ceil(threads * 4).max(16);
-                    out.par_chunks_mut(chunk).enumerate().for_each(|(c, part)| {
-                        let columns = c * chunk..c * chunk + part.len();
-                        part.fill(0.0);
-                        for (xr, row) in input.x.iter().zip(weight.chunks_exact(*d_output)) {
-                            axpy(*xr, &row[columns.clone()], part);
-                        }
-                    });
-                } else {
-                    out.fill(0.0);
-                    add_vec_mat(input.x, weight, out);
-                }
+            DecodeLinear::Float { weight, bias, .. } => {
+                cpu::gemv_f32_dense(input.x, weight, out, threads);
                 bias
             }
         };

@@ -30,17 +30,16 @@
 //! ```
 
 pub(crate) mod linear;
-pub(crate) mod math;
 
 use std::mem::size_of;
 use std::ops::ControlFlow;
 use std::path::Path;
 
+use bit_ttt_kernels::cpu::{axpy, rms_norm};
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
 use self::linear::{DecodeLinear, Input};
-use self::math::{axpy, rms_norm};
 use crate::decode::BlockStep;
 use crate::generate::{generate_with, GenerationConfig};
 use crate::mixer::{MixerDecode, MixerDecodeState};

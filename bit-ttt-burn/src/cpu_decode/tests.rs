@@ -325,7 +325,7 @@ fn bytes_per_token_count_every_parameter_and_the_state_a_step_reads() {
     }
 }
 
-/// The TTT heads compiled for AVX2 (where the CPU has it; see `HeadStep::run`) and the generic
+/// The TTT heads compiled for AVX2 (where the CPU has it; see `TttStep::run_head`) and the generic
 /// build give the same logits and states bit for bit, across two mini-batch boundaries, for
 /// both inner models. Heads of 32 and a `d_model` of 96 run the vector loops and their tails.
 #[test]
@@ -337,7 +337,7 @@ fn simd_and_generic_ttt_heads_are_bit_identical() {
             .with_mixer(mixer)
             .init::<B>(&device)
             .map(&mut Deterministic(5));
-        // One thread: the heads run on this thread, where the switch is set.
+        // One thread: the steps run on this thread, where the switch is set.
         let decoder = CpuDecoder::new(&model, 1).unwrap();
         let decode = |generic: bool| {
             crate::mixer::ttt::decode::GENERIC_HEADS.set(generic);

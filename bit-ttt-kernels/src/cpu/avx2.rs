@@ -30,6 +30,10 @@
 //! # W1.58A16 (f32 activations)
 //! Codes are decoded to `i8` weights, widened to `f32` eight at a time and multiplied with FMA.
 //! The sum order differs from the scalar reference, so results agree only to rounding.
+//!
+//! # Decode math
+//! [`silu_mul`] with a polynomial `e^x` ([`exp_ps`]); [`ttt_head`], the generic TTT head step
+//! compiled with AVX2 and FMA (bit-identical to it).
 
 // The register tiles are indexed by row and token in lockstep over several arrays; index loops
 // say that more plainly than zipped iterators.
@@ -40,6 +44,7 @@ use std::arch::x86_64::*;
 use crate::packing::{BlockTernary, TernaryView, QK_TERNARY};
 
 use super::activations::{code_of, scale_of};
+use super::ttt_head::{TttHeadInputs, TttHeadState, TttStep};
 use super::{finish_f32, finish_i8};
 
 /// Blocks accumulated in 16-bit lanes before widening to 32 bits. [`row_dot`]'s ×4 accumulator
@@ -377,7 +382,7 @@ fn exp_ps(x: __m256) -> __m256 {
     _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
 }
 
-/// [`silu_mul`](super::elementwise::silu_mul), eight values at a time: `g / (1 + e^(-g)) · u`
+/// [`silu_mul`](super::math::silu_mul), eight values at a time: `g / (1 + e^(-g)) · u`
 /// in the reference's order, with [`exp_ps`].
 ///
 /// # Safety
@@ -401,7 +406,23 @@ pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
         }
         done += 8;
     }
-    super::elementwise::silu_mul_scalar(&mut gate[done..], &up[done..]);
+    super::math::silu_mul_scalar(&mut gate[done..], &up[done..]);
+}
+
+/// One head of a TTT step ([`TttStep::run_head`](super::ttt_head::TttStep::run_head)): the
+/// generic code, every helper of which is inlined here, compiled with AVX2 and FMA. The loops
+/// over `head_dim` and `d_model` become eight wide; the operations and their order are the
+/// generic code's (Rust contracts no multiply-add into an FMA), so the results are
+/// bit-identical.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn ttt_head(
+    step: &TttStep<'_>,
+    h: usize,
+    fast: &mut TttHeadState<'_, '_>,
+    inputs: TttHeadInputs<'_>,
+    out: &mut [f32],
+) {
+    step.run_generic(h, fast, inputs, out)
 }
 
 /// The activations and per-token constants of one W1.58A8 call.

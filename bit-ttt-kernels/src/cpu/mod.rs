@@ -1,8 +1,9 @@
-//! CPU matrix products of packed ternary weights.
+//! CPU kernels: matrix products of packed ternary weights, and the f32 math of a fused decode
+//! step around them.
 //!
 //! `y[t, r] = Σ_k W[r, k] · x[t, k]` for a batch of `t` tokens, where `W` is a packed ternary
 //! matrix ([`PackedTernary`](crate::PackedTernary) or a borrowed [`TernaryView`], for example one
-//! memory-mapped from a [`PackedFile`](crate::file::PackedFile)). Two activation formats:
+//! pointing into the memory-mapped packed model file of `bit-ttt-burn`). Two activation formats:
 //! - **W1.58A8** ([`QuantizedActivations`]): int8 activations with one scale per token,
 //!   integer accumulation, one float multiply at the end: `y = acc · gamma / s_t`.
 //! - **W1.58A16** (plain f32 activations), for experiments with activation quantization off.
@@ -33,17 +34,34 @@
 //! - No AVX-512 / VNNI kernel: the development machine (AMD EPYC, Zen 3) has no AVX-512, so such
 //!   a kernel could be neither tested nor measured here. On other architectures the reference
 //!   kernel is used.
+//!
+//! # Decode math
+//! What a fused decoder computes besides the ternary products, on plain f32 slices, each
+//! following the recipe of the Burn op it stands in for so the two paths agree:
+//! - [`math`]: RMSNorm, LayerNorm and its fused L2 backward, SiLU ([`silu_mul`], with an AVX2
+//!   kernel), GELU, the η gate's sigmoid, RoPE, `axpy`, `dot`, vector-matrix products.
+//! - [`dense`]: the product of one token with a full-precision f32 matrix ([`gemv_f32_dense`]).
+//! - [`ttt_head`]: one head of one token through a TTT layer's primal form
+//!   ([`TttStep::run_head`]), generic code with a twin compiled for AVX2 and FMA, chosen by a
+//!   [`KernelChoice`] as the products are.
 
 pub mod activations;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-pub mod elementwise;
+pub mod dense;
+pub mod math;
 pub mod reference;
+pub mod ttt_head;
 
 pub use activations::QuantizedActivations;
-pub use elementwise::silu_mul;
+pub use dense::gemv_f32_dense;
+pub use math::{
+    add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd, rms_norm, rope_angles,
+    rotate_pairs, sigmoid_tanh, silu, silu_mul, silu_mul_scalar,
+};
+pub use ttt_head::{TttHeadInputs, TttHeadState, TttInner, TttLayerParams, TttStep};
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

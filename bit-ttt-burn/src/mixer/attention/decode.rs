@@ -1,11 +1,11 @@
 //! One token through causal attention with a KV cache, on plain slices.
 
+use bit_ttt_kernels::cpu::{axpy, dot, rope_angles, rotate_pairs};
 use burn::tensor::backend::Backend;
 
 use super::{state, Attention};
 use crate::cpu_decode::for_each_head;
 use crate::cpu_decode::linear::{DecodeLinear, Input};
-use crate::cpu_decode::math::{axpy, dot, rope_angles, rotate_pairs};
 use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
 

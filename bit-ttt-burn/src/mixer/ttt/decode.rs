@@ -1,38 +1,22 @@
 //! One token through a TTT layer (TTT-Linear or TTT-MLP) in the primal form, on plain slices:
-//! the fast weights are updated in place, and the weights `W_i` of the token are never formed.
-//!
-//! Per head, with `G` the learning-rate-weighted gradient sum of the mini-batch so far
-//! (`TttCache::grads`), the token's gradient `∇ℓ(W_start)` is rank one, `XKᵀ ∇Z`; so
-//! `XQ W_i = XQ W_start − token_eta · (XQ G + ttt_lr_eta · (XQ · XK) ∇Z)`. `G` itself is kept
-//! as its rank-one terms (`G = Σ_j (η_j XK_j)ᵀ ∇Z_j` over the tokens of the mini-batch so far),
-//! so `XQ G = Σ_j (XQ · η_j XK_j) ∇Z_j` costs `O(mini_batch · head_dim)` and a token reads
-//! `W_start` once and never a dense `G`. At the end of a mini-batch
-//! `W_start −= token_eta_last · G` (one pass adding all the terms) and the terms are dropped,
-//! as `TttCache::advance` does.
+//! the projections, the per-head inner step and the post-norm and gate. The heads run
+//! [`bit_ttt_kernels::cpu::TttStep::run_head`], whose module documents the algebra: the fast
+//! weights are updated in place, the weights `W_i` of the token are never formed, and the
+//! mini-batch's gradient sum `G` (`TttCache::grads`) is kept as its rank-one terms until the
+//! mini-batch ends, as `TttCache::advance` does.
 
 use burn::tensor::backend::Backend;
 
+use bit_ttt_kernels::cpu::{
+    axpy, gelu_tanh, layer_norm, KernelChoice, TttHeadInputs, TttHeadState, TttInner,
+    TttLayerParams, TttStep,
+};
+
 use super::{state, InnerModule, TttLayer};
 use crate::cpu_decode::linear::{DecodeLinear, Input};
-use crate::cpu_decode::math::{
-    add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd, rotate_pairs,
-    sigmoid_tanh,
-};
 use crate::cpu_decode::{for_each_head, values};
 use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
-
-/// The inner model of a [`TttDecode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Inner {
-    /// `f(z) = z + LN(z W1 + b1)`; fast weights `[W1, b1]`.
-    Linear,
-    /// `f(z) = z + LN(GELU(z W1 + b1) W2 + b2)`; fast weights `[W1, b1, W2, b2]`.
-    Mlp {
-        /// Hidden width (`4 · head_dim` in the paper).
-        hidden: usize,
-    },
-}
 
 /// A [`TttLayer`]'s weights, copied out of Burn tensors (the projections keep their packed
 /// weights where they are).
@@ -43,7 +27,7 @@ pub(crate) struct TttDecode {
     v_proj: DecodeLinear,
     o_proj: DecodeLinear,
     g_proj: Option<DecodeLinear>,
-    inner: Inner,
+    inner: TttInner,
     /// Initial fast weights, each `[heads, rows, cols]` flattened, in `TttCache` order.
     initial: Vec<Vec<f32>>,
     /// Inner LN scale and shift, `[heads, head_dim]`.
@@ -93,14 +77,14 @@ impl TttDecode {
         let (heads, head_dim) = (layer.num_heads, layer.head_dim);
         let (inner, initial, norm_weight, norm_bias, eps) = match &layer.inner {
             InnerModule::Linear(m) => (
-                Inner::Linear,
+                TttInner::Linear,
                 vec![values(m.w1.val())?, values(m.b1.val())?],
                 &m.ttt_norm_weight,
                 &m.ttt_norm_bias,
                 m.eps,
             ),
             InnerModule::Mlp(m) => (
-                Inner::Mlp { hidden: m.dims().2 },
+                TttInner::Mlp { hidden: m.dims().2 },
                 vec![
                     values(m.w1.val())?,
                     values(m.b1.val())?,
@@ -161,11 +145,7 @@ impl TttDecode {
 
     /// The weight matrices of the inner model: `(index in the state, rows, cols)` per head.
     fn matrices(&self) -> Vec<(usize, usize, usize)> {
-        let d = self.head_dim;
-        match self.inner {
-            Inner::Linear => vec![(0, d, d)],
-            Inner::Mlp { hidden } => vec![(0, d, hidden), (2, hidden, d)],
-        }
+        self.inner.matrices(self.head_dim)
     }
 
     /// The lengths of the rank-one term buffers per weight matrix (see
@@ -396,8 +376,19 @@ impl TttDecode {
 
         let position = state.seq_len_offset % self.mini_batch_size;
         let closes_mini_batch = position + 1 == self.mini_batch_size;
-        let step = HeadStep {
-            layer: self,
+        let step = TttStep {
+            layer: TttLayerParams {
+                inner: self.inner,
+                head_dim: self.head_dim,
+                lr_weight: &self.lr_weight,
+                lr_bias: &self.lr_bias,
+                lr_scale: self.lr_scale,
+                rope_cos: &self.rope_cos,
+                rope_sin: &self.rope_sin,
+                norm_weight: &self.ttt_norm_weight,
+                norm_bias: &self.ttt_norm_bias,
+                norm_eps: self.ttt_norm_eps,
+            },
             position,
             token_eta: self.token_eta[position],
             token_eta_last: closes_mini_batch.then_some(self.token_eta[self.mini_batch_size - 1]),
@@ -421,22 +412,24 @@ impl TttDecode {
             .enumerate()
             .map(|(h, (((w, g), terms), out))| (h, w, g, terms, out))
             .collect();
+        let kernel = head_kernel();
         for_each_head(work, threads, |(h, mut w, mut g, (mut ta, mut tb), out)| {
             let head = h * d..(h + 1) * d;
-            let mut fast = HeadFastWeights {
+            let mut fast = TttHeadState {
                 w: &mut w,
                 g: &mut g,
                 dense_grads,
                 terms_a: &mut ta,
                 terms_b: &mut tb,
             };
-            let inputs = HeadInputs {
+            let inputs = TttHeadInputs {
                 x,
                 xq: &xq[head.clone()],
                 xk: &xk[head.clone()],
                 xv: &xv[head],
             };
-            step.run(h, &mut fast, inputs, out);
+            step.run_head(kernel, h, &mut fast, inputs, out)
+                .expect("head_kernel picks code this CPU can run");
         });
         state.seq_len_offset += 1;
         if closes_mini_batch {
@@ -461,94 +454,6 @@ impl TttDecode {
     }
 }
 
-/// One affine map `z = a W + b` at `W_start` in one pass over the rows of `W` (`[rows, cols]`):
-/// returns `(XK W + b, XQ W)`.
-#[inline(always)]
-fn affine_at_start(xk: &[f32], xq: &[f32], w: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let cols = b.len();
-    let mut z = b.to_vec();
-    let mut q_w = vec![0.0; cols];
-    for (r, w_row) in w.chunks_exact(cols).enumerate() {
-        axpy(xk[r], w_row, &mut z);
-        axpy(xq[r], w_row, &mut q_w);
-    }
-    (z, q_w)
-}
-
-/// One head's slices of a [`TttFastWeights`].
-struct HeadFastWeights<'s, 'a> {
-    /// `W_start` tensors.
-    w: &'s mut [&'a mut [f32]],
-    /// Gradient sums (the matrices' only when `dense_grads`).
-    g: &'s mut [&'a mut [f32]],
-    dense_grads: bool,
-    /// Per weight matrix, `[mini_batch, rows]` η-scaled inputs and `[mini_batch, cols]` ∇Z.
-    terms_a: &'s mut [&'a mut [f32]],
-    terms_b: &'s mut [&'a mut [f32]],
-}
-
-impl HeadFastWeights<'_, '_> {
-    /// For weight matrix `m` (state tensor `k`): returns `q G` for the gradient sum before this
-    /// token (`position` terms, plus the dense sum when there is one), then records this
-    /// token's term `(lr · a) ⊗ grad` at `position`.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn read_then_accumulate(
-        &mut self,
-        m: usize,
-        k: usize,
-        position: usize,
-        q: &[f32],
-        lr: f32,
-        a: &[f32],
-        grad: &[f32],
-    ) -> Vec<f32> {
-        let (rows, cols) = (a.len(), grad.len());
-        let mut q_g = vec![0.0; cols];
-        if self.dense_grads {
-            add_vec_mat(q, self.g[k], &mut q_g);
-        }
-        let (ta, tb) = (&mut *self.terms_a[m], &mut *self.terms_b[m]);
-        for (a_j, b_j) in ta
-            .chunks_exact(rows)
-            .zip(tb.chunks_exact(cols))
-            .take(position)
-        {
-            axpy(dot(q, a_j), b_j, &mut q_g);
-        }
-        for (t, v) in ta[position * rows..(position + 1) * rows].iter_mut().zip(a) {
-            *t = lr * v;
-        }
-        tb[position * cols..(position + 1) * cols].copy_from_slice(grad);
-        q_g
-    }
-
-    /// The end of a mini-batch of `len` tokens: `W_start −= eta_last · G` for every tensor, in
-    /// one pass over each weight matrix (all its rank-one terms added row by row), and the
-    /// sums start afresh.
-    #[inline(always)]
-    fn close_mini_batch(&mut self, matrices: &[(usize, usize, usize)], len: usize, eta_last: f32) {
-        for (m, &(k, rows, cols)) in matrices.iter().enumerate() {
-            let (ta, tb) = (&*self.terms_a[m], &*self.terms_b[m]);
-            for (r, w_row) in self.w[k].chunks_exact_mut(cols).enumerate() {
-                for (a_j, b_j) in ta.chunks_exact(rows).zip(tb.chunks_exact(cols)).take(len) {
-                    axpy(-eta_last * a_j[r], b_j, w_row);
-                }
-            }
-        }
-        for (k, (w, g)) in self.w.iter_mut().zip(self.g.iter_mut()).enumerate() {
-            let is_matrix = matrices.iter().any(|&(mk, _, _)| mk == k);
-            if is_matrix && !self.dense_grads {
-                continue;
-            }
-            for (wv, gv) in w.iter_mut().zip(g.iter_mut()) {
-                *wv -= eta_last * *gv;
-                *gv = 0.0;
-            }
-        }
-    }
-}
-
 /// `[tensor][heads · per_head]` → `[head][tensor]` mutable slices.
 fn split_heads<'a>(
     tensors: impl Iterator<Item = &'a mut Vec<f32>>,
@@ -564,29 +469,6 @@ fn split_heads<'a>(
     per_head
 }
 
-/// What one head of a token's step reads: the layer's input and the head's parts of its
-/// projections.
-#[derive(Clone, Copy)]
-struct HeadInputs<'a> {
-    /// The normed residual (the η gate's input), `[d_model]`.
-    x: &'a [f32],
-    /// `XQ`, `XK`, `XV` before RoPE, `[head_dim]` each.
-    xq: &'a [f32],
-    xk: &'a [f32],
-    xv: &'a [f32],
-}
-
-/// What every head of one token's step shares.
-struct HeadStep<'a> {
-    layer: &'a TttDecode,
-    /// The token's position in its mini-batch.
-    position: usize,
-    /// `token_eta` at that position.
-    token_eta: f32,
-    /// `token_eta_last` when the token closes its mini-batch.
-    token_eta_last: Option<f32>,
-}
-
 #[cfg(test)]
 thread_local! {
     /// Set by tests to run this thread's heads through the generic code even where the CPU
@@ -594,146 +476,12 @@ thread_local! {
     pub(crate) static GENERIC_HEADS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-impl HeadStep<'_> {
-    /// One head (see [`run_generic`](Self::run_generic)), compiled for AVX2 and FMA where the
-    /// CPU has them.
-    ///
-    /// A head's loops run over `head_dim` floats (rows of `W_start`, the η gate's `d_model`
-    /// weights); compiled for the baseline x86_64 they are four wide. Inside
-    /// [`run_avx2`](Self::run_avx2), with every helper inlined into it, they are eight wide.
-    /// The heads mostly wait on memory (each reads its `W_start` once), so the gain is small:
-    /// in a 1b model's one-thread decode step their `perf` samples fell by 5-18% (three
-    /// alternated runs; about 1.5% of the step), on two threads no clear change (-10% to +6%).
-    /// The operations and their order are the same (Rust contracts no multiply-add into an
-    /// FMA), so the results are bit-identical (tested).
-    fn run(
-        &self,
-        h: usize,
-        fast: &mut HeadFastWeights<'_, '_>,
-        inputs: HeadInputs<'_>,
-        out: &mut [f32],
-    ) {
-        #[cfg(test)]
-        if GENERIC_HEADS.get() {
-            return self.run_generic(h, fast, inputs, out);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.run_avx2(h, fast, inputs, out) };
-        }
-        self.run_generic(h, fast, inputs, out)
+/// The code the heads run: the fastest this CPU has ([`KernelChoice::Auto`]), or in tests the
+/// generic code where [`GENERIC_HEADS`] asks for it.
+fn head_kernel() -> KernelChoice {
+    #[cfg(test)]
+    if GENERIC_HEADS.get() {
+        return KernelChoice::Reference;
     }
-
-    /// [`run_generic`](Self::run_generic) compiled with AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn run_avx2(
-        &self,
-        h: usize,
-        fast: &mut HeadFastWeights<'_, '_>,
-        inputs: HeadInputs<'_>,
-        out: &mut [f32],
-    ) {
-        self.run_generic(h, fast, inputs, out)
-    }
-
-    /// The query's pre-activation `q W_i + b_i` at the token's weights
-    /// `W_i = W_start − token_eta · (G + ttt_lr_eta · a ⊗ ∇z)` (`G` before this token, `gb`
-    /// after it), from `q_w = q W_start` and `q_g = q G`: with `lr_qa = ttt_lr_eta · (q · a)`,
-    /// `q_w + b − token_eta · (q_g + lr_qa · ∇z + gb)`.
-    #[inline(always)]
-    fn at_token_weights(
-        &self,
-        q_w: &[f32],
-        b: &[f32],
-        q_g: &[f32],
-        gb: &[f32],
-        grad: &[f32],
-        lr_qa: f32,
-    ) -> Vec<f32> {
-        (0..q_w.len())
-            .map(|c| q_w[c] + b[c] - self.token_eta * (q_g[c] + lr_qa * grad[c] + gb[c]))
-            .collect()
-    }
-
-    /// One head: `fast` is its part of the state; writes `f(XQ; W_i)` into `out`. Always
-    /// inlined, as is every helper it calls, so that [`run_avx2`](Self::run_avx2) compiles all
-    /// of it with its features.
-    #[inline(always)]
-    fn run_generic(
-        &self,
-        h: usize,
-        fast: &mut HeadFastWeights<'_, '_>,
-        HeadInputs { x, xq, xk, xv }: HeadInputs<'_>,
-        out: &mut [f32],
-    ) {
-        let layer = self.layer;
-        let d_model = x.len();
-        let lr_logit = dot(x, &layer.lr_weight[h * d_model..(h + 1) * d_model]) + layer.lr_bias[h];
-        let ttt_lr_eta = sigmoid_tanh(lr_logit) * layer.lr_scale;
-        let d = layer.head_dim;
-        let half = d / 2;
-        let position = self.position;
-        let rope = position * half..(position + 1) * half;
-        let (cos, sin) = (&layer.rope_cos[rope.clone()], &layer.rope_sin[rope]);
-        let (mut xq, mut xk) = (xq.to_vec(), xk.to_vec());
-        rotate_pairs(&mut xq, cos, sin);
-        rotate_pairs(&mut xk, cos, sin);
-        let target: Vec<f32> = xv.iter().zip(&xk).map(|(v, k)| v - k).collect();
-        let gamma = &layer.ttt_norm_weight[h * d..(h + 1) * d];
-        let beta = &layer.ttt_norm_bias[h * d..(h + 1) * d];
-        let eps = layer.ttt_norm_eps;
-
-        // State tensors: [W1, b1] (TTT-Linear) or [W1, b1, W2, b2] (TTT-MLP).
-        let z_out = match layer.inner {
-            Inner::Linear => {
-                let (z, q_w) = affine_at_start(&xk, &xq, fast.w[0], fast.w[1]);
-                let mut grad_z = vec![0.0; d];
-                ln_l2_bwd(&z, &target, gamma, beta, eps, &mut grad_z);
-                let q_g = fast.read_then_accumulate(0, 0, position, &xq, ttt_lr_eta, &xk, &grad_z);
-                axpy(ttt_lr_eta, &grad_z, fast.g[1]);
-                let lr_qa = ttt_lr_eta * dot(&xq, &xk);
-                self.at_token_weights(&q_w, fast.w[1], &q_g, fast.g[1], &grad_z, lr_qa)
-            }
-            Inner::Mlp { hidden } => {
-                // First affine map; its input is XK for the gradient, XQ for the output.
-                let (z1, q1_w) = affine_at_start(&xk, &xq, fast.w[0], fast.w[1]);
-                let x2: Vec<f32> = z1.iter().map(|&v| gelu_tanh(v)).collect();
-                let mut z2 = fast.w[3].to_vec();
-                add_vec_mat(&x2, fast.w[2], &mut z2);
-                let mut grad_z2 = vec![0.0; d];
-                ln_l2_bwd(&z2, &target, gamma, beta, eps, &mut grad_z2);
-                // ∇Z1 = (∇Z2 W2ᵀ) ⊙ gelu'(Z1), at W2_start.
-                let w2 = &*fast.w[2];
-                let grad_z1: Vec<f32> = (0..hidden)
-                    .map(|s| dot(&w2[s * d..(s + 1) * d], &grad_z2) * gelu_tanh_bwd(z1[s]))
-                    .collect();
-                let q1_g =
-                    fast.read_then_accumulate(0, 0, position, &xq, ttt_lr_eta, &xk, &grad_z1);
-                axpy(ttt_lr_eta, &grad_z1, fast.g[1]);
-                let lr_qa = ttt_lr_eta * dot(&xq, &xk);
-                let zq1 =
-                    self.at_token_weights(&q1_w, fast.w[1], &q1_g, fast.g[1], &grad_z1, lr_qa);
-                let xq2: Vec<f32> = zq1.iter().map(|&v| gelu_tanh(v)).collect();
-                // Second affine map: its input is X2 for the gradient, XQ2 for the output; XQ2 G2
-                // is read before this token's term is added.
-                let mut q2_w = vec![0.0; d];
-                add_vec_mat(&xq2, fast.w[2], &mut q2_w);
-                let q2_g =
-                    fast.read_then_accumulate(1, 2, position, &xq2, ttt_lr_eta, &x2, &grad_z2);
-                axpy(ttt_lr_eta, &grad_z2, fast.g[3]);
-                let lr_qa = ttt_lr_eta * dot(&xq2, &x2);
-                self.at_token_weights(&q2_w, fast.w[3], &q2_g, fast.g[3], &grad_z2, lr_qa)
-            }
-        };
-        // f(XQ; W_i) = XQ + LN(z).
-        layer_norm(&z_out, gamma, Some(beta), eps, out);
-        for (o, q) in out.iter_mut().zip(&xq) {
-            *o += q;
-        }
-        if let Some(last) = self.token_eta_last {
-            fast.close_mini_batch(&layer.matrices(), position + 1, last);
-        }
-    }
+    KernelChoice::Auto
 }
