@@ -14,13 +14,15 @@ use super::{find_tokenizer, format_count, DeviceArgs, Exit};
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json), e.g. a run directory
-    /// or one of its checkpoints.
+    /// or one of its checkpoints, or a packed file (`export`'s model.packed.safetensors,
+    /// memory-mapped).
     #[arg(long)]
     model: PathBuf,
     /// UTF-8 text files to score (all of their tokens).
     #[arg(long, required = true, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// tokenizer.json (default: the model directory's, or its run directory's).
+    /// tokenizer.json (default: the model directory's, or its run directory's; for a packed
+    /// file, the directory's that holds it).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Tokens per evaluation window (each window starts without context).
@@ -53,7 +55,7 @@ pub fn run(args: EvalArgs) -> Result<Exit> {
     }
     let bytes: usize = texts.iter().map(String::len).sum();
     with_backend!(device, |B, dev| {
-        let (model, _config) = BitLlama::<B>::load(&args.model, &dev)?;
+        let (model, _config) = BitLlama::<B>::open(&args.model, &dev)?;
         if tokenizer.vocab_size() > model.vocab_size() {
             bail!(
                 "the tokenizer has {} tokens but the model only {}: wrong tokenizer?",

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use bit_ttt_burn::BitLlama;
+use bit_ttt_burn::{BitLlama, LogitCheck};
+use burn::backend::NdArray;
 use clap::Args;
 
 use super::{format_count, Exit};
@@ -25,8 +26,12 @@ pub const PACKED_FILE: &str = "model.packed.safetensors";
 
 /// `export`: writes the packed inference file of a model directory and checks it by reloading.
 pub fn run(args: ExportArgs) -> Result<Exit> {
-    use burn::backend::NdArray;
-    use burn::tensor::{Int, Tensor, TensorData};
+    if args.model.is_file() {
+        bail!(
+            "--model {} is a file; export reads a model directory (config.json, model.safetensors)",
+            args.model.display()
+        );
+    }
     let device = Default::default();
     let (model, config) = BitLlama::<NdArray>::load(&args.model, &device)?;
     let out = args.out.unwrap_or_else(|| args.model.join(PACKED_FILE));
@@ -49,24 +54,10 @@ pub fn run(args: ExportArgs) -> Result<Exit> {
     }
     let started = Instant::now();
     model.save_packed(&config, &out)?;
-    // Load it back and compare the logits on a few tokens.
+    // Load it back by memory map, as generate and eval will, and compare the logits.
     let (packed, _) = BitLlama::<NdArray>::load_packed(&out, &device)?;
-    let ids: Vec<i64> = (0..16)
-        .map(|i| (i * 37 % config.vocab_size) as i64)
-        .collect();
-    let logits = |m: &BitLlama<NdArray>| -> Result<Vec<f32>> {
-        let input =
-            Tensor::<NdArray, 2, Int>::from_data(TensorData::new(ids.clone(), [1, 16]), &device);
-        m.forward(input)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
-    };
-    let diff = logits(&model)?
-        .iter()
-        .zip(&logits(&packed)?)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let check = model.check_packed_logits(&packed, &LogitCheck::probe_tokens(config.vocab_size))?;
+    let diff = check.max_abs_diff;
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as usize).unwrap_or(0);
     println!(
         "wrote {} ({} bytes; model.safetensors {} bytes) in {:.1} s; reloaded by memory map, max logit difference {diff:.2e}",

@@ -3,24 +3,25 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use bit_ttt_burn::inference::{Decoder, DecoderChoice};
 use bit_ttt_burn::BitLlama;
-#[cfg(feature = "ndarray")]
-use bit_ttt_train::device::DeviceKind;
 use bit_ttt_train::with_backend;
 use clap::Args;
 
-use super::{find_tokenizer, generate_text, sampling, DeviceArgs, Exit, Generate};
+use super::{find_tokenizer, generate_text, sampling, DeviceArgs, Exit};
 
 // No doc comment: clap would show it in place of the subcommand's own (in main.rs).
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    /// Model directory (config.json, model.safetensors, tokenizer.json), or a packed file
+    /// (`export`'s model.packed.safetensors, memory-mapped).
     #[arg(long)]
     model: PathBuf,
     /// The text to continue.
     #[arg(long)]
     prompt: String,
-    /// tokenizer.json (default: the model directory's, or its run directory's).
+    /// tokenizer.json (default: the model directory's, or its run directory's; for a packed
+    /// file, the directory's that holds it).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Most tokens to generate.
@@ -48,34 +49,21 @@ pub fn run(args: GenerateArgs) -> Result<Exit> {
     let tokenizer = find_tokenizer(args.tokenizer.as_deref(), &args.model)?;
     let sampling = sampling(args.temperature, args.top_k, args.top_p, args.seed);
     sampling.validate()?;
-    let write = |generate: &mut Generate<'_>| {
+    with_backend!(device, |B, dev| {
+        let (model, _) = BitLlama::<B>::open(&args.model, &dev)?;
+        // The library picks the engine: the fused decoder where the model computes on the CPU
+        // (the same logits without Burn's per-op overhead), Burn's ops on a GPU.
+        let decoder = Decoder::new(model, DecoderChoice::Auto, 0)?;
         generate_text(
-            generate,
+            &mut |ids, config, on_token| {
+                decoder.generate(ids, config, &mut decoder.new_state(), on_token)
+            },
             &tokenizer,
             &args.prompt,
             args.max_tokens,
-            sampling.clone(),
+            sampling,
             "",
-        )
-        .map(|_| Exit::Ok)
-    };
-    #[cfg(feature = "ndarray")]
-    if device == DeviceKind::Ndarray {
-        // On the CPU, decode with the fused decoder (the same logits, without Burn's per-op
-        // overhead; see bit_ttt_burn::cpu_decode).
-        use bit_ttt_burn::cpu_decode::CpuDecoder;
-        let (model, _) =
-            BitLlama::<burn::backend::NdArray>::load(&args.model, &Default::default())?;
-        let decoder = CpuDecoder::new(&model, 0)?;
-        drop(model);
-        return write(&mut |ids, config, on_token| {
-            decoder.generate(ids, config, &mut decoder.new_state(), on_token)
-        });
-    }
-    with_backend!(device, |B, dev| {
-        let (model, _) = BitLlama::<B>::load(&args.model, &dev)?;
-        write(&mut |ids, config, on_token| {
-            model.generate(ids, config, &mut model.new_state(), on_token)
-        })
+        )?;
+        Ok(Exit::Ok)
     })
 }

@@ -87,10 +87,18 @@ fn ctrl_c_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn find_tokenizer(explicit: Option<&Path>, model_dir: &Path) -> Result<Tokenizer> {
+/// The tokenizer: `explicit`, else the one next to `model` (a model directory, or a packed
+/// file, whose directory is then the one searched).
+fn find_tokenizer(explicit: Option<&Path>, model: &Path) -> Result<Tokenizer> {
     if let Some(path) = explicit {
         return Ok(Tokenizer::load(path)?);
     }
+    // `export` writes the packed file into the model directory, next to the tokenizer.
+    let (model_dir, place) = if model.is_file() {
+        (model.parent().unwrap_or(Path::new("")), "next to")
+    } else {
+        (model, "in")
+    };
     // A model directory, or a checkpoint inside a run directory (run/checkpoints/step-N).
     let candidates = [
         Some(model_dir.join(TOKENIZER_FILE)),
@@ -105,8 +113,8 @@ fn find_tokenizer(explicit: Option<&Path>, model_dir: &Path) -> Result<Tokenizer
         }
     }
     bail!(
-        "no {TOKENIZER_FILE} in {} (or its run directory); pass --tokenizer FILE",
-        model_dir.display()
+        "no {TOKENIZER_FILE} {place} {} (or in its run directory); pass --tokenizer FILE",
+        model.display()
     )
 }
 
@@ -139,7 +147,8 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingCo
 }
 
 /// A way to generate, `generate(prompt, config, on_token)`: a model's own
-/// [`BitLlama::generate`](bit_ttt_burn::BitLlama::generate) or the fused CPU decoder's.
+/// [`BitLlama::generate`](bit_ttt_burn::BitLlama::generate) or a
+/// [`Decoder`](bit_ttt_burn::inference::Decoder)'s.
 type Generate<'a> = dyn FnMut(
         &[u32],
         &GenerationConfig,
