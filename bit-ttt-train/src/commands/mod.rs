@@ -95,9 +95,11 @@ fn find_tokenizer(explicit: Option<&Path>, model: &Path) -> Result<Tokenizer> {
     }
     // `export` writes the packed file into the model directory, next to the tokenizer.
     let (model_dir, place) = if model.is_file() {
-        (model.parent().unwrap_or(Path::new("")), "next to")
+        let place = format!("next to {} (or in its run directory)", model.display());
+        (model.parent().unwrap_or(Path::new("")), place)
     } else {
-        (model, "in")
+        let place = format!("in {} (or its run directory)", model.display());
+        (model, place)
     };
     // A model directory, or a checkpoint inside a run directory (run/checkpoints/step-N).
     let candidates = [
@@ -112,10 +114,7 @@ fn find_tokenizer(explicit: Option<&Path>, model: &Path) -> Result<Tokenizer> {
             return Ok(Tokenizer::load(&path)?);
         }
     }
-    bail!(
-        "no {TOKENIZER_FILE} {place} {} (or in its run directory); pass --tokenizer FILE",
-        model.display()
-    )
+    bail!("no {TOKENIZER_FILE} {place}; pass --tokenizer FILE")
 }
 
 fn format_count(n: usize) -> String {
