@@ -95,6 +95,12 @@ pub enum BitTttError {
     /// The parts of a TTT cache do not fit together.
     #[error("invalid TTT cache: {0}")]
     InvalidCache(String),
+    /// A path given as a model is neither a model directory nor a file (it does not exist).
+    #[error(
+        "no model at {}: expected a model directory (config.json, model.safetensors) or a packed model file (*.packed.safetensors)",
+        .0.display()
+    )]
+    NotAModel(PathBuf),
 }
 
 impl From<burn::tensor::DataError> for BitTttError {

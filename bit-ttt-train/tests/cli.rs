@@ -292,6 +292,137 @@ fn train_stop_resume_eval_generate() {
     );
 }
 
+/// The cross-entropy `eval` prints (`cross-entropy X nats/token`).
+fn cross_entropy(o: &Output) -> f64 {
+    let out = stdout(o);
+    out.split("cross-entropy ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no cross-entropy in: {out}\n{}", stderr(o)))
+}
+
+/// `generate` and `eval` read the packed file `export` writes (memory-mapped) as they read the
+/// model directory: the same text for the same seed (both decode with the fused decoder, over
+/// the same ternary codes), and the same cross-entropy within 1e-4 nats/token (the packed
+/// logits equal the training-mode ones; 1e-4 is `export`'s logit tolerance and the precision
+/// `eval` prints).
+#[test]
+fn generate_and_eval_read_a_packed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path()).to_string_lossy().into_owned();
+    let out = dir.path().join("run");
+    let out_s = out.to_string_lossy().into_owned();
+    let mut args = vec!["train", "--out", &out_s, "--data", &data];
+    args.extend(TINY);
+    args.extend(["--steps", "4"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The default output: inside the model directory, next to its tokenizer.
+    let o = run(&["export", "--model", &out_s]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let packed = out.join("model.packed.safetensors");
+    assert!(packed.is_file(), "{}", stdout(&o));
+    let packed_s = packed.to_string_lossy().into_owned();
+
+    for sampling in [
+        &["--seed", "7"][..],
+        &["--seed", "8", "--temperature", "1.2", "--top-k", "0"],
+        &["--temperature", "0"],
+    ] {
+        let generate = |model: &str| {
+            let mut a = vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "the whale",
+                "--max-tokens",
+                "24",
+            ];
+            a.extend(sampling);
+            let o = run(&a);
+            assert!(o.status.success(), "{a:?}: {}", stderr(&o));
+            stdout(&o)
+        };
+        let (from_dir, from_packed) = (generate(&out_s), generate(&packed_s));
+        assert!(from_dir.starts_with("the whale"), "{from_dir}");
+        assert!(
+            from_dir.trim_end().len() > "the whale".len(),
+            "{sampling:?}: nothing generated: {from_dir}"
+        );
+        assert_eq!(from_packed, from_dir, "{sampling:?}");
+    }
+
+    let eval = |model: &str| {
+        let o = run(&["eval", "--model", model, "--data", &data, "--seq-len", "16"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        cross_entropy(&o)
+    };
+    let (from_dir, from_packed) = (eval(&out_s), eval(&packed_s));
+    assert!(from_dir.is_finite() && from_dir > 0.0, "{from_dir}");
+    assert!(
+        (from_dir - from_packed).abs() <= 1e-4,
+        "directory {from_dir}, packed file {from_packed}"
+    );
+
+    // A packed file away from its tokenizer: a clear error, or the tokenizer given by hand.
+    let alone_dir = dir.path().join("elsewhere");
+    std::fs::create_dir(&alone_dir).unwrap();
+    let alone = alone_dir.join("m.packed.safetensors");
+    std::fs::copy(&packed, &alone).unwrap();
+    let alone_s = alone.to_string_lossy().into_owned();
+    fails_with(
+        &["generate", "--model", &alone_s, "--prompt", "x"],
+        "no tokenizer.json next to",
+    );
+    let tok = out.join("tokenizer.json").to_string_lossy().into_owned();
+    let o = run(&[
+        "generate",
+        "--model",
+        &alone_s,
+        "--tokenizer",
+        &tok,
+        "--prompt",
+        "the whale",
+        "--max-tokens",
+        "24",
+        "--seed",
+        "7",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("the whale"), "{}", stdout(&o));
+
+    // A path that is neither a directory nor a file, and a file that is not a packed model.
+    let nothing = dir.path().join("nothing").to_string_lossy().into_owned();
+    for command in ["generate", "eval"] {
+        let mut a = vec![command, "--model", &nothing, "--tokenizer", &tok];
+        a.extend(if command == "generate" {
+            ["--prompt", "x"]
+        } else {
+            ["--data", data.as_str()]
+        });
+        fails_with(&a, "no model at");
+    }
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &data,
+            "--tokenizer",
+            &tok,
+            "--data",
+            &data,
+        ],
+        "corrupt file",
+    );
+    fails_with(
+        &["export", "--model", &packed_s],
+        "export reads a model directory",
+    );
+}
+
 #[test]
 fn divergence_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,298 @@
+//! `demo`: the main job (tokenizer, baselines, training, evaluation, sample, plot).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bit_ttt_burn::model::files::TOKENIZER_FILE;
+use bit_ttt_burn::{BitLlamaConfig, MixerKind, SamplingConfig, TernaryBackend};
+use bit_ttt_train::baselines::{self, Baselines};
+use bit_ttt_train::data::{self, Split};
+use bit_ttt_train::metrics::{METRICS_FILE, PLOT_FILE};
+use bit_ttt_train::tokenizer::Tokenizer;
+use bit_ttt_train::train::{self, Outcome, TrainJob, TrainSettings};
+use bit_ttt_train::{checkpoint, with_backend};
+use burn::backend::Autodiff;
+use clap::Args;
+
+use super::{
+    ctrl_c_flag, format_count, generate_text, parse_mixer, progress_mode, DeviceArgs, Exit,
+};
+
+/// Vocabulary of the demo's tokenizer.
+pub const DEMO_VOCAB: usize = 2048;
+/// Training steps of the demo.
+pub const DEMO_STEPS: usize = 600;
+
+/// The bundled corpus, compiled in so the demo runs from any directory, offline.
+const MOBY_DICK: &str = include_str!("../../../data/moby_dick.txt");
+
+// No doc comment: clap would show it in place of the subcommand's own (in main.rs).
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Run directory (tokenizer, checkpoints, metrics, plot, final model).
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Text to train on instead of the bundled Moby Dick.
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Sequence mixer of the model.
+    #[arg(long, default_value = "ttt_linear", value_parser = parse_mixer)]
+    mixer: MixerKind,
+    /// Tokenizer vocabulary size.
+    #[arg(long, default_value_t = DEMO_VOCAB)]
+    vocab_size: usize,
+    /// Training steps.
+    #[arg(long, default_value_t = DEMO_STEPS)]
+    steps: usize,
+    /// Continue an interrupted demo from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Tokens to generate after the prompt.
+    #[arg(long, default_value_t = 200)]
+    sample_tokens: usize,
+    /// The sample's prompt.
+    #[arg(long, default_value = "Call me Ishmael")]
+    prompt: String,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// The demo's model: 4 blocks of width 128.
+fn demo_model(vocab: usize, mixer: MixerKind) -> BitLlamaConfig {
+    BitLlamaConfig::new(vocab, 128, 4, 4, 384)
+        .with_mixer(mixer)
+        .with_mini_batch_size(16)
+}
+
+fn demo_settings(steps: usize) -> TrainSettings {
+    TrainSettings {
+        seq_len: 64,
+        batch_size: 16,
+        steps,
+        lr: 4e-3,
+        min_lr: 4e-4,
+        warmup_steps: 60,
+        beta1: 0.9,
+        beta2: 0.95,
+        weight_decay: 0.01,
+        grad_clip: Some(1.0),
+        eval_every: 100,
+        eval_batches: 8,
+        checkpoint_every: 200,
+        keep_checkpoints: 2,
+        seed: 42,
+    }
+}
+
+/// `demo`: the main job (tokenizer, baselines, training, evaluation, sample, plot).
+pub fn run(args: DemoArgs) -> Result<Exit> {
+    let total = Instant::now();
+    let device = args.device.device.check()?;
+    let run_dir = args.out.clone();
+    let texts = if args.data.is_empty() {
+        vec![MOBY_DICK.to_string()]
+    } else {
+        data::read_texts(&args.data)?
+    };
+    let corpus = if args.data.is_empty() {
+        "Moby Dick (bundled, data/moby_dick.txt)".to_string()
+    } else {
+        format!("{} file(s)", args.data.len())
+    };
+    println!(
+        "bit-ttt demo: a ternary (BitNet b1.58) {} language model on {corpus}, {} backend",
+        args.mixer.name(),
+        device.name()
+    );
+    if !args.resume && run_dir.exists() {
+        // A fresh demo replaces the previous one.
+        let old = checkpoint::checkpoint_root(&run_dir);
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+
+    // 1. Tokenizer.
+    let started = Instant::now();
+    let tokenizer_path = run_dir.join(TOKENIZER_FILE);
+    let tokenizer = if args.resume {
+        Tokenizer::load(&tokenizer_path)?
+    } else {
+        let t = Tokenizer::train(&texts, args.vocab_size)?;
+        t.save(&tokenizer_path)?;
+        t
+    };
+    let split = data::tokenize_and_split(&tokenizer, &texts, 0.1)?;
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let n_tokens = split.train.len() + split.valid.len();
+    println!(
+        "[1/5] tokenizer: byte-level BPE, vocabulary {} ({:.1} s) -> {}",
+        tokenizer.vocab_size(),
+        started.elapsed().as_secs_f64(),
+        tokenizer_path.display()
+    );
+    println!(
+        "      {} bytes -> {} tokens ({:.2} bytes/token); train split {} tokens, validation split {} (the last 10%)",
+        format_count(bytes),
+        format_count(n_tokens),
+        bytes as f64 / n_tokens as f64,
+        format_count(split.train.len()),
+        format_count(split.valid.len())
+    );
+
+    // 2. Baselines.
+    let started = Instant::now();
+    let base = baselines::compute(&split.train, &split.valid, tokenizer.vocab_size());
+    println!(
+        "[2/5] count baselines from the train split ({:.1} s): unigram {:.3}, interpolated bigram {:.3} nats/token (λ = {:.2})",
+        started.elapsed().as_secs_f64(),
+        base.unigram,
+        base.bigram,
+        base.lambda
+    );
+
+    // 3. Training.
+    let config = demo_model(tokenizer.vocab_size(), args.mixer);
+    let settings = demo_settings(args.steps);
+    println!(
+        "[3/5] training: {} blocks, d_model {}, {} heads, d_ffn {}, ternary projections; {} steps of {} x {} tokens, AdamW lr {} warm-up {} + cosine",
+        config.n_layers,
+        config.d_model,
+        config.n_heads,
+        config.d_ffn,
+        settings.steps,
+        settings.batch_size,
+        settings.seq_len,
+        settings.lr,
+        settings.warmup_steps
+    );
+    let job = TrainJob {
+        run_dir: &run_dir,
+        model: config,
+        settings,
+        data: &split,
+        resume: args.resume,
+        stop_at: None,
+        stop_flag: Some(ctrl_c_flag()),
+        progress: progress_mode(None),
+        references: vec![
+            ("unigram".into(), base.unigram),
+            ("interpolated bigram".into(), base.bigram),
+        ],
+    };
+    with_backend!(device, |B, dev| demo_rest::<B>(
+        job, &dev, &tokenizer, &base, &args, total
+    ))
+}
+
+fn demo_rest<B: TernaryBackend>(
+    job: TrainJob<'_>,
+    device: &B::Device,
+    tokenizer: &Tokenizer,
+    base: &Baselines,
+    args: &DemoArgs,
+    total: Instant,
+) -> Result<Exit> {
+    let run_dir = job.run_dir.to_path_buf();
+    let split: &Split = job.data;
+    let report = train::train::<Autodiff<B>>(job, device)?;
+    let state = &report.state;
+    if report.outcome != Outcome::Finished {
+        println!(
+            "stopped at step {}; checkpoint saved; continue with: bit-ttt-train demo --resume --out {}",
+            state.step,
+            run_dir.display()
+        );
+        return Ok(Exit::Interrupted);
+    }
+    let n_params: usize = {
+        use burn::module::Module;
+        report.model.num_params()
+    };
+    let throughput = state.metrics.last().map_or(0.0, |m| m.tokens_per_s);
+    println!(
+        "      {} parameters; {} steps, {} training tokens ({:.1} passes over the train split) in {:.0} s, {:.0} tokens/s",
+        format_count(n_params),
+        state.step,
+        format_count(state.tokens_seen as usize),
+        state.tokens_seen as f64 / split.train.len() as f64,
+        state.elapsed_s,
+        throughput
+    );
+
+    // 4. Evaluation.
+    let model_ce = report.final_val_loss.expect("a finished run is evaluated");
+    println!(
+        "[4/5] validation cross-entropy ({} tokens predicted, windows of {} tokens):",
+        format_count(split.valid.len() - 1),
+        state.settings.seq_len
+    );
+    println!("      {:<44} {:>12} {:>11}", "", "nats/token", "perplexity");
+    let rows = [
+        ("unigram, add-one".to_string(), base.unigram),
+        (
+            format!("interpolated bigram (λ = {:.2})", base.lambda),
+            base.bigram,
+        ),
+        (
+            format!("BitLlama, ternary {}", report.config.mixer.name()),
+            model_ce,
+        ),
+    ];
+    for (name, ce) in &rows {
+        println!("      {name:<44} {ce:>12.3} {:>11.1}", ce.exp());
+    }
+    if model_ce < base.bigram {
+        println!(
+            "      the model beats the bigram baseline by {:.3} nats/token",
+            base.bigram - model_ce
+        );
+    } else {
+        println!(
+            "      the model does NOT beat the bigram baseline ({:.3} nats/token behind)",
+            model_ce - base.bigram
+        );
+    }
+
+    // 5. Sample.
+    let sampling = SamplingConfig {
+        seed: 0,
+        ..SamplingConfig::default()
+    };
+    println!(
+        "[5/5] sample: {} tokens after {:?} (temperature {}, top-k {}, top-p {}, seed {}):",
+        args.sample_tokens,
+        args.prompt,
+        sampling.temperature,
+        sampling.top_k.unwrap_or(0),
+        sampling.top_p.unwrap_or(1.0),
+        sampling.seed
+    );
+    println!();
+    let model = &report.model;
+    generate_text(
+        &mut |ids, config, on_token| model.generate(ids, config, &mut model.new_state(), on_token),
+        tokenizer,
+        &args.prompt,
+        args.sample_tokens,
+        sampling,
+        "      ",
+    )?;
+    println!();
+    println!("outputs in {}:", run_dir.display());
+    println!("      loss plot  {}", run_dir.join(PLOT_FILE).display());
+    println!("      metrics    {}", run_dir.join(METRICS_FILE).display());
+    println!(
+        "      model      {} (config.json, model.safetensors, tokenizer.json); checkpoints in {}",
+        run_dir.display(),
+        checkpoint::checkpoint_root(&run_dir).display()
+    );
+    println!(
+        "      try: bit-ttt-train generate --model {} --prompt \"The whale\"",
+        run_dir.display()
+    );
+    println!("total time {:.0} s", total.elapsed().as_secs_f64());
+    Ok(Exit::Ok)
+}

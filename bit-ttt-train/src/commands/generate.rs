@@ -1,0 +1,69 @@
+//! `generate`: streams a continuation of a prompt.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use bit_ttt_burn::inference::{Decoder, DecoderChoice};
+use bit_ttt_burn::BitLlama;
+use bit_ttt_train::with_backend;
+use clap::Args;
+
+use super::{find_tokenizer, generate_text, sampling, DeviceArgs, Exit};
+
+// No doc comment: clap would show it in place of the subcommand's own (in main.rs).
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json), or a packed file
+    /// (`export`'s model.packed.safetensors, memory-mapped).
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// tokenizer.json (default: the model directory's, or its run directory's; for a packed
+    /// file, the directory's that holds it).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Sample from the smallest set of tokens whose probability reaches p (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// `generate`: streams a continuation of a prompt.
+pub fn run(args: GenerateArgs) -> Result<Exit> {
+    let device = args.device.device.check()?;
+    let tokenizer = find_tokenizer(args.tokenizer.as_deref(), &args.model)?;
+    let sampling = sampling(args.temperature, args.top_k, args.top_p, args.seed);
+    sampling.validate()?;
+    with_backend!(device, |B, dev| {
+        let (model, _) = BitLlama::<B>::open(&args.model, &dev)?;
+        // The library picks the engine: the fused decoder where the model computes on the CPU
+        // (the same logits without Burn's per-op overhead), Burn's ops on a GPU.
+        let decoder = Decoder::new(model, DecoderChoice::Auto, 0)?;
+        generate_text(
+            &mut |ids, config, on_token| {
+                decoder.generate(ids, config, &mut decoder.new_state(), on_token)
+            },
+            &tokenizer,
+            &args.prompt,
+            args.max_tokens,
+            sampling,
+            "",
+        )?;
+        Ok(Exit::Ok)
+    })
+}

@@ -1,0 +1,203 @@
+//! The subcommands, one file each (its clap arguments and its `run`), and what they share:
+//! how a command ends, progress and Ctrl-C handling, finding a tokenizer, sampling settings
+//! and streaming generated text.
+
+pub mod bench;
+pub mod demo;
+pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod info;
+pub mod tokenizer;
+pub mod train;
+
+use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bit_ttt_burn::model::files::TOKENIZER_FILE;
+use bit_ttt_burn::{BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig};
+use bit_ttt_train::device::DeviceKind;
+use bit_ttt_train::tokenizer::{TextStream, Tokenizer};
+use bit_ttt_train::train::ProgressMode;
+use clap::Args;
+
+/// How a command ended, besides errors.
+pub enum Exit {
+    /// Done.
+    Ok,
+    /// Stopped by Ctrl-C after saving a checkpoint (exit code 130).
+    Interrupted,
+}
+
+/// Which backend to run on.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Backend: ndarray (CPU), wgpu or cuda (the latter two need the cargo feature of that name).
+    #[arg(long, value_enum, default_value = "ndarray")]
+    pub device: DeviceKind,
+}
+
+/// `--mixer`'s parser.
+pub fn parse_mixer(s: &str) -> Result<MixerKind, String> {
+    s.parse()
+}
+
+/// `--progress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressArg {
+    /// A progress bar.
+    Bar,
+    /// A line every 50 steps.
+    Lines,
+    /// Nothing.
+    Quiet,
+}
+
+fn progress_mode(arg: Option<ProgressArg>) -> ProgressMode {
+    match arg {
+        Some(ProgressArg::Bar) => ProgressMode::Bar,
+        Some(ProgressArg::Lines) => ProgressMode::Lines(50),
+        Some(ProgressArg::Quiet) => ProgressMode::Quiet,
+        None if std::io::stderr().is_terminal() => ProgressMode::Bar,
+        None => ProgressMode::Lines(50),
+    }
+}
+
+/// A flag Ctrl-C sets: training stops after the current step and saves a checkpoint. A second
+/// Ctrl-C quits at once.
+fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    let installed = ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: quitting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)"
+        );
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: cannot catch Ctrl-C ({e}); an interrupted run resumes from its last periodic checkpoint");
+    }
+    flag
+}
+
+/// The tokenizer: `explicit`, else the one next to `model` (a model directory, or a packed
+/// file, whose directory is then the one searched).
+fn find_tokenizer(explicit: Option<&Path>, model: &Path) -> Result<Tokenizer> {
+    if let Some(path) = explicit {
+        return Ok(Tokenizer::load(path)?);
+    }
+    // `export` writes the packed file into the model directory, next to the tokenizer.
+    let (model_dir, place) = if model.is_file() {
+        let place = format!("next to {} (or in its run directory)", model.display());
+        (model.parent().unwrap_or(Path::new("")), place)
+    } else {
+        let place = format!("in {} (or its run directory)", model.display());
+        (model, place)
+    };
+    // A model directory, or a checkpoint inside a run directory (run/checkpoints/step-N).
+    let candidates = [
+        Some(model_dir.join(TOKENIZER_FILE)),
+        model_dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|run| run.join(TOKENIZER_FILE)),
+    ];
+    for path in candidates.into_iter().flatten() {
+        if path.is_file() {
+            return Ok(Tokenizer::load(&path)?);
+        }
+    }
+    bail!("no {TOKENIZER_FILE} {place}; pass --tokenizer FILE")
+}
+
+fn format_count(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A model preset by name, or an error listing the names.
+fn preset(name: &str, vocab: usize) -> Result<BitLlamaConfig> {
+    BitLlamaConfig::preset(name, vocab).with_context(|| {
+        format!("unknown preset {name:?}: expected tiny, 125m, 350m, 760m, 1.3b or 1b")
+    })
+}
+
+fn sampling(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingConfig {
+    SamplingConfig {
+        temperature,
+        top_k: (top_k > 0).then_some(top_k),
+        top_p: (top_p < 1.0).then_some(top_p),
+        seed,
+    }
+}
+
+/// A way to generate, `generate(prompt, config, on_token)`: a model's own
+/// [`BitLlama::generate`](bit_ttt_burn::BitLlama::generate) or a
+/// [`Decoder`](bit_ttt_burn::inference::Decoder)'s.
+type Generate<'a> = dyn FnMut(
+        &[u32],
+        &GenerationConfig,
+        &mut dyn FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<Vec<u32>, bit_ttt_burn::BitTttError>
+    + 'a;
+
+/// Generates after `prompt` with `generate`, printing the text as it comes; returns the whole
+/// text.
+fn generate_text(
+    generate: &mut Generate<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: SamplingConfig,
+    indent: &str,
+) -> Result<String> {
+    let ids = tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let config = GenerationConfig {
+        max_new_tokens: max_tokens,
+        sampling,
+        stop_tokens: tokenizer.end_of_text().into_iter().collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut text = prompt.to_string();
+    write!(
+        out,
+        "{indent}{}",
+        prompt.replace('\n', &format!("\n{indent}"))
+    )?;
+    let mut stream = TextStream::default();
+    let mut failure = None;
+    generate(&ids, &config, &mut |id| match stream.push(tokenizer, id) {
+        Ok(piece) => {
+            text.push_str(&piece);
+            let _ = write!(out, "{}", piece.replace('\n', &format!("\n{indent}")));
+            let _ = out.flush();
+            ControlFlow::Continue(())
+        }
+        Err(e) => {
+            failure = Some(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    writeln!(out)?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    Ok(text)
+}

@@ -1,0 +1,330 @@
+//! `train`: trains (or resumes) a model in a run directory.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use bit_ttt_burn::model::files::TOKENIZER_FILE;
+use bit_ttt_burn::{BitLlamaConfig, MixerKind, TernaryBackend};
+use bit_ttt_train::data;
+use bit_ttt_train::metrics::{METRICS_FILE, PLOT_FILE};
+use bit_ttt_train::tokenizer::Tokenizer;
+use bit_ttt_train::train::{self, Outcome, TrainJob, TrainSettings};
+use bit_ttt_train::{checkpoint, with_backend, TrainError};
+use burn::backend::Autodiff;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ctrl_c_flag, format_count, parse_mixer, preset, progress_mode, DeviceArgs, Exit, ProgressArg,
+};
+
+// No doc comment: clap would show it in place of the subcommand's own (in main.rs).
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Run directory: checkpoints/, metrics.csv, loss.png, and at the end the model
+    /// (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// UTF-8 text files to train on (the last --valid-fraction of their tokens is the
+    /// validation split). On --resume, defaults to the files the run started with.
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// An existing tokenizer.json; without it a byte-level BPE of --vocab-size is trained on --data.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the tokenizer trained when --tokenizer is not given.
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    /// Fraction of the tokens held out for validation (the end of the stream).
+    #[arg(long, default_value_t = 0.1)]
+    valid_fraction: f64,
+    /// Model preset: tiny, 125m, 350m, 760m, 1.3b, 1b (fully ternary, FFN 5632) (the vocabulary comes from the tokenizer).
+    #[arg(long, default_value = "tiny", conflicts_with = "config")]
+    preset: String,
+    /// A model config.json instead of a preset (its vocab_size is replaced by the tokenizer's).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the preset's width.
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Override the preset's number of blocks.
+    #[arg(long)]
+    n_layers: Option<usize>,
+    /// Override the preset's number of heads.
+    #[arg(long)]
+    n_heads: Option<usize>,
+    /// Override the preset's feed-forward width.
+    #[arg(long)]
+    d_ffn: Option<usize>,
+    /// Override the TTT mini-batch size.
+    #[arg(long)]
+    mini_batch_size: Option<usize>,
+    /// Sequence mixer: ttt_linear, ttt_mlp or attention.
+    #[arg(long, default_value = "ttt_linear", value_parser = parse_mixer)]
+    mixer: MixerKind,
+    /// Ternary (BitLinear) projections; --ternary false trains the same model in f32.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ternary: bool,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Training steps (updates).
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    #[arg(long, default_value_t = 3e-4)]
+    min_lr: f64,
+    /// Steps of linear warm-up.
+    #[arg(long, default_value_t = 50)]
+    warmup_steps: usize,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.95)]
+    beta2: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Evaluate on (part of) the validation split every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Validation batches per periodic evaluation (0: all; the final evaluation always uses all).
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// Write a checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 200)]
+    checkpoint_every: usize,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+    /// Continue from the latest checkpoint in --out (model, optimizer, schedule, data position, RNG).
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this step with a checkpoint, as Ctrl-C would (resume later with --resume).
+    #[arg(long)]
+    stop_at: Option<usize>,
+    /// Seed of the weights and of the batch order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Progress: bar (default on a terminal), lines (default otherwise) or quiet.
+    #[arg(long, value_enum)]
+    progress: Option<ProgressArg>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// What a run directory remembers of how it was started (for `--resume`).
+#[derive(Debug, Serialize, Deserialize)]
+struct RunInfo {
+    data: Vec<PathBuf>,
+    valid_fraction: f64,
+}
+
+const RUN_FILE: &str = "run.json";
+
+fn settings_of(args: &TrainArgs) -> TrainSettings {
+    TrainSettings {
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        steps: args.steps,
+        lr: args.lr,
+        min_lr: args.min_lr,
+        warmup_steps: args.warmup_steps,
+        beta1: args.beta1,
+        beta2: args.beta2,
+        weight_decay: args.weight_decay,
+        grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
+        eval_every: args.eval_every,
+        eval_batches: args.eval_batches,
+        checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints,
+        seed: args.seed,
+    }
+}
+
+fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
+    let mut config = match &args.config {
+        Some(path) => BitLlamaConfig::load_json(path)?,
+        None => preset(&args.preset, vocab)?,
+    };
+    config.vocab_size = vocab;
+    config.mixer = args.mixer;
+    config.ternary = args.ternary;
+    if let Some(v) = args.d_model {
+        config.d_model = v;
+    }
+    if let Some(v) = args.n_layers {
+        config.n_layers = v;
+    }
+    if let Some(v) = args.n_heads {
+        config.n_heads = v;
+    }
+    if let Some(v) = args.d_ffn {
+        config.d_ffn = v;
+    }
+    if let Some(v) = args.mini_batch_size {
+        config.mini_batch_size = v;
+    }
+    config
+        .validate()
+        .map_err(|m| TrainError::InvalidSetting(format!("model: {m}")))?;
+    Ok(config)
+}
+
+/// `train`: trains (or resumes) a model in a run directory.
+pub fn run(args: TrainArgs) -> Result<Exit> {
+    let device = args.device.device.check()?;
+    let run_dir = args.out.clone();
+    let tokenizer_path = run_dir.join(TOKENIZER_FILE);
+    let (data_paths, valid_fraction, tokenizer) = if args.resume {
+        // Fail early, before reading data, when there is nothing to resume.
+        checkpoint::latest(&run_dir)?;
+        let info: RunInfo = serde_json::from_slice(
+            &std::fs::read(run_dir.join(RUN_FILE))
+                .with_context(|| format!("reading {}", run_dir.join(RUN_FILE).display()))?,
+        )
+        .with_context(|| format!("parsing {}", run_dir.join(RUN_FILE).display()))?;
+        let paths = if args.data.is_empty() {
+            info.data
+        } else {
+            args.data.clone()
+        };
+        (
+            paths,
+            info.valid_fraction,
+            Tokenizer::load(&tokenizer_path)?,
+        )
+    } else {
+        // Check the settings before the (slower) tokenizer training.
+        settings_of(&args).validate()?;
+        model_config(&args, bit_ttt_train::tokenizer::MIN_VOCAB_SIZE)?;
+        if checkpoint::latest(&run_dir).is_ok() {
+            bail!(
+                "{} already holds a training run; continue it with --resume, or choose another --out",
+                run_dir.display()
+            );
+        }
+        let texts = data::read_texts(&args.data)?;
+        let tokenizer = match &args.tokenizer {
+            Some(path) => Tokenizer::load(path)?,
+            None => {
+                eprintln!(
+                    "training a byte-level BPE tokenizer of {} tokens on {} file(s)",
+                    args.vocab_size,
+                    args.data.len()
+                );
+                Tokenizer::train(&texts, args.vocab_size)?
+            }
+        };
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        tokenizer.save(&tokenizer_path)?;
+        let info = RunInfo {
+            data: args.data.clone(),
+            valid_fraction: args.valid_fraction,
+        };
+        bit_ttt_burn::files::write_atomic(
+            &run_dir.join(RUN_FILE),
+            &serde_json::to_vec_pretty(&info)?,
+        )?;
+        (args.data.clone(), args.valid_fraction, tokenizer)
+    };
+    let texts = data::read_texts(&data_paths)?;
+    let split = data::tokenize_and_split(&tokenizer, &texts, valid_fraction)?;
+    let (config, settings) = if args.resume {
+        // The run's own model and settings, from its latest checkpoint.
+        let state = checkpoint::load_state(&checkpoint::latest(&run_dir)?)?;
+        eprintln!(
+            "resuming {} at step {} of {}",
+            run_dir.display(),
+            state.step,
+            state.settings.steps
+        );
+        (state.model, state.settings)
+    } else {
+        (
+            model_config(&args, tokenizer.vocab_size())?,
+            settings_of(&args),
+        )
+    };
+    if !args.resume {
+        settings.validate()?;
+        data::check_length(&split, settings.seq_len)?;
+    }
+    eprintln!(
+        "data: {} train / {} validation tokens; model: {} {} (d_model {}, {} layers), {}",
+        format_count(split.train.len()),
+        format_count(split.valid.len()),
+        if config.ternary { "ternary" } else { "f32" },
+        config.mixer.name(),
+        config.d_model,
+        config.n_layers,
+        device.name()
+    );
+    let job = TrainJob {
+        run_dir: &run_dir,
+        model: config,
+        settings,
+        data: &split,
+        resume: args.resume,
+        stop_at: args.stop_at,
+        stop_flag: Some(ctrl_c_flag()),
+        progress: progress_mode(args.progress),
+        references: vec![],
+    };
+    with_backend!(device, |B, dev| run_training::<B>(job, &dev))
+}
+
+fn run_training<B: TernaryBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<Exit> {
+    let run_dir = job.run_dir.to_path_buf();
+    let report = train::train::<Autodiff<B>>(job, device)?;
+    let state = &report.state;
+    let last_train = state.metrics.last().map_or(f64::NAN, |m| m.train_loss);
+    match report.outcome {
+        Outcome::Finished => {
+            let val = report.final_val_loss.unwrap_or(f64::NAN);
+            println!(
+                "done: {} steps, {} tokens in {:.0} s; last train loss {last_train:.4}, validation {val:.4} nats/token (perplexity {:.2})",
+                state.step,
+                format_count(state.tokens_seen as usize),
+                state.elapsed_s,
+                val.exp()
+            );
+            println!(
+                "model: {} ({}, config.json, {TOKENIZER_FILE}); metrics: {}; plot: {}",
+                run_dir.display(),
+                bit_ttt_burn::model::files::WEIGHTS_FILE,
+                run_dir.join(METRICS_FILE).display(),
+                run_dir.join(PLOT_FILE).display()
+            );
+            Ok(Exit::Ok)
+        }
+        Outcome::Stopped | Outcome::Interrupted => {
+            println!(
+                "stopped at step {} of {}; checkpoint {}; continue with --resume --out {}",
+                state.step,
+                state.settings.steps,
+                report
+                    .last_checkpoint
+                    .as_ref()
+                    .map_or("none".into(), |p| p.display().to_string()),
+                run_dir.display()
+            );
+            Ok(if report.outcome == Outcome::Interrupted {
+                Exit::Interrupted
+            } else {
+                Exit::Ok
+            })
+        }
+    }
+}
