@@ -221,7 +221,7 @@ fn foreign_state() -> BitTttError {
     BitTttError::InvalidCache("the decoder state was made by another kind of decoder".into())
 }
 
-impl<B: Backend> BitLlama<B> {
+impl<B: TernaryBackend> BitLlama<B> {
     /// Loads a model from either of its forms: a model directory ([`load`](Self::load):
     /// `config.json` and `model.safetensors`) or a packed inference file
     /// ([`load_packed`](Self::load_packed), memory-mapped), told apart by whether `path` is a
