@@ -182,3 +182,91 @@ fn bit_llama_ndarray_and_wgpu_agree() {
         );
     }
 }
+
+/// The packed file on wgpu: every projection's 2-bit weights are made resident on the device at
+/// load (`TernaryBackend::upload_ternary`), the forward gives ndarray's logits, and a context
+/// read by the fused CPU decoder and saved as a `.soul` file continues on wgpu.
+///
+/// Tolerance: the projections quantize their activations to int8, and an activation within a
+/// float rounding of a code boundary can take the neighbouring code on one backend (see
+/// `examples/backend_swap.rs`), a step of 1/127 of a row's absmax that moves the logits by up
+/// to about 1e-2 of the largest; 5e-2 allows for that and still catches a wrong weight, state
+/// or position (those move them by the order of the logits themselves).
+#[test]
+fn packed_file_and_fused_state_continue_on_wgpu() {
+    use bit_ttt::bit_ttt_burn::cpu_decode::CpuDecoder;
+    use bit_ttt::bit_ttt_burn::{BitLlamaConfig, Projection};
+
+    if !common::wgpu_available("packed_file_and_fused_state_continue_on_wgpu") {
+        return;
+    }
+    let cpu = Default::default();
+    let gpu = WgpuDevice::default();
+    let config = BitLlamaConfig::tiny(40).with_ternary_head(true);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.packed.safetensors");
+    config
+        .init::<NdArray>(&cpu)
+        .save_packed(&config, &path)
+        .unwrap();
+    let (on_cpu, _) = BitLlama::<NdArray>::load_packed(&path, &cpu).unwrap();
+    let (on_gpu, _) = BitLlama::<Wgpu>::load_packed(&path, &gpu).unwrap();
+    let packed: Vec<_> = on_gpu
+        .projections()
+        .into_iter()
+        .filter_map(|(name, p)| match p {
+            Projection::Packed(layer) => Some((name, layer)),
+            _ => None,
+        })
+        .collect();
+    assert!(!packed.is_empty());
+    for (name, layer) in &packed {
+        assert!(layer.weight.is_resident_on(&gpu), "{name} is not resident");
+    }
+
+    let close = |got: &[f32], expected: &[f32], what: &str| {
+        let diff = common::max_abs_diff(got, expected);
+        let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff <= 5e-2 * scale,
+            "{what}: wgpu and CPU logits differ by {diff} (largest {scale})"
+        );
+    };
+    let tokens: Vec<u32> = (0..13).map(|i| (i * 7 + 3) % 40).collect();
+    let forward = |model_tokens: &[u32]| -> (Vec<f32>, Vec<f32>) {
+        let ids: Vec<i64> = model_tokens.iter().map(|&t| i64::from(t)).collect();
+        let cpu_logits = on_cpu
+            .forward(Tensor::<NdArray, 2, Int>::from_data(
+                TensorData::new(ids.clone(), [1, ids.len()]),
+                &cpu,
+            ))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let gpu_logits = on_gpu
+            .forward(Tensor::<Wgpu, 2, Int>::from_data(
+                TensorData::new(ids.clone(), [1, ids.len()]),
+                &gpu,
+            ))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        (gpu_logits, cpu_logits)
+    };
+    let (gpu_logits, cpu_logits) = forward(&tokens);
+    close(&gpu_logits, &cpu_logits, "packed forward");
+
+    // Read a context with the fused CPU decoder, save it, continue on wgpu.
+    let decoder = CpuDecoder::new(&on_cpu, 1).unwrap();
+    let mut fused = decoder.new_state();
+    decoder.read(&tokens[..10], &mut fused).unwrap();
+    let soul = dir.path().join("context.soul");
+    decoder.save_state(&fused, &soul).unwrap();
+    let mut on_device = on_gpu.load_state(&soul).unwrap();
+    assert_eq!(on_device.position, 10);
+    for &token in &tokens[10..] {
+        let expected = decoder.step(token, &mut fused).unwrap();
+        let got = on_gpu.read(&[token], &mut on_device).unwrap();
+        close(&got, &expected, "continued on wgpu");
+    }
+}

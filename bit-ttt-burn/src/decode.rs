@@ -77,7 +77,10 @@ pub trait BlockStep {
 }
 
 /// Runs consecutive blocks of one kind for one token: the hidden state goes to their side
-/// once, through every block, and back once.
+/// once, through every block, and back once. (A run of [`CpuBlock`](crate::cpu_decode::CpuBlock)s
+/// with several threads is best called inside `bit_ttt_kernels::cpu::install(threads, …)`: each
+/// block then finds itself in the kernels' pool instead of entering it, as
+/// [`CpuDecoder`](crate::cpu_decode::CpuDecoder) does for its whole chain.)
 ///
 /// # Errors
 /// [`BitTttError::InvalidCache`] if the numbers of blocks and states differ or a state does
@@ -153,8 +156,7 @@ impl<B: TernaryBackend> BlockStep for BurnBlock<'_, B> {
     }
 
     fn fits(&self, state: &MixerState<B>) -> bool {
-        // The kinds must match; shapes were checked when the state was made or restored.
-        self.block.mixer.accepts(state)
+        self.block.mixer.accepts(state, 1, self.d_model)
     }
 
     fn tokens_read(&self, state: &MixerState<B>) -> usize {

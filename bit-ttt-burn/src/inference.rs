@@ -35,6 +35,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 
 use crate::cpu_decode::{CpuDecodeState, CpuDecoder};
+use crate::soul::{as_file_error, Soul};
 use crate::{BitLlama, BitLlamaConfig, BitTttError, GenerationConfig, ModelState, TernaryBackend};
 
 /// Which engine a [`Decoder`] should decode with.
@@ -217,6 +218,46 @@ impl<B: TernaryBackend> Decoder<B> {
     }
 }
 
+impl<B: TernaryBackend> Decoder<B> {
+    /// Writes what `state` has read to a `.soul` file, atomically. The file is the same
+    /// whichever engine wrote it ([`crate::soul`]), so [`load_state`](Self::load_state) of a
+    /// decoder on another engine or backend continues from it.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] for a state another decoder made; [`BitTttError::Io`].
+    pub fn save_state(&self, state: &DecoderState<B>, path: &Path) -> Result<(), BitTttError> {
+        match (&self.engine, &state.inner) {
+            (Engine::Fused(d), StateInner::Fused(s)) => d.save_state(s, path),
+            (Engine::Burn(_), StateInner::Burn(s)) => s.save(path),
+            _ => Err(foreign_state()),
+        }
+    }
+
+    /// Restores a state from a `.soul` file of this model (one sequence), written by any
+    /// engine.
+    ///
+    /// # Errors
+    /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] if the
+    /// file does not fit this model.
+    pub fn load_state(&self, path: &Path) -> Result<DecoderState<B>, BitTttError> {
+        let inner = match &self.engine {
+            Engine::Fused(d) => StateInner::Fused(d.load_state(path)?),
+            Engine::Burn(m) => {
+                let (soul, _) = Soul::load(path, m.blocks.len())?;
+                // A decoder reads one sequence; a state of several would break its next step.
+                let batch = soul.batch_size().map_err(as_file_error(path))?;
+                if batch != 1 {
+                    return Err(as_file_error(path)(BitTttError::InvalidCache(format!(
+                        "a state of {batch} sequences: a decoder reads one"
+                    ))));
+                }
+                StateInner::Burn(m.state_from_soul(soul).map_err(as_file_error(path))?)
+            }
+        };
+        Ok(DecoderState { inner })
+    }
+}
+
 fn foreign_state() -> BitTttError {
     BitTttError::InvalidCache("the decoder state was made by another kind of decoder".into())
 }
@@ -381,6 +422,56 @@ mod tests {
     }
 
     /// `open` reads a model directory and a packed file; both give the model's logits.
+    /// A context read by one engine, saved, continues on the other with the logits the
+    /// uninterrupted engine gives (within the engines' 1e-4 of the largest logit); a state of
+    /// two sequences is refused by both.
+    #[test]
+    fn a_state_saved_by_one_engine_continues_on_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        for mixer in [MixerKind::TttLinear, MixerKind::Attention] {
+            let (model, _) = model(mixer);
+            let model_for_batch = model.clone();
+            let fused = Decoder::new(model.clone(), DecoderChoice::Fused, 1).unwrap();
+            let burn = Decoder::new(model, DecoderChoice::Burn, 1).unwrap();
+            let context = [3u32, 17, 5, 40, 2, 9];
+            for (from, to) in [(&fused, &burn), (&burn, &fused)] {
+                let mut state = from.new_state();
+                from.read(&context, &mut state).unwrap();
+                let path = dir.path().join("context.soul");
+                from.save_state(&state, &path).unwrap();
+                let mut restored = to.load_state(&path).unwrap();
+                assert_eq!(restored.position(), context.len());
+                for token in [7u32, 1, 30] {
+                    let expected = from.read(&[token], &mut state).unwrap();
+                    let got = to.read(&[token], &mut restored).unwrap();
+                    let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                    let diff = got
+                        .iter()
+                        .zip(&expected)
+                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 1e-4 * scale, "{mixer:?}: {diff} (scale {scale})");
+                }
+                // A state is saved only by the decoder that made it.
+                assert!(to.save_state(&state, &path).is_err());
+            }
+            let mut two = model_for_batch.new_batch_state(2);
+            let batch = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_ints(
+                [[1, 2, 3], [4, 5, 6]],
+                &Default::default(),
+            );
+            model_for_batch.forward_with_state(batch, &mut two);
+            let path = dir.path().join("two.soul");
+            two.save(&path).unwrap();
+            for decoder in [&fused, &burn] {
+                let err = decoder.load_state(&path).unwrap_err();
+                assert!(
+                    matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("2 sequences")),
+                    "{mixer:?}: {err}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn open_reads_a_directory_and_a_packed_file() {
         let dir = tempfile::tempdir().unwrap();

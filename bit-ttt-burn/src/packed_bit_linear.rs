@@ -358,6 +358,7 @@ mod tests {
     use super::*;
     use crate::BitLinearConfig;
     use burn::backend::NdArray;
+    use burn::module::AutodiffModule;
     use burn::tensor::Distribution;
 
     type B = NdArray;
@@ -408,6 +409,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn weights_are_made_resident_once_per_device_and_dropped_on_a_move() {
+        let device = Default::default();
+        let layer = BitLinearConfig::new(9, 4).init::<B>(&device);
+        let packed = PackedBitLinear::from_bit_linear(&layer).unwrap();
+        assert!(!packed.weight.is_resident_on(&device));
+        packed.upload(&device).unwrap();
+        assert!(packed.weight.is_resident_on(&device));
+        let first = packed.weight.upload(&device).unwrap();
+        // Uploading again, or through a clone, gives the same copy.
+        assert!(Arc::ptr_eq(&first, &packed.weight.upload(&device).unwrap()));
+        let clone = packed.clone();
+        assert!(Arc::ptr_eq(&first, &clone.weight.upload(&device).unwrap()));
+        // To the same device it stays; into an autodiff wrapper and back it is made anew.
+        let moved = clone.to_device(&device);
+        assert!(moved.weight.is_resident_on(&device));
+        let trainable = PackedBitLinear::<burn::backend::Autodiff<B>>::from_inner(packed.clone());
+        assert!(!trainable.weight.is_resident_on(&device));
+        let valid = trainable.valid();
+        assert!(!valid.weight.is_resident_on(&device));
+        // A forward uploads on first use and computes as before.
+        let x = Tensor::<B, 2>::random([3, 9], Distribution::Normal(0.0, 1.0), &device);
+        let y = valid.forward(x.clone()).into_data();
+        assert!(valid.weight.is_resident_on(&device));
+        assert_eq!(y, packed.forward(x).into_data());
     }
 
     #[test]

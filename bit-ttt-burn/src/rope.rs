@@ -44,14 +44,13 @@ fn rope_tables<B: Backend>(
     theta: f64,
     device: &B::Device,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let mut cos = Vec::with_capacity(seq * half);
-    let mut sin = Vec::with_capacity(seq * half);
-    for p in start..start + seq {
-        for i in 0..half {
-            let angle = p as f64 * theta.powf(-((2 * i) as f64) / (2 * half) as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
+    // [seq, half]: the fused decoder's angles, row by row, so both paths rotate alike.
+    let (mut cos, mut sin) = (vec![0.0; seq * half], vec![0.0; seq * half]);
+    for ((p, cos), sin) in (start..start + seq)
+        .zip(cos.chunks_exact_mut(half.max(1)))
+        .zip(sin.chunks_exact_mut(half.max(1)))
+    {
+        bit_ttt_kernels::cpu::rope_angles(p, theta, cos, sin);
     }
     (
         Tensor::from_data(TensorData::new(cos, [seq, half]), device),

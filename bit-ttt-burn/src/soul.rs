@@ -159,6 +159,21 @@ impl Soul {
         }
     }
 
+    /// Checks that the state has `n_layers` parts; returns the number of its tensors (for
+    /// [`check_all_taken`](Self::check_all_taken)).
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] for another number of layers.
+    pub fn check_layer_count(&self, n_layers: usize) -> Result<usize, BitTttError> {
+        if self.layers.len() != n_layers {
+            return Err(BitTttError::InvalidCache(format!(
+                "a state of {} layers for a model of {n_layers}",
+                self.layers.len()
+            )));
+        }
+        Ok(self.layers.iter().map(|l| l.tensors.len()).sum())
+    }
+
     /// The error when tensors are left over after every block took its own: the file holds
     /// something this model's state does not have.
     ///
@@ -200,14 +215,14 @@ impl Soul {
                 tensors.push((layer.full_name(name), t.shape.clone(), bytes));
             }
         }
-        let views: Vec<(String, TensorView<'_>)> = tensors
+        let views = tensors
             .iter()
             .map(|(name, shape, bytes)| {
-                let view =
-                    TensorView::new(Dtype::F32, shape.clone(), bytes).expect("consistent tensor");
-                (name.clone(), view)
+                TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map(|view| (name.clone(), view))
+                    .map_err(|e| BitTttError::InvalidCache(format!("tensor {name:?}: {e}")))
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         let bytes = safetensors::serialize(views, Some(metadata))
             .map_err(|e| BitTttError::InvalidInput(format!("serializing the state: {e}")))?;
         write_atomic(path, &bytes)
@@ -284,6 +299,18 @@ impl Soul {
             layers[i].tensors.insert(rest, tensor);
         }
         Ok((Self { position, layers }, total))
+    }
+}
+
+/// For errors of restoring a state read from the file at `path`: a state that does not fit
+/// ([`BitTttError::InvalidCache`]) is a [`BitTttError::CorruptFile`] of that file.
+pub(crate) fn as_file_error(path: &Path) -> impl Fn(BitTttError) -> BitTttError + '_ {
+    move |e| match e {
+        BitTttError::InvalidCache(reason) => BitTttError::CorruptFile {
+            path: path.to_path_buf(),
+            reason,
+        },
+        other => other,
     }
 }
 

@@ -1,13 +1,32 @@
-//! The projections of the fused decoder: packed ternary (the CPU kernels, reading the weights
-//! where they lie) or f32.
+//! The parts every block of the fused decoder is made of: its projections, packed ternary (the
+//! CPU kernels, reading the weights where they lie) or f32; parameters copied out of Burn
+//! tensors; heads spread over the kernels' threads. The mixers' CPU forms
+//! (`mixer/*/decode.rs`) build on these, as [`CpuBlock`](super::CpuBlock) does.
 
 use std::cell::OnceCell;
 
 use bit_ttt_kernels::cpu::{self, CpuOptions, QuantizedActivations};
-use burn::tensor::backend::Backend;
+use burn::tensor::{backend::Backend, Tensor};
+use rayon::prelude::*;
 
-use super::values;
 use crate::{ActivationPrecision, BitTttError, PackedBitLinear, Projection, TernaryWeights};
+
+/// All of a tensor's values as f32, row-major.
+pub(crate) fn values<B: Backend, const D: usize>(
+    tensor: Tensor<B, D>,
+) -> Result<Vec<f32>, BitTttError> {
+    Ok(tensor.into_data().convert::<f32>().into_vec::<f32>()?)
+}
+
+/// Runs `f` on every item: on the current rayon pool (the kernels' pool inside
+/// [`bit_ttt_kernels::cpu::install`]) when `threads > 1`, else in order on this thread.
+pub(crate) fn for_each_head<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync + Send) {
+    if threads > 1 {
+        items.into_par_iter().for_each(f);
+    } else {
+        items.into_iter().for_each(f);
+    }
+}
 
 /// One projection of a token, `y = x Wᵀ (+ b)`.
 #[derive(Debug)]

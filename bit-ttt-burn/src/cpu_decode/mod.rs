@@ -4,11 +4,13 @@
 //! Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth,
 //! and everything besides the ternary products should cost next to nothing. Through Burn each
 //! small op of a decode step (the TTT inner update per head, norms, reshapes) allocates,
-//! copies and dispatches on its own; with the weights of a 1B model that was three quarters
-//! of the step's time. [`CpuDecoder`] does the same arithmetic in place:
+//! copies and dispatches on its own, which costs more than the products themselves at the
+//! sizes of a decode step (`docs/measurements.md`). [`CpuDecoder`] does the same arithmetic in
+//! place:
 //! - Q, K, V (and the gate) quantize their shared input once;
 //! - the TTT inner step updates the fast weights in place without forming `W_i` (see
-//!   [`ttt`](self) for the algebra), its heads spread over the kernel's threads;
+//!   [`bit_ttt_kernels::cpu::ttt_head`] for the algebra), its heads spread over the kernel's
+//!   threads;
 //! - the ternary products read the packed weights where they lie (a memory-mapped
 //!   [packed file](crate::model) stays mapped).
 //!
@@ -36,33 +38,15 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use bit_ttt_kernels::cpu::{axpy, rms_norm};
-use burn::tensor::{backend::Backend, Tensor};
-use rayon::prelude::*;
+use burn::tensor::backend::Backend;
 
-use self::linear::{DecodeLinear, Input};
+use self::linear::{values, DecodeLinear, Input};
 use crate::decode::BlockStep;
 use crate::generate::{generate_with, GenerationConfig};
 use crate::mixer::{MixerDecode, MixerDecodeState};
 use crate::model::{BitLlama, Block, ModelState};
-use crate::soul::{LayerSoul, Soul};
+use crate::soul::{as_file_error, LayerSoul, Soul};
 use crate::BitTttError;
-
-/// All of a tensor's values as f32, row-major.
-pub(crate) fn values<B: Backend, const D: usize>(
-    tensor: Tensor<B, D>,
-) -> Result<Vec<f32>, BitTttError> {
-    Ok(tensor.into_data().convert::<f32>().into_vec::<f32>()?)
-}
-
-/// Runs `f` on every item: on the current rayon pool (the kernels' pool inside
-/// [`bit_ttt_kernels::cpu::install`]) when `threads > 1`, else in order on this thread.
-pub(crate) fn for_each_head<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync + Send) {
-    if threads > 1 {
-        items.into_par_iter().for_each(f);
-    } else {
-        items.into_iter().for_each(f);
-    }
-}
 
 /// An RMSNorm's scale and epsilon.
 #[derive(Debug)]
@@ -210,6 +194,8 @@ impl BlockStep for CpuBlock {
         Ok(hidden)
     }
 
+    /// Runs inside the kernels' thread pool: entered here, or, when the caller is already in
+    /// it (a driver running several blocks in one `bit_ttt_kernels::cpu::install`), at no cost.
     fn step(&self, mut hidden: Vec<f32>, state: &mut CpuBlockState) -> Vec<f32> {
         bit_ttt_kernels::cpu::install(self.threads, || self.step_in_place(&mut hidden, state));
         hidden
@@ -224,6 +210,11 @@ impl BlockStep for CpuBlock {
     }
 
     fn state_to_soul(&self, state: &CpuBlockState, index: usize) -> Result<LayerSoul, BitTttError> {
+        if !self.fits(state) {
+            return Err(BitTttError::InvalidCache(format!(
+                "the state of block {index} belongs to another block"
+            )));
+        }
         self.mixer.state_to_soul(&state.0, self.d_model, index)
     }
 
@@ -398,20 +389,13 @@ impl CpuDecoder {
     /// mixer, other shapes (another model), more than one sequence, counters that disagree
     /// with its position, or tensors this model's state does not have.
     pub fn state_from_soul(&self, mut soul: Soul) -> Result<CpuDecodeState, BitTttError> {
-        if soul.layers.len() != self.blocks.len() {
-            return Err(BitTttError::InvalidCache(format!(
-                "a state of {} layers for a model of {}",
-                soul.layers.len(),
-                self.blocks.len()
-            )));
-        }
+        let total = soul.check_layer_count(self.blocks.len())?;
         let batch = soul.batch_size()?;
         if batch != 1 {
             return Err(BitTttError::InvalidCache(format!(
                 "a state of {batch} sequences: the fused decoder reads one"
             )));
         }
-        let total: usize = soul.layers.iter().map(|l| l.tensors.len()).sum();
         let blocks = self
             .blocks
             .iter()
@@ -456,13 +440,7 @@ impl CpuDecoder {
     /// [`state_from_soul`](Self::state_from_soul)).
     pub fn load_state(&self, path: &Path) -> Result<CpuDecodeState, BitTttError> {
         let (soul, _) = Soul::load(path, self.blocks.len())?;
-        self.state_from_soul(soul).map_err(|e| match e {
-            BitTttError::InvalidCache(reason) => BitTttError::CorruptFile {
-                path: path.to_path_buf(),
-                reason,
-            },
-            other => other,
-        })
+        self.state_from_soul(soul).map_err(as_file_error(path))
     }
 
     /// Reads `token` and returns the logits of the next token, `[vocab_size]`; advances

@@ -395,6 +395,25 @@ fn a_fused_state_saved_to_soul_continues_in_burn_and_in_the_fused_decoder() {
                     // Saved on a mini-batch boundary (or a KV cache): the very same state.
                     assert_eq!(again, same, "{what}: restored and kept states differ");
                 }
+                // A restored state holds dense gradient sums beside new rank-one terms: save
+                // it again after each token, restore that in Burn, and it continues alike.
+                decoder.save_state(&restored, &path).unwrap();
+                let mut burn_again = model.load_state(&path).unwrap();
+                let (mut probe, mut burn_probe) = (restored.clone(), uninterrupted.clone());
+                let next = (token + 5) % 61;
+                let fused_next = decoder.step(next, &mut probe).unwrap();
+                let burn_next = model.read(&[next], &mut burn_again).unwrap();
+                let expected_next = model.read(&[next], &mut burn_probe).unwrap();
+                assert_close(
+                    &fused_next,
+                    &expected_next,
+                    &format!("{what}: re-saved, fused"),
+                );
+                assert_close(
+                    &burn_next,
+                    &expected_next,
+                    &format!("{what}: re-saved, Burn"),
+                );
             }
         }
     }
@@ -430,6 +449,17 @@ fn a_soul_of_another_model_or_of_two_sequences_is_an_error_for_the_fused_decoder
         matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("2 sequences")),
         "{err}"
     );
+}
+
+/// A model whose mixers are of another kind than `mixer`'s.
+fn model_of_other_kind(mixer: MixerKind) -> BitLlama<B> {
+    model(
+        match mixer {
+            MixerKind::Attention => MixerKind::TttLinear,
+            _ => MixerKind::Attention,
+        },
+        false,
+    )
 }
 
 /// A chain split between Burn blocks and fused CPU blocks (the seam the GPU/CPU split uses):
@@ -470,13 +500,26 @@ fn a_chain_of_burn_and_fused_blocks_decodes_like_either() {
                     assert_close(&got, &expected, &what);
                 }
             }
-            // A state of the wrong block is refused before anything runs.
+            // A state of the wrong block is refused before anything runs: too few states, a
+            // state of another kind of mixer, a Burn state of two sequences.
             let mut wrong: Vec<_> = decoder.blocks()[..1]
                 .iter()
                 .map(BlockStep::new_state)
                 .collect();
             let x = decoder.embed(1).unwrap();
             assert!(step_blocks(&decoder.blocks()[..2], &mut wrong, &x).is_err());
+            let other = CpuDecoder::new(&model_of_other_kind(mixer), 1).unwrap();
+            let mut foreign: Vec<_> = other.blocks().iter().map(BlockStep::new_state).collect();
+            assert!(step_blocks(decoder.blocks(), &mut foreign, &x).is_err());
+            assert!(decoder.blocks()[0].state_to_soul(&foreign[0], 0).is_err());
+            // (An empty KV cache fits any batch: read two sequences first.)
+            let mut two = model.new_batch_state(2);
+            let batch = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_ints(
+                [[1, 2], [3, 4]],
+                &Default::default(),
+            );
+            model.forward_with_state(batch, &mut two);
+            assert!(step_blocks(&burn_blocks, &mut two.layers, &x).is_err());
         }
     }
 }

@@ -3,7 +3,8 @@
 //! A mixer's folder holds everything of it: the Burn module and its config, its state and the
 //! state's `.soul` form (`state.rs`), the list of its projections, and its fused CPU decode form
 //! (`decode.rs`), beside the module it must equal. [`Mixer`], [`MixerState`] and the CPU forms
-//! here only delegate: a new mixer is a new folder and one variant in each enum.
+//! here only delegate: a new mixer is a new folder, a variant in each of these four enums with
+//! its one-line arms, and its name in [`MixerKind`].
 
 pub mod attention;
 pub mod ttt;
@@ -113,12 +114,29 @@ impl<B: Backend> Mixer<B> {
 }
 
 impl<B: Backend> Mixer<B> {
-    /// Whether `state` is of this kind of mixer.
-    pub fn accepts(&self, state: &MixerState<B>) -> bool {
-        matches!(
-            (self, state),
-            (Mixer::Ttt(_), MixerState::Ttt(_)) | (Mixer::Attention(_), MixerState::Attention(_))
-        )
+    /// Whether `state` is a state of this mixer for `batch` sequences: its kind and shapes, so
+    /// that the next forward cannot panic on it. `d_model` is the model width.
+    pub fn accepts(&self, state: &MixerState<B>, batch: usize, d_model: usize) -> bool {
+        match (self, state) {
+            (Mixer::Ttt(ttt), MixerState::Ttt(cache)) => {
+                let like = ttt.new_cache(batch);
+                let dims = |t: &[Tensor<B, 4>]| t.iter().map(|t| t.dims()).collect::<Vec<_>>();
+                cache.mini_batch_size() == like.mini_batch_size()
+                    && dims(cache.state()) == dims(like.state())
+                    && dims(cache.grads()) == dims(like.state())
+            }
+            (Mixer::Attention(attention), MixerState::Attention(kv)) => {
+                let heads = attention.num_heads;
+                let fits = |t: &Option<Tensor<B, 4>>| {
+                    t.as_ref().is_none_or(|t| {
+                        let [b, h, len, head_dim] = t.dims();
+                        b == batch && h == heads && head_dim * heads == d_model && len == kv.len()
+                    })
+                };
+                kv.keys.is_some() == kv.values.is_some() && fits(&kv.keys) && fits(&kv.values)
+            }
+            _ => false,
+        }
     }
 }
 

@@ -85,8 +85,8 @@ impl<B: Backend> BitLlama<B> {
 
     /// Bytes of weights one decode step reads: the blocks and scale of every packed
     /// projection, the f32 weights and biases of the other projections, and one row of the
-    /// embedding. Norms and the TTT layers' own parameters (6.3 MB of η gate at the 1b shape)
-    /// are left out; [`CpuDecoder::weight_bytes_per_token`](crate::cpu_decode::CpuDecoder::weight_bytes_per_token)
+    /// embedding. Norms and the TTT layers' own parameters (the η gate is `heads · d_model`
+    /// per TTT layer) are left out; [`CpuDecoder::weight_bytes_per_token`](crate::cpu_decode::CpuDecoder::weight_bytes_per_token)
     /// counts everything a decode step reads.
     pub fn weight_bytes_per_token(&self) -> usize {
         let f32_bytes = |n: usize| n * std::mem::size_of::<f32>();
@@ -356,8 +356,7 @@ impl<B: TernaryBackend> BitLlama<B> {
 /// The paths (as burn-store names them, enum variants skipped) and shapes of a module's
 /// tensors, read without materialising lazily initialised parameters. Collecting burn-store
 /// snapshots would first draw the random initial values of every f32 tensor about to be
-/// replaced by the file's: for the 1b model's embedding 65 million normal samples, 16 of the
-/// 17 seconds a load took.
+/// replaced by the file's (for a large embedding, most of a load's time).
 #[derive(Default)]
 struct LazyShapes {
     path: Vec<String>,

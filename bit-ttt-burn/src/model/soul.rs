@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::model::{BitLlama, ModelState};
-use crate::soul::Soul;
+use crate::soul::{as_file_error, Soul};
 use crate::BitTttError;
 
 impl<B: burn::tensor::backend::Backend> ModelState<B> {
@@ -42,14 +42,7 @@ impl<B: burn::tensor::backend::Backend> BitLlama<B> {
     /// # Errors
     /// [`BitTttError::InvalidCache`] naming the first thing that does not fit.
     pub fn state_from_soul(&self, mut soul: Soul) -> Result<ModelState<B>, BitTttError> {
-        if soul.layers.len() != self.blocks.len() {
-            return Err(BitTttError::InvalidCache(format!(
-                "a state of {} layers for a model of {}",
-                soul.layers.len(),
-                self.blocks.len()
-            )));
-        }
-        let total: usize = soul.layers.iter().map(|l| l.tensors.len()).sum();
+        let total = soul.check_layer_count(self.blocks.len())?;
         let batch = soul.batch_size()?;
         let device = self.embedding.weight.device();
         let d_model = self.embedding.weight.dims()[1];
@@ -80,13 +73,7 @@ impl<B: burn::tensor::backend::Backend> BitLlama<B> {
     /// lengths), or its `position` disagrees with a layer's `seq_len_offset` or `kv_len`.
     pub fn load_state(&self, path: &Path) -> Result<ModelState<B>, BitTttError> {
         let (soul, _) = Soul::load(path, self.blocks.len())?;
-        self.state_from_soul(soul).map_err(|e| match e {
-            BitTttError::InvalidCache(reason) => BitTttError::CorruptFile {
-                path: path.to_path_buf(),
-                reason,
-            },
-            other => other,
-        })
+        self.state_from_soul(soul).map_err(as_file_error(path))
     }
 }
 

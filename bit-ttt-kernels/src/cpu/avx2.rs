@@ -99,7 +99,7 @@ const PREFETCH_BLOCKS: usize = 64;
 /// A full group is unrolled ([`group_dot`] with a constant count), so no loop control runs
 /// between its blocks; the rest of a row takes the rolled loop. Always inlined (it has no
 /// `target_feature` of its own, so it may be): a call per row, returning its vector through
-/// memory, showed as 31% of a 1024×1024 call's samples.
+/// memory, cost a large share of a call (`BENCH.md`).
 ///
 /// # Safety
 /// The CPU must have AVX2. The row is `bpr` blocks at `w`; the token is `bpr·128` bytes at `x`.

@@ -249,8 +249,8 @@ const MIN_PARALLEL_WORK: usize = 8 * 1024;
 /// The same limit for a call from a worker of the pool ([`install`]), where splitting is cheap.
 const MIN_PARALLEL_WORK_IN_POOL: usize = 2 * 1024;
 /// The smallest chunks of a call (the last ones) hold `1 / (threads · this)` of its work, or
-/// the least work worth splitting. Against 8, 16 cut the idle and waiting samples of a 1b
-/// model's two-thread decode from a median of 362 to 269 per run (five alternated runs).
+/// the least work worth splitting: smaller tails leave the threads less idle at a call's end
+/// (measured against 8 in `docs/measurements.md`).
 const TAIL_CHUNKS_PER_THREAD: usize = 16;
 
 /// One matrix of a [`for_row_chunks`] call: its rows, its blocks per row and its
@@ -355,13 +355,10 @@ impl Drop for ChunkDone<'_> {
 /// `threads - 1` workers of the pool join in as they wake, each taking the next chunk left.
 ///
 /// From an ordinary thread, handing all chunks to the pool instead (`install`) leaves the
-/// caller asleep until they are done and costs a thread wake-up each way: for a 2048x2048 GEMV
-/// (about 100 µs of work) that was a third of the call's time. Inside the pool this replaced a
-/// rayon `par_iter` over equal chunks, whose splitting takes the chunks out of order, so the
-/// shrinking chunks of [`guided_chunks`] would not come last: in a 1b model's two-thread decode
-/// (five alternated `perf record` runs, tail chunks of 1/16 of the work) the samples of idle
-/// and waiting threads fell from a median of 478 to 375 per run (-22%), and each of the five
-/// runs decoded faster.
+/// caller asleep until they are done and costs a thread wake-up each way, a large share of a
+/// call of a GEMV's size. Inside the pool this replaces a rayon `par_iter` over equal chunks,
+/// whose splitting takes the chunks out of order, so the shrinking chunks of [`guided_chunks`]
+/// would not come last, and threads sat idle at the ends of calls (`docs/measurements.md`).
 fn run_with_caller<F>(pool: &rayon::ThreadPool, threads: usize, chunks: Vec<RowChunk<'_>>, f: &F)
 where
     F: Fn(usize, usize, &mut [&mut [f32]]) + Sync,

@@ -66,5 +66,14 @@ pub fn run(args: ExportArgs) -> Result<Exit> {
         format_count(size(&args.model.join(bit_ttt_burn::model::files::WEIGHTS_FILE))),
         started.elapsed().as_secs_f64()
     );
+    // The packed logits equal the training-mode ones up to float rounding; anything more (or
+    // a NaN) means the file does not hold this model.
+    if !check.within(1e-4 * check.max_abs_logit.max(1.0)) {
+        bail!(
+            "the packed file's logits differ from the model's by {diff:.2e} (largest logit {:.2e}): {} does not hold this model",
+            check.max_abs_logit,
+            out.display()
+        );
+    }
     Ok(Exit::Ok)
 }

@@ -4,8 +4,7 @@ use bit_ttt_kernels::cpu::{axpy, dot, rope_angles, rotate_pairs};
 use burn::tensor::backend::Backend;
 
 use super::{state, Attention};
-use crate::cpu_decode::for_each_head;
-use crate::cpu_decode::linear::{DecodeLinear, Input};
+use crate::cpu_decode::linear::{for_each_head, DecodeLinear, Input};
 use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
 

@@ -13,8 +13,7 @@ use bit_ttt_kernels::cpu::{
 };
 
 use super::{state, InnerModule, TttLayer};
-use crate::cpu_decode::linear::{DecodeLinear, Input};
-use crate::cpu_decode::{for_each_head, values};
+use crate::cpu_decode::linear::{for_each_head, values, DecodeLinear, Input};
 use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
 

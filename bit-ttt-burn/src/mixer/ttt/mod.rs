@@ -18,7 +18,9 @@
 //!
 //! Files: [`config`] (configuration), [`layer`] (the layer), [`inner`] (TTT-Linear/TTT-MLP
 //! inner models), [`ln`] and [`gelu`] (their math), [`mini_batch`] (the inputs of a step),
-//! [`dual`], [`autodiff`] and [`cache`] (the three inner loops and the decoding state).
+//! [`dual`], [`autodiff`] and [`cache`] (the three inner loops and the decoding state);
+//! `state.rs` (the state's `.soul` form) and `decode.rs` (the layer's fused CPU form, one token
+//! on plain slices, equal to the primal form).
 
 #[cfg(test)]
 #[macro_use]
