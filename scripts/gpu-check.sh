@@ -18,7 +18,8 @@ if [ "${1:-run}" = build ]; then
     cargo build --release -p bit-ttt-train -p bit-ttt \
         --features bit-ttt-train/cuda,bit-ttt/cuda --bin bit-ttt-train --example backend_swap
     mkdir -p .gpu
-    cp target/release/bit-ttt-train target/release/examples/backend_swap .gpu/
+    release="${CARGO_TARGET_DIR:-target}/release"
+    cp "$release/bit-ttt-train" "$release/examples/backend_swap" .gpu/
     strip .gpu/bit-ttt-train .gpu/backend_swap
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     ls -l .gpu
