@@ -21,6 +21,8 @@ if [ "${1:-run}" = build ]; then
     release="${CARGO_TARGET_DIR:-target}/release"
     cp "$release/bit-ttt-train" "$release/examples/backend_swap" .gpu/
     strip .gpu/bit-ttt-train .gpu/backend_swap
+    # Compressed, the two fit what a device call carries (64 MiB).
+    xz -f -T2 -6 .gpu/bit-ttt-train .gpu/backend_swap
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     ls -l .gpu
     exit 0
@@ -35,16 +37,22 @@ for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3*/site-packages/nvidi
 done
 log="${OUT:-/tmp}/gpu-check.log"
 work=$(mktemp -d)
-bin=.gpu/bit-ttt-train
+for f in .gpu/*.xz; do
+    out="$work/$(basename "$f" .xz)"
+    xz -dc "$f" > "$out" 2>/dev/null \
+        || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$out"
+done
+chmod +x "$work"/bit-ttt-train "$work"/backend_swap
+bin=$work/bit-ttt-train
 step() { echo; echo "=== $1 ($(date +%T))"; }
 {
     step "machine"
     nvidia-smi -L
     nproc
     step "backend_swap: ternary TTT-Linear, 128 tokens"
-    .gpu/backend_swap ttt_linear 128
+    "$work"/backend_swap ttt_linear 128
     step "backend_swap: ternary attention, 512 tokens"
-    .gpu/backend_swap attention 512
+    "$work"/backend_swap attention 512
     step "demo on cuda (200 steps)"
     time $bin demo --device cuda --steps 200 --sample-tokens 40 --out "$work/demo"
     step "export"
