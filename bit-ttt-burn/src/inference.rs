@@ -245,12 +245,7 @@ impl<B: TernaryBackend> Decoder<B> {
             Engine::Burn(m) => {
                 let (soul, _) = Soul::load(path, m.blocks.len())?;
                 // A decoder reads one sequence; a state of several would break its next step.
-                let batch = soul.batch_size().map_err(as_file_error(path))?;
-                if batch != 1 {
-                    return Err(as_file_error(path)(BitTttError::InvalidCache(format!(
-                        "a state of {batch} sequences: a decoder reads one"
-                    ))));
-                }
+                soul.check_one_sequence().map_err(as_file_error(path))?;
                 StateInner::Burn(m.state_from_soul(soul).map_err(as_file_error(path))?)
             }
         };

@@ -86,15 +86,6 @@ struct Resident<B: Backend> {
     weights: Arc<dyn Any + Send + Sync>,
 }
 
-impl<B: Backend> Clone for Resident<B> {
-    fn clone(&self) -> Self {
-        Self {
-            device: self.device.clone(),
-            weights: self.weights.clone(),
-        }
-    }
-}
-
 impl<B: Backend> TernaryParam<B> {
     /// Packed weights with no resident copy yet.
     pub fn new(host: TernaryWeights) -> Self {

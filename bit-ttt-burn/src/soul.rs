@@ -174,6 +174,20 @@ impl Soul {
         Ok(self.layers.iter().map(|l| l.tensors.len()).sum())
     }
 
+    /// Checks that the state is of one sequence, as a decoder reads.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] for a state of several sequences (or a tensor without a
+    /// batch dimension).
+    pub fn check_one_sequence(&self) -> Result<(), BitTttError> {
+        match self.batch_size()? {
+            1 => Ok(()),
+            batch => Err(BitTttError::InvalidCache(format!(
+                "a state of {batch} sequences: a decoder reads one"
+            ))),
+        }
+    }
+
     /// The error when tensors are left over after every block took its own: the file holds
     /// something this model's state does not have.
     ///

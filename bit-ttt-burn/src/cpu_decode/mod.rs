@@ -390,12 +390,7 @@ impl CpuDecoder {
     /// with its position, or tensors this model's state does not have.
     pub fn state_from_soul(&self, mut soul: Soul) -> Result<CpuDecodeState, BitTttError> {
         let total = soul.check_layer_count(self.blocks.len())?;
-        let batch = soul.batch_size()?;
-        if batch != 1 {
-            return Err(BitTttError::InvalidCache(format!(
-                "a state of {batch} sequences: the fused decoder reads one"
-            )));
-        }
+        soul.check_one_sequence()?;
         let blocks = self
             .blocks
             .iter()

@@ -119,11 +119,12 @@ impl<B: Backend> Mixer<B> {
     pub fn accepts(&self, state: &MixerState<B>, batch: usize, d_model: usize) -> bool {
         match (self, state) {
             (Mixer::Ttt(ttt), MixerState::Ttt(cache)) => {
-                let like = ttt.new_cache(batch);
+                // Shapes from the parameters: a step-time check must not build a whole cache.
+                let expected = ttt.state_dims(batch);
                 let dims = |t: &[Tensor<B, 4>]| t.iter().map(|t| t.dims()).collect::<Vec<_>>();
-                cache.mini_batch_size() == like.mini_batch_size()
-                    && dims(cache.state()) == dims(like.state())
-                    && dims(cache.grads()) == dims(like.state())
+                cache.mini_batch_size() == ttt.mini_batch_size
+                    && dims(cache.state()) == expected
+                    && dims(cache.grads()) == expected
             }
             (Mixer::Attention(attention), MixerState::Attention(kv)) => {
                 let heads = attention.num_heads;

@@ -163,6 +163,22 @@ impl<B: Backend> TttLayer<B> {
         all
     }
 
+    /// The shapes of a cache's state (and gradient) tensors for `batch_size` sequences,
+    /// `[batch, heads, rows, cols]` each, read off the parameters without making a cache.
+    pub fn state_dims(&self, batch_size: usize) -> Vec<[usize; 4]> {
+        let params = match &self.inner {
+            InnerModule::Linear(m) => vec![&m.w1, &m.b1],
+            InnerModule::Mlp(m) => vec![&m.w1, &m.b1, &m.w2, &m.b2],
+        };
+        params
+            .into_iter()
+            .map(|p| {
+                let [heads, rows, cols] = p.dims();
+                [batch_size, heads, rows, cols]
+            })
+            .collect()
+    }
+
     /// A cache at position 0 holding the initial fast weights.
     pub fn new_cache(&self, batch_size: usize) -> TttCache<B> {
         TttCache::new(self.inner.init_state(batch_size), self.mini_batch_size)

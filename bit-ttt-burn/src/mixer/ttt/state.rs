@@ -55,14 +55,13 @@ impl<B: Backend> TttLayer<B> {
         position: usize,
         batch: usize,
     ) -> Result<TttCache<B>, BitTttError> {
-        let like = self.new_cache(batch);
-        let device = like.state()[0].device();
+        let expected = self.state_dims(batch);
+        let device = self.learnable_token_idx.device();
         let mut load = |kind: &str| -> Result<Vec<Tensor<B, 4>>, BitTttError> {
-            like.state()
+            expected
                 .iter()
                 .enumerate()
-                .map(|(k, t)| {
-                    let dims = t.dims();
+                .map(|(k, &dims)| {
                     let host = soul.take_tensor(&format!("{kind}.{k}"), Some(&dims))?;
                     Ok(Tensor::from_data(
                         TensorData::new(host.values, dims),
@@ -81,11 +80,10 @@ impl<B: Backend> TttLayer<B> {
             return Err(soul.position_error(TOKENS_READ, offset, position));
         }
         let mini_batch = soul.field("mini_batch_size")?;
-        if mini_batch != like.mini_batch_size() {
+        if mini_batch != self.mini_batch_size {
             return Err(BitTttError::InvalidCache(format!(
                 "layer {} was saved with mini-batch size {mini_batch}, the model uses {}",
-                soul.index,
-                like.mini_batch_size()
+                soul.index, self.mini_batch_size
             )));
         }
         TttCache::from_parts(state, grads, offset, mini_batch)
