@@ -270,3 +270,89 @@ fn packed_file_and_fused_state_continue_on_wgpu() {
         close(&got, &expected, "continued on wgpu");
     }
 }
+
+/// The packed product through `TernaryBackend` on wgpu (the CubeCL kernels, weights resident
+/// on the device) and on ndarray (the CPU kernels): bit for bit with int8 activations (the same
+/// codes, exact integer sums, the same final expression), within the rounding of a sum in f32;
+/// odd shapes, a transposed input, and no tokens at all.
+#[test]
+fn packed_products_on_wgpu_equal_the_cpu_kernels() {
+    use bit_ttt::bit_ttt_burn::kernels::PackedTernary;
+    use bit_ttt::bit_ttt_burn::{ActivationPrecision, TernaryWeights};
+    use burn::tensor::TensorPrimitive;
+
+    if !common::wgpu_available("packed_products_on_wgpu_equal_the_cpu_kernels") {
+        return;
+    }
+    fn product<B: TernaryBackend>(
+        x: Tensor<B, 2>,
+        w: &TernaryWeights,
+        precision: ActivationPrecision,
+    ) -> Vec<f32> {
+        let resident = B::upload_ternary(w, &x.device()).unwrap();
+        let y = B::ternary_linear(x.into_primitive().tensor(), &resident, precision);
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    }
+    let (cpu, gpu) = (Default::default(), WgpuDevice::default());
+    let mut rng = Lcg(11);
+    for (rows, cols, tokens) in [
+        (1, 1, 1),
+        (3, 127, 2),
+        (600, 129, 5),
+        (7, 4097, 33),
+        (64, 128, 0),
+    ] {
+        let values: Vec<i8> = (0..rows * cols)
+            .map(|_| (rng.next() * 2.999) as i8 - 1)
+            .collect();
+        let w = TernaryWeights::owned(PackedTernary::pack(&values, rows, cols, 0.41).unwrap());
+        let x: Vec<f32> = (0..tokens * cols).map(|_| 4.0 * rng.next() - 2.0).collect();
+        let data = TensorData::new(x, [tokens, cols]);
+        for precision in [
+            ActivationPrecision::Int8 { eps: 1e-5 },
+            ActivationPrecision::F32,
+        ] {
+            let expected = product(
+                Tensor::<NdArray, 2>::from_data(data.clone(), &cpu),
+                &w,
+                precision,
+            );
+            let got = product(
+                Tensor::<Wgpu, 2>::from_data(data.clone(), &gpu),
+                &w,
+                precision,
+            );
+            assert_eq!(got.len(), tokens * rows);
+            if let ActivationPrecision::Int8 { .. } = precision {
+                assert_eq!(got, expected, "{rows}x{cols}, {tokens} tokens, int8");
+            } else {
+                let diff = common::max_abs_diff(&got, &expected);
+                assert!(
+                    diff <= 1e-4 * cols as f32,
+                    "{rows}x{cols}, {tokens} tokens, f32: {diff}"
+                );
+            }
+        }
+        if tokens > 1 {
+            // Stored [cols, tokens] and transposed: the device reads it in logical order.
+            let xt = Tensor::<Wgpu, 2>::from_data(data.clone(), &gpu)
+                .transpose()
+                .into_data();
+            let view = Tensor::<Wgpu, 2>::from_data(xt, &gpu).transpose();
+            let precision = ActivationPrecision::Int8 { eps: 1e-5 };
+            let expected = product(
+                Tensor::<NdArray, 2>::from_data(data.clone(), &cpu),
+                &w,
+                precision,
+            );
+            assert_eq!(
+                product(view, &w, precision),
+                expected,
+                "{rows}x{cols} transposed"
+            );
+        }
+    }
+}

@@ -37,4 +37,7 @@ pub enum KernelError {
     /// A kernel was asked for that this CPU cannot run (for example AVX2 on a CPU without it).
     #[error("the {0} kernel is not available on this CPU")]
     KernelUnavailable(&'static str),
+    /// The GPU runtime reported a failure (a kernel that failed, a lost device).
+    #[error("GPU runtime error: {0}")]
+    Device(String),
 }

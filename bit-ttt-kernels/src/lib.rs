@@ -7,6 +7,8 @@
 //!   head step). A scalar reference always exists; faster kernels (AVX2) are chosen at run time
 //!   and checked against it, and the work is split over output rows on the crate's own thread
 //!   pool.
+//! - `cube` (feature `cubecl`): the same products as CubeCL kernels for GPUs (wgpu, CUDA),
+//!   over weights resident on the device in a word-major layout.
 //! - [`bandwidth`]: the machine's read bandwidth, the bound a decode step is measured against.
 //!
 //! This crate has no dependency on the other bit-ttt crates: `bit-ttt-burn` uses it, never the reverse.
@@ -14,6 +16,8 @@
 
 pub mod bandwidth;
 pub mod cpu;
+#[cfg(feature = "cubecl")]
+pub mod cube;
 pub mod error;
 pub mod packing;
 

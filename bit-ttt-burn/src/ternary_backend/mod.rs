@@ -9,11 +9,13 @@
 //! |---------|--------|
 //! | `NdArray` | the CPU kernels of `bit-ttt-kernels` (AVX2 or scalar, rayon), reading an f32 input array in place (an f64 one is converted) |
 //! | `Autodiff<B>` | `B`'s kernel; the packed layer is inference-only, so no gradient is recorded |
-//! | `Wgpu`, `Cuda`, your backend | [`ternary_linear_on_host`]: the input is read back to the host, the same CPU kernels run there, the output goes back to the device |
+//! | `Wgpu`, `Cuda` (any `CubeBackend<R, …>`) | the CubeCL kernels of `bit_ttt_kernels::cube` on the device: the input is quantized there, the weights stay resident in a word-major layout, two launches per product |
+//! | your backend | [`ternary_linear_on_host`]: the input is read back to the host, the same CPU kernels run there, the output goes back to the device |
 //!
 //! The weights a kernel reads are the backend's own [`TernaryBackend::PackedWeights`], made
 //! resident once per layer by [`TernaryBackend::upload_ternary`]: on `NdArray` the host bytes
-//! themselves (owned, or a memory-mapped packed file read in place), so nothing is copied.
+//! themselves (owned, or a memory-mapped packed file read in place), so nothing is copied; on a
+//! CubeCL backend a device buffer.
 //! A backend of your own gets the fallback by keeping the host form:
 //!
 //! ```ignore
@@ -106,13 +108,10 @@ fn ternary_linear_cpu(
 }
 
 /// Panics (a programmer error) when the input's width is not the weights' `d_input`.
-fn check_input_shape(tokens: usize, d_input: usize, weight: TernaryView<'_>) {
+fn check_input_shape(tokens: usize, d_input: usize, rows: usize, cols: usize) {
     assert_eq!(
-        d_input,
-        weight.cols(),
-        "ternary_linear: input [{tokens}, {d_input}] does not match weights [{}, {}]",
-        weight.rows(),
-        weight.cols()
+        d_input, cols,
+        "ternary_linear: input [{tokens}, {d_input}] does not match weights [{rows}, {cols}]"
     );
 }
 
@@ -129,7 +128,7 @@ pub fn ternary_linear_on_host<B: Backend>(
     let input = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(input));
     let device = input.device();
     let [tokens, d_input] = input.dims();
-    check_input_shape(tokens, d_input, weight);
+    check_input_shape(tokens, d_input, weight.rows(), weight.cols());
     let x: Vec<f32> = input
         .into_data()
         .convert::<f32>()
@@ -159,7 +158,7 @@ mod ndarray_kernel {
         let &[tokens, d_input] = x.shape() else {
             panic!("ternary_linear: input of shape {:?} is not 2-d", x.shape())
         };
-        check_input_shape(tokens, d_input, weight);
+        check_input_shape(tokens, d_input, weight.rows(), weight.cols());
         let y = match x.as_slice() {
             Some(x) => ternary_linear_cpu(x, tokens, weight, precision),
             // Not in row-major order (a transposed view): gather it once.
@@ -221,35 +220,9 @@ impl<B: TernaryBackend> TernaryBackend for Autodiff<B> {
     }
 }
 
-/// Backends without ternary kernels of their own yet: the host form and the host round trip.
-macro_rules! impl_on_host {
-    ($backend:ty) => {
-        impl TernaryBackend for $backend {
-            type PackedWeights = TernaryWeights;
-
-            fn upload_ternary(
-                weights: &TernaryWeights,
-                _device: &Self::Device,
-            ) -> Result<TernaryWeights, BitTttError> {
-                Ok(weights.clone())
-            }
-
-            fn ternary_linear(
-                input: FloatTensor<Self>,
-                weight: &TernaryWeights,
-                precision: ActivationPrecision,
-            ) -> FloatTensor<Self> {
-                ternary_linear_on_host::<Self>(input, weight.view(), precision)
-            }
-        }
-    };
-}
-
-#[cfg(feature = "wgpu")]
-impl_on_host!(burn::backend::Wgpu);
-
-#[cfg(feature = "cuda")]
-impl_on_host!(burn::backend::Cuda);
+/// Burn's CubeCL backends (`Wgpu`, `Cuda`): the CubeCL kernels on device-resident weights.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
 
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
