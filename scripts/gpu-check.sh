@@ -3,26 +3,35 @@
 #
 #   scripts/gpu-check.sh build   # here: release binaries with the cuda backend, into .gpu/
 #   scripts/gpu-check.sh run     # there (with .gpu/ carried): the checks; log in $OUT or /tmp
+#   GPU_CHECK_QUICK=1 scripts/gpu-check.sh run   # the same steps at toy sizes on wgpu: a
+#                                                # rehearsal on a machine without a GPU
 #
-# What it checks, each against the CPU (ndarray) on the same machine:
-# 1. examples/backend_swap: one random model's logits and forward time on ndarray and cuda,
-#    for the training form and for the packed file (2-bit weights made resident on the device
-#    once at load by TernaryBackend::upload_ternary);
-# 2. the command line on cuda: a short demo training run, its packed export, and generate /
-#    eval on both the model directory and the packed file, on cuda and on the CPU.
+# What it checks (each step under its own time limit, so one hang cannot take the whole run):
+# 1. examples/gpu_bench on cuda: the CubeCL kernels against the CPU reference (codes, scales and
+#    outputs bit for bit, odd shapes); GEMV GB/s at 2560x6912, 4096x11008 and 8192x8192 next to
+#    a copy kernel's GB/s in the same run; decode tokens/s of the 125m and 1b presets with packed
+#    weights next to the same model's f32 Burn path, and the kernel launches per token;
+# 2. training tokens/s of the 125m preset on cuda, ternary (stopped halfway and resumed) and
+#    f32, from the steady-state rows of metrics.csv;
+# 3. examples/backend_swap: one random model's logits and forward time on ndarray and cuda,
+#    for the training form and for the packed file;
+# 4. the command line on cuda: a short demo run, its packed export, generate and eval of the
+#    packed file on cuda and on the CPU.
+# Every result is a JSON line (grep '^{' the log) or a table row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-run}" = build ]; then
     set -e
     cargo build --release -p bit-ttt-train -p bit-ttt \
-        --features bit-ttt-train/cuda,bit-ttt/cuda --bin bit-ttt-train --example backend_swap
+        --features bit-ttt-train/cuda,bit-ttt-train/wgpu,bit-ttt/cuda --bin bit-ttt-train --example backend_swap --example gpu_bench
+    rm -rf .gpu
     mkdir -p .gpu
     release="${CARGO_TARGET_DIR:-target}/release"
-    cp "$release/bit-ttt-train" "$release/examples/backend_swap" .gpu/
-    strip .gpu/bit-ttt-train .gpu/backend_swap
-    # Compressed, the two fit what a device call carries (64 MiB).
-    xz -f -T2 -6 .gpu/bit-ttt-train .gpu/backend_swap
+    cp "$release/bit-ttt-train" "$release/examples/backend_swap" "$release/examples/gpu_bench" .gpu/
+    strip .gpu/bit-ttt-train .gpu/backend_swap .gpu/gpu_bench
+    # Compressed, the three fit what a device call carries (64 MiB).
+    xz -f -T2 -6 .gpu/bit-ttt-train .gpu/backend_swap .gpu/gpu_bench
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     ls -l .gpu
     exit 0
@@ -42,34 +51,59 @@ for f in .gpu/*.xz; do
     xz -dc "$f" > "$out" 2>/dev/null \
         || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$out"
 done
-chmod +x "$work"/bit-ttt-train "$work"/backend_swap
+chmod +x "$work"/bit-ttt-train "$work"/backend_swap "$work"/gpu_bench
 bin=$work/bit-ttt-train
 step() { echo; echo "=== $1 ($(date +%T))"; }
+# Steady-state training tokens/s from a run's metrics.csv (step,lr,train_loss,val_loss,
+# tokens_per_s,elapsed_s): tokens between the middle row and the last over the time between them,
+# so kernel compilation and autotuning in the first steps do not count.
+train_rate() {
+    awk -F, -v tps="$2" -v what="$3" -v dev="$device" 'NR > 1 { s[NR] = $1; e[NR] = $6; n = NR }
+        END { m = int(n * 3 / 4); t = (s[n] - s[m]) * tps / (e[n] - e[m]);
+              printf "{\"section\":\"train\",\"backend\":\"%s\",\"run\":\"%s\",\"steps\":%d,\"steady_steps\":%d,\"tokens_per_s\":%.1f}\n", dev, what, s[n], s[n] - s[m], t }' "$1/metrics.csv"
+}
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
+    device=wgpu; bench_args=(wgpu --quick); preset=tiny; seq=32; batch=4; steps=8; demo_steps=4
+else
+    device=cuda; bench_args=(cuda); preset=125m; seq=256; batch=8; steps=32; demo_steps=100
+fi
+tokens_per_step=$((seq * batch))
 {
     step "machine"
     nvidia-smi -L
     nproc
+    step "gpu_bench ${bench_args[*]}: kernels, GEMV bandwidth, decode"
+    timeout 240 "$work"/gpu_bench "${bench_args[@]}" || echo "(gpu_bench failed: exit $?)"
+
+    step "train $preset on $device: ternary, stopped halfway and resumed; then f32"
+    # The book is the corpus.
+    common=(--device $device --data data/moby_dick.txt --vocab-size 2048 --preset $preset
+            --seq-len $seq --batch-size $batch --steps $steps --eval-every 0 --eval-batches 2
+            --checkpoint-every 0 --progress lines)
+    timeout 150 $bin train "${common[@]}" --out "$work/t-ternary" --stop-at $((steps / 2)) \
+        && timeout 120 $bin train --device $device --out "$work/t-ternary" --resume --progress lines \
+        && train_rate "$work/t-ternary" $tokens_per_step ternary \
+        || echo "(ternary training failed)"
+    timeout 150 $bin train "${common[@]}" --out "$work/t-f32" --ternary false \
+        --tokenizer "$work/t-ternary/tokenizer.json" \
+        && train_rate "$work/t-f32" $tokens_per_step f32 \
+        || echo "(f32 training failed)"
+
     step "backend_swap: ternary TTT-Linear, 128 tokens"
-    "$work"/backend_swap ttt_linear 128
-    step "backend_swap: ternary attention, 512 tokens"
-    "$work"/backend_swap attention 512
-    step "demo on cuda (200 steps)"
-    time $bin demo --device cuda --steps 200 --sample-tokens 40 --out "$work/demo"
-    step "export"
-    $bin export --model "$work/demo"
+    timeout 90 "$work"/backend_swap ttt_linear 128
+    step "demo on $device ($demo_steps steps), export"
+    timeout 90 $bin demo --device $device --steps $demo_steps --sample-tokens 40 --out "$work/demo"
+    timeout 60 $bin export --model "$work/demo"
     packed="$work/demo/model.packed.safetensors"
     # The last 60 kB of the book: a quick, fixed evaluation text.
     tail -c 60000 data/moby_dick.txt > "$work/tail.txt"
-    for device in cuda ndarray; do
-        for model in "$work/demo" "$packed"; do
-            step "generate --device $device --model ${model#"$work"/}"
-            $bin generate --device $device --model "$model" --prompt "Call me Ishmael" \
-                --max-tokens 40 --temperature 0 \
-                || echo "(generate failed: exit $?)"
-            step "eval --device $device --model ${model#"$work"/}"
-            $bin eval --device $device --model "$model" --data "$work/tail.txt" --seq-len 64 \
-                || echo "(eval failed: exit $?)"
-        done
+    for d in $device ndarray; do
+        step "generate and eval --device $d --model the packed file"
+        timeout 60 $bin generate --device $d --model "$packed" --prompt "Call me Ishmael" \
+            --max-tokens 40 --temperature 0 \
+            || echo "(generate failed: exit $?)"
+        timeout 60 $bin eval --device $d --model "$packed" --data "$work/tail.txt" --seq-len 64 \
+            || echo "(eval failed: exit $?)"
     done
     step "done"
 } 2>&1 | tee "$log"

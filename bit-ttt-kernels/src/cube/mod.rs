@@ -34,6 +34,10 @@ mod tests;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+/// The CubeCL this module is written in, for naming runtimes (`cubecl::wgpu::WgpuRuntime`, and
+/// `cubecl::cuda::CudaRuntime` where its `cuda` feature is on).
+pub use cubecl;
+
 use crate::cpu::QuantizedActivations;
 use crate::packing::TernaryView;
 use crate::KernelError;
