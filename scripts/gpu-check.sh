@@ -11,11 +11,14 @@
 #    outputs bit for bit, odd shapes); GEMV GB/s at 2560x6912, 4096x11008 and 8192x8192 next to
 #    a copy kernel's GB/s in the same run; decode tokens/s of the 125m and 1b presets with packed
 #    weights next to the same model's f32 Burn path, and the kernel launches per token;
-# 2. training tokens/s of the 125m preset on cuda, ternary (stopped halfway and resumed) and
+# 2. the model split between GPU and CPU (bench --n-gpu-layers): the 1b preset over N, and a
+#    random 70B-shaped model (about 20 GB packed, drawn in memory) with --gpu-memory 8GiB and
+#    auto, tokens/s measured next to predicted;
+# 3. training tokens/s of the 125m preset on cuda, ternary (stopped halfway and resumed) and
 #    f32, from the steady-state rows of metrics.csv;
-# 3. examples/backend_swap: one random model's logits and forward time on ndarray and cuda,
+# 4. examples/backend_swap: one random model's logits and forward time on ndarray and cuda,
 #    for the training form and for the packed file;
-# 4. the command line on cuda: a short demo run, its packed export, generate and eval of the
+# 5. the command line on cuda: a short demo run, its packed export, generate and eval of the
 #    packed file on cuda and on the CPU.
 # Every result is a JSON line (grep '^{' the log) or a table row.
 set -uo pipefail
@@ -63,9 +66,16 @@ train_rate() {
               printf "{\"section\":\"train\",\"backend\":\"%s\",\"run\":\"%s\",\"steps\":%d,\"steady_steps\":%d,\"tokens_per_s\":%.1f}\n", dev, what, s[n], s[n] - s[m], t }' "$1/metrics.csv"
 }
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-    device=wgpu; bench_args=(wgpu --quick); preset=tiny; seq=32; batch=4; steps=8; demo_steps=4
+    # lavapipe trains the demo's model at ~100 tokens/s: 2 steps and its evaluation take minutes.
+    device=wgpu; bench_args=(wgpu --quick); preset=tiny; seq=32; batch=4; steps=8; demo_steps=2
+    demo_limit=400
+    split_small=(--preset tiny --n-gpu-layers 0,1,2 --decode-tokens 8 --bandwidth-mib 64)
+    split_large=(--preset tiny --n-gpu-layers auto --gpu-memory 300KiB --decode-tokens 8 --bandwidth-mib 64)
 else
     device=cuda; bench_args=(cuda); preset=125m; seq=256; batch=8; steps=32; demo_steps=100
+    demo_limit=90
+    split_small=(--preset 1b --n-gpu-layers 0,6,12,18,24 --decode-tokens 32 --threads 16)
+    split_large=(--preset 70b --n-gpu-layers auto --gpu-memory 8GiB --decode-tokens 16 --threads 16)
 fi
 tokens_per_step=$((seq * batch))
 {
@@ -74,6 +84,11 @@ tokens_per_step=$((seq * batch))
     nproc
     step "gpu_bench ${bench_args[*]}: kernels, GEMV bandwidth, decode"
     timeout 240 "$work"/gpu_bench "${bench_args[@]}" || echo "(gpu_bench failed: exit $?)"
+
+    step "split between $device and the CPU: ${split_small[*]}"
+    timeout 150 $bin bench --device $device "${split_small[@]}" || echo "(split bench failed: exit $?)"
+    step "split between $device and the CPU: ${split_large[*]}"
+    timeout 240 $bin bench --device $device "${split_large[@]}" || echo "(split bench failed: exit $?)"
 
     step "train $preset on $device: ternary, stopped halfway and resumed; then f32"
     # The book is the corpus.
@@ -92,7 +107,7 @@ tokens_per_step=$((seq * batch))
     step "backend_swap: ternary TTT-Linear, 128 tokens"
     timeout 90 "$work"/backend_swap ttt_linear 128
     step "demo on $device ($demo_steps steps), export"
-    timeout 90 $bin demo --device $device --steps $demo_steps --sample-tokens 40 --out "$work/demo"
+    timeout $demo_limit $bin demo --device $device --steps $demo_steps --sample-tokens 40 --out "$work/demo"
     timeout 60 $bin export --model "$work/demo"
     packed="$work/demo/model.packed.safetensors"
     # The last 60 kB of the book: a quick, fixed evaluation text.

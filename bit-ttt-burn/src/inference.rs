@@ -35,6 +35,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 
 use crate::cpu_decode::{CpuDecodeState, CpuDecoder};
+use crate::hybrid::{HybridDecoder, HybridState};
 use crate::soul::{as_file_error, Soul};
 use crate::{BitLlama, BitLlamaConfig, BitTttError, GenerationConfig, ModelState, TernaryBackend};
 
@@ -59,6 +60,8 @@ pub enum DecoderKind {
     Fused,
     /// [`BitLlama::read`] / [`BitLlama::generate`].
     Burn,
+    /// [`HybridDecoder`]: the first blocks on the backend's device, the rest on the CPU.
+    Hybrid,
 }
 
 impl DecoderChoice {
@@ -97,6 +100,7 @@ fn computes_on_host<B: Backend>() -> bool {
 enum Engine<B: TernaryBackend> {
     Fused(CpuDecoder),
     Burn(BitLlama<B>),
+    Hybrid(HybridDecoder<B>),
 }
 
 /// A model ready to read and generate one sequence with the engine [`DecoderChoice`] picks
@@ -119,6 +123,7 @@ pub struct DecoderState<B: Backend> {
 enum StateInner<B: Backend> {
     Fused(CpuDecodeState),
     Burn(ModelState<B>),
+    Hybrid(HybridState<B>),
 }
 
 impl<B: Backend> DecoderState<B> {
@@ -127,6 +132,7 @@ impl<B: Backend> DecoderState<B> {
         match &self.inner {
             StateInner::Fused(s) => s.position(),
             StateInner::Burn(s) => s.position,
+            StateInner::Hybrid(s) => s.position(),
         }
     }
 }
@@ -147,9 +153,17 @@ impl<B: TernaryBackend> Decoder<B> {
     ) -> Result<Self, BitTttError> {
         let engine = match choice.resolve::<B>() {
             DecoderKind::Fused => Engine::Fused(CpuDecoder::new(&model, threads)?),
-            DecoderKind::Burn => Engine::Burn(model),
+            // `resolve` never gives `Hybrid`: a split model is built by `Decoder::hybrid`.
+            DecoderKind::Burn | DecoderKind::Hybrid => Engine::Burn(model),
         };
         Ok(Self { engine })
+    }
+
+    /// A decoder that runs `hybrid`: the model split between `B`'s device and the CPU.
+    pub fn hybrid(hybrid: HybridDecoder<B>) -> Self {
+        Self {
+            engine: Engine::Hybrid(hybrid),
+        }
     }
 
     /// The engine this decoder runs.
@@ -157,6 +171,7 @@ impl<B: TernaryBackend> Decoder<B> {
         match self.engine {
             Engine::Fused(_) => DecoderKind::Fused,
             Engine::Burn(_) => DecoderKind::Burn,
+            Engine::Hybrid(_) => DecoderKind::Hybrid,
         }
     }
 
@@ -165,6 +180,7 @@ impl<B: TernaryBackend> Decoder<B> {
         match &self.engine {
             Engine::Fused(d) => d.vocab_size(),
             Engine::Burn(m) => m.vocab_size(),
+            Engine::Hybrid(h) => h.vocab_size(),
         }
     }
 
@@ -173,6 +189,7 @@ impl<B: TernaryBackend> Decoder<B> {
         let inner = match &self.engine {
             Engine::Fused(d) => StateInner::Fused(d.new_state()),
             Engine::Burn(m) => StateInner::Burn(m.new_state()),
+            Engine::Hybrid(h) => StateInner::Hybrid(h.new_state()),
         };
         DecoderState { inner }
     }
@@ -192,6 +209,7 @@ impl<B: TernaryBackend> Decoder<B> {
         match (&self.engine, &mut state.inner) {
             (Engine::Fused(d), StateInner::Fused(s)) => d.read(tokens, s),
             (Engine::Burn(m), StateInner::Burn(s)) => m.read(tokens, s),
+            (Engine::Hybrid(h), StateInner::Hybrid(s)) => h.read(tokens, s),
             _ => Err(foreign_state()),
         }
     }
@@ -213,6 +231,7 @@ impl<B: TernaryBackend> Decoder<B> {
         match (&self.engine, &mut state.inner) {
             (Engine::Fused(d), StateInner::Fused(s)) => d.generate(prompt, config, s, on_token),
             (Engine::Burn(m), StateInner::Burn(s)) => m.generate(prompt, config, s, on_token),
+            (Engine::Hybrid(h), StateInner::Hybrid(s)) => h.generate(prompt, config, s, on_token),
             _ => Err(foreign_state()),
         }
     }
@@ -229,6 +248,7 @@ impl<B: TernaryBackend> Decoder<B> {
         match (&self.engine, &state.inner) {
             (Engine::Fused(d), StateInner::Fused(s)) => d.save_state(s, path),
             (Engine::Burn(_), StateInner::Burn(s)) => s.save(path),
+            (Engine::Hybrid(h), StateInner::Hybrid(s)) => h.save_state(s, path),
             _ => Err(foreign_state()),
         }
     }
@@ -248,6 +268,7 @@ impl<B: TernaryBackend> Decoder<B> {
                 soul.check_one_sequence().map_err(as_file_error(path))?;
                 StateInner::Burn(m.state_from_soul(soul).map_err(as_file_error(path))?)
             }
+            Engine::Hybrid(h) => StateInner::Hybrid(h.load_state(path)?),
         };
         Ok(DecoderState { inner })
     }

@@ -20,6 +20,10 @@
 //!
 //! One `f32` scale per matrix (the BitNet b1.58 absmean `gamma`) is stored beside the blocks: the
 //! effective weight is `w · scale`.
+//!
+//! This is the layout of files and of the CPU kernels. The GPU kernels keep the same 32-bit words
+//! in another order, transposed once at upload so that neighbouring threads (rows) read
+//! neighbouring words: `cube::layout` (feature `cubecl`) documents it.
 
 use crate::KernelError;
 

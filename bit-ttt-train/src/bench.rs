@@ -15,10 +15,10 @@ use std::time::Instant;
 
 use bit_ttt_burn::cpu_decode::CpuDecoder;
 use bit_ttt_burn::kernels::{bandwidth, cpu};
+use bit_ttt_burn::model::random::random_packed_model;
 use bit_ttt_burn::{BitLlama, BitLlamaConfig, ModelState};
 use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::NdArray;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
@@ -138,10 +138,9 @@ pub fn run(
             config
                 .validate()
                 .map_err(|e| TrainError::InvalidSetting(format!("bench: {e}")))?;
-            <NdArray as Backend>::seed(&device, 0);
-            // Burn initialises parameters lazily, so packing materialises one latent matrix at
-            // a time.
-            let packed = config.init::<NdArray>(&device).into_packed()?;
+            // Drawn directly in the packed form: seconds even for 7b or 70b shapes (Burn's
+            // random init of f32 latent weights, then packing, takes minutes at 1b).
+            let packed = random_packed_model::<NdArray>(config, 0, &device)?;
             let path = dir.join("model.packed.safetensors");
             packed.save_packed(config, &path)?;
             drop(packed);

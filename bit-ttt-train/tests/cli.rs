@@ -152,6 +152,27 @@ fn bad_inputs_are_clear_errors() {
         ],
         "does not exist",
     );
+    // Splits between GPU and CPU: asked for on the CPU backend, badly spelt, half given.
+    let generate = |extra: &[&str]| {
+        let mut a = vec!["generate", "--model", "no-model", "--prompt", "x"];
+        a.extend(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    check(generate(&["--n-gpu-layers", "2"]), "add --device wgpu");
+    check(
+        generate(&["--n-gpu-layers", "lots"]),
+        "neither a number of blocks nor `auto`",
+    );
+    check(
+        generate(&["--gpu-memory", "8GiB"]),
+        "only applies with --n-gpu-layers auto",
+    );
+    check(
+        generate(&["--n-gpu-layers", "auto", "--gpu-memory", "8 parsecs"]),
+        "unknown unit",
+    );
+    fails_with(&["bench", "--n-gpu-layers", "1"], "add --device wgpu");
+    fails_with(&["bench", "--gpu-memory", "1GiB"], "go with --n-gpu-layers");
     // No run directory was left half-made by the failures.
     assert!(!dir.path().join("run").join("checkpoints").exists());
 }

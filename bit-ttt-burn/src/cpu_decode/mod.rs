@@ -321,6 +321,16 @@ impl CpuDecoder {
         self.vocab_size
     }
 
+    /// The model width (the hidden state's length).
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    /// Bytes of parameters the final norm and the head hold (and one step reads).
+    pub fn head_bytes(&self) -> usize {
+        self.norm.gamma.len() * size_of::<f32>() + self.lm_head.weight_bytes()
+    }
+
     /// The blocks, in order: each a [`BlockStep`], for drivers that run them (or some of
     /// them) block by block.
     pub fn blocks(&self) -> &[CpuBlock] {

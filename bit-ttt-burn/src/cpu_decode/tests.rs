@@ -1,7 +1,7 @@
 //! The fused decoder against the op-by-op Burn forward it replaces.
 
 use super::*;
-use crate::model::test_util::Deterministic;
+use crate::model::test_util::{assert_logits_close as assert_close, Deterministic};
 use crate::model::{BitLlamaConfig, MixerKind};
 use burn::backend::NdArray;
 use burn::module::Module;
@@ -35,20 +35,6 @@ fn model(mixer: MixerKind, ternary: bool) -> BitLlama<B> {
 
 fn tokens(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 7 + 3) % 61).collect()
-}
-
-/// Largest difference relative to the largest logit (at least 1).
-fn assert_close(fused: &[f32], burn: &[f32], what: &str) {
-    assert_eq!(fused.len(), burn.len(), "{what}: logit counts differ");
-    let scale = burn.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let diff = fused
-        .iter()
-        .zip(burn)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        diff <= 1e-4 * scale,
-        "{what}: fused and Burn logits differ by {diff} (largest logit {scale})"
-    );
 }
 
 /// Feeds the same `n` tokens one at a time to `model` (Burn, op by op) and to a fused decoder

@@ -5,6 +5,7 @@ mod block;
 mod config;
 pub mod files;
 mod packed;
+pub mod random;
 mod soul;
 #[cfg(test)]
 pub(crate) mod test_util;
@@ -13,3 +14,4 @@ pub use crate::mixer::{Mixer, MixerState};
 pub use bit_llama::{BitLlama, ModelState};
 pub use block::Block;
 pub use config::{BitLlamaConfig, MixerKind};
+pub(crate) use packed::PackedPart;

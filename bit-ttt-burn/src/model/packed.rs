@@ -208,6 +208,16 @@ impl<B: TernaryBackend> BitLlama<B> {
         path: &Path,
         device: &B::Device,
     ) -> Result<(Self, BitLlamaConfig), BitTttError> {
+        Self::load_packed_part(path, device, PackedPart::Whole)
+    }
+
+    /// [`load_packed`](Self::load_packed) of the whole file or of its first blocks (see
+    /// [`PackedPart`]).
+    pub(crate) fn load_packed_part(
+        path: &Path,
+        device: &B::Device,
+        part: PackedPart,
+    ) -> Result<(Self, BitLlamaConfig), BitTttError> {
         let file = std::fs::File::open(path).map_err(|e| BitTttError::io(path, e))?;
         // SAFETY: the mapping is read-only; like every memory-mapped model loader we rely on the
         // file not being truncated or rewritten by another process while it is mapped (our own
@@ -234,16 +244,45 @@ impl<B: TernaryBackend> BitLlama<B> {
         config
             .validate()
             .map_err(|e| corrupt(format!("config: {e}")))?;
+        // Which of the file's tensors this load takes: a part's model has only its blocks,
+        // whose names are the whole model's (`blocks.{i}` for i below the count).
+        let (init_config, with_head) = match part {
+            PackedPart::Whole => (config.clone(), true),
+            PackedPart::FirstBlocks { n_blocks, head } => {
+                if n_blocks == 0
+                    || n_blocks > config.n_layers
+                    || (head && n_blocks < config.n_layers)
+                {
+                    return Err(BitTttError::InvalidInput(format!(
+                        "cannot load the first {n_blocks} blocks{} of a model of {}",
+                        if head { " and the head" } else { "" },
+                        config.n_layers
+                    )));
+                }
+                let mut c = config.clone();
+                c.n_layers = n_blocks;
+                (c, head)
+            }
+        };
+        let takes = |name: &str| {
+            matches!(part, PackedPart::Whole)
+                || name.starts_with("blocks.")
+                || (with_head && (name.starts_with("norm.") || name.starts_with("lm_head")))
+        };
 
         // Parameters are initialised lazily: replacing the ternary projections before anything
-        // reads them means their latent f32 weights are never allocated.
-        let mut model = config.init::<B>(device);
+        // reads them means their latent f32 weights are never allocated (and a part's unused
+        // embedding and head never are).
+        let mut model = init_config.init::<B>(device);
         let mut used = std::collections::HashSet::new();
         let base = map.as_ptr() as usize;
         model.for_each_projection(&mut |name, p| {
             let Projection::Ternary(layer) = p else {
                 return Ok(());
             };
+            if !takes(&name) {
+                return Ok(());
+            }
             // `lazy_shape`: `dims()` would first draw the latent weights' random initial values.
             let [rows, cols] = layer.weight.lazy_shape().dims();
             let (q, s, c) = (
@@ -297,7 +336,8 @@ impl<B: TernaryBackend> BitLlama<B> {
         // The f32 rest: exactly the model's remaining tensors, then loaded through burn-store.
         let mut lazy = LazyShapes::default();
         model.visit(&mut lazy);
-        let expected = lazy.shapes;
+        let mut expected = lazy.shapes;
+        expected.retain(|name, _| takes(name));
         for (name, shape) in &expected {
             let view = tensors
                 .tensor(name)
@@ -307,11 +347,9 @@ impl<B: TernaryBackend> BitLlama<B> {
                 })?;
             check_tensor(path, name, &view, Dtype::F32, shape)?;
         }
-        if let Some(extra) = tensors
-            .names()
-            .into_iter()
-            .find(|n| !used.contains(*n) && !expected.contains_key(*n))
-        {
+        if let Some(extra) = tensors.names().into_iter().find(|n| {
+            matches!(part, PackedPart::Whole) && !used.contains(*n) && !expected.contains_key(*n)
+        }) {
             return Err(BitTttError::UnexpectedTensor {
                 path: path.to_path_buf(),
                 name: extra.to_string(),
@@ -323,14 +361,26 @@ impl<B: TernaryBackend> BitLlama<B> {
             .filter(|(name, _)| expected.contains_key(name))
             .collect();
         let rest = safetensors::serialize(rest, None).map_err(|e| corrupt(e.to_string()))?;
-        let mut store = SafetensorsStore::from_bytes(Some(rest)).skip_enum_variants(true);
+        let mut store = SafetensorsStore::from_bytes(Some(rest))
+            .skip_enum_variants(true)
+            .allow_partial(!matches!(part, PackedPart::Whole));
         let result = model
             .load_from(&mut store)
             .map_err(|e| corrupt(e.to_string()))?;
-        if !result.errors.is_empty() || !result.missing.is_empty() {
-            return Err(corrupt(format!("{:?} {:?}", result.errors, result.missing)));
+        // A part leaves what it does not take (the embedding, maybe the head) unloaded.
+        let missing: Vec<_> = result
+            .missing
+            .iter()
+            .filter(|(name, _)| expected.contains_key(name))
+            .collect();
+        if !result.errors.is_empty() || !missing.is_empty() {
+            return Err(corrupt(format!("{:?} {:?}", result.errors, missing)));
         }
-        model.upload_packed()?;
+        for (name, p) in model.projections() {
+            if let (true, Projection::Packed(layer)) = (takes(&name), p) {
+                layer.upload(device)?;
+            }
+        }
         Ok((model, config))
     }
 
@@ -426,6 +476,22 @@ fn check_tensor(
         });
     }
     Ok(())
+}
+
+/// What [`BitLlama::load_packed_part`] loads of a packed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PackedPart {
+    /// Everything.
+    Whole,
+    /// Blocks `[0, n_blocks)`, and the final norm and the head if `head` (only with every
+    /// block). The model it gives has `n_blocks` blocks and an embedding (and, without `head`,
+    /// a norm and head) that were never loaded: only its blocks (and head) may be used.
+    FirstBlocks {
+        /// How many blocks, at least 1.
+        n_blocks: usize,
+        /// Whether the final norm and the head are loaded.
+        head: bool,
+    },
 }
 
 /// A zero-size stand-in used while a projection is moved out and packed.

@@ -5,40 +5,25 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use burn::module::{ModuleMapper, Param};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 use crate::BitTttError;
 
-/// Replaces every randomly initialized parameter with values of a fixed sequence (uniform in
-/// `±1/sqrt(last dim)`), leaving constant ones (norm scales, zero biases) as they are. The
-/// backend's seed cannot make a model reproducible here: tests run in parallel threads and
-/// share its generator.
-pub(crate) struct Deterministic(pub u64);
+pub(crate) use super::random::Deterministic;
 
-impl<B: Backend> ModuleMapper<B> for Deterministic {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let dims = tensor.dims();
-        let old: Vec<f32> = tensor.to_data().convert::<f32>().into_vec().unwrap();
-        if old.iter().all(|v| *v == old[0]) {
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let scale = 1.0 / (dims[D - 1] as f32).sqrt();
-        let new: Vec<f32> = old
-            .iter()
-            .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        let tensor = Tensor::from_data(TensorData::new(new, dims), &tensor.device());
-        Param::from_mapped_value(id, tensor, mapper)
-    }
+/// Asserts that two decoders' logits agree within `1e-4` of the largest expected logit (at
+/// least 1): float summation order, not a different model.
+pub(crate) fn assert_logits_close(got: &[f32], expected: &[f32], what: &str) {
+    assert_eq!(got.len(), expected.len(), "{what}: logit counts differ");
+    let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(expected)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "{what}: logits differ by {diff} (largest logit {scale})"
+    );
 }
 
 /// One tensor of a safetensors file, owned: name, element type, shape, little-endian bytes.

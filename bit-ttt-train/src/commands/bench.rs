@@ -2,27 +2,32 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use bit_ttt_burn::MixerKind;
+use anyhow::{bail, Context, Result};
+use bit_ttt_burn::hybrid::GpuLayers;
+use bit_ttt_burn::{BitLlamaConfig, MixerKind};
+use bit_ttt_train::device::DeviceKind;
+use bit_ttt_train::with_backend;
 use clap::Args;
 
-use super::{parse_mixer, preset, Exit};
+use super::{parse_bytes, parse_gpu_layers, parse_mixer, preset, DeviceArgs, Exit, GpuLayersArg};
 
 // No doc comment: clap would show it in place of the subcommand's own (in main.rs).
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Model preset: tiny, 125m, 350m, 760m, 1.3b, 1b (fully ternary: d_model 2048, 24 layers,
-    /// FFN 5632, ternary head).
+    /// FFN 5632, ternary head), 7b (d_model 4096, 32 layers, FFN 11008) or 70b (d_model 8192,
+    /// 80 layers, FFN 28672, vocabulary 128,256). Random packed weights, drawn directly.
     #[arg(long, default_value = "1b")]
     preset: String,
     /// Mixer: ttt_linear, ttt_mlp or attention.
     #[arg(long, default_value = "ttt_linear", value_parser = parse_mixer)]
     mixer: MixerKind,
-    /// Vocabulary size of the random model.
-    #[arg(long, default_value_t = 32_000)]
-    vocab_size: usize,
-    /// Kernel thread counts to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    /// Vocabulary size of the random model (default 32,000; 128,256 for 70b).
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Kernel thread counts to measure, comma-separated (default 1,2; with --n-gpu-layers one
+    /// count, default all cores).
+    #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
     /// Tokens decoded one at a time per measurement.
     #[arg(long, default_value_t = 32)]
@@ -40,15 +45,43 @@ pub struct BenchArgs {
     /// instead of a random model; not combined with --preset, --mixer, --vocab-size or --dir.
     #[arg(long, conflicts_with_all = ["preset", "mixer", "vocab_size", "dir"])]
     packed: Option<PathBuf>,
+    /// Measure the model split between --device (wgpu or cuda) and the CPU instead: the
+    /// numbers of blocks on the GPU, comma-separated (`auto`: as many as fit --gpu-memory).
+    /// Prints measured and predicted tokens/s per split. The random model is not written.
+    #[arg(long, value_delimiter = ',', value_name = "N|auto,...", value_parser = parse_gpu_layers)]
+    n_gpu_layers: Vec<GpuLayersArg>,
+    /// Device memory for `--n-gpu-layers auto`, e.g. 8GiB.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    gpu_memory: Option<u64>,
+    /// Tokens of context a split keeps room for (KV caches).
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// A preset by name, with the benchmark's larger shapes (7b, 70b) besides the trainable ones.
+fn bench_preset(name: &str, vocab: Option<usize>) -> Result<BitLlamaConfig> {
+    Ok(match name {
+        "7b" => BitLlamaConfig::new(vocab.unwrap_or(32_000), 4096, 32, 32, 11008),
+        "70b" => BitLlamaConfig::new(vocab.unwrap_or(128_256), 8192, 80, 64, 28672),
+        _ => preset(name, vocab.unwrap_or(32_000))?,
+    })
 }
 
 /// `bench`: see [`bit_ttt_train::bench`].
 pub fn run(args: BenchArgs) -> Result<Exit> {
     use bit_ttt_train::bench::{self, BenchModel, BenchSettings};
+    if !args.n_gpu_layers.is_empty() {
+        return run_split(args);
+    }
+    if args.device.device != DeviceKind::Ndarray || args.gpu_memory.is_some() {
+        bail!("bench measures the CPU decoder; --device and --gpu-memory go with --n-gpu-layers");
+    }
     let (model, name) = match &args.packed {
         Some(path) => (BenchModel::Packed(path.clone()), path.display().to_string()),
         None => (
-            BenchModel::Random(preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer)),
+            BenchModel::Random(bench_preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer)),
             format!("random {}", args.preset),
         ),
     };
@@ -65,10 +98,15 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
             temp.path().to_path_buf()
         }
     };
+    let threads = if args.threads.is_empty() {
+        vec![1, 2]
+    } else {
+        args.threads.clone()
+    };
     let settings = BenchSettings {
         model,
         name: name.clone(),
-        threads: args.threads.clone(),
+        threads,
         decode_tokens: args.decode_tokens,
         prefill_tokens: args.prefill_tokens,
         bandwidth_bytes: args.bandwidth_mib << 20,
@@ -97,6 +135,88 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
             r.state_bytes_per_token / 1e6,
             r.read_gbytes_per_s,
             r.decode_tokens_per_s * r.bytes_per_token as f64 / 1e9,
+        );
+    }
+    for r in &results {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(Exit::Ok)
+}
+
+/// `bench --n-gpu-layers`: see [`bit_ttt_train::hybrid_bench`].
+fn run_split(args: BenchArgs) -> Result<Exit> {
+    use bit_ttt_train::hybrid_bench::{self, SplitBenchSettings, SplitModel};
+    let device = args.device.device.check()?;
+    if device == DeviceKind::Ndarray {
+        bail!("--n-gpu-layers splits a model between a GPU and the CPU: add --device wgpu or --device cuda");
+    }
+    if args.dir.is_some() {
+        bail!("--n-gpu-layers measures the random model in memory: --dir does not apply");
+    }
+    let splits = args
+        .n_gpu_layers
+        .iter()
+        .map(|&arg| match (arg, args.gpu_memory) {
+            (GpuLayersArg::Count(n), _) => Ok(GpuLayers::Count(n)),
+            (GpuLayersArg::Auto, Some(budget_bytes)) => Ok(GpuLayers::Auto { budget_bytes }),
+            (GpuLayersArg::Auto, None) => {
+                bail!("--n-gpu-layers auto needs --gpu-memory (e.g. 8GiB)")
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (model, name) = match &args.packed {
+        Some(path) => (SplitModel::Packed(path.clone()), path.display().to_string()),
+        None => (
+            SplitModel::Random {
+                config: bench_preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer),
+                seed: 0,
+            },
+            format!("random {}", args.preset),
+        ),
+    };
+    let threads = match args.threads[..] {
+        [] => 0,
+        [n] => n,
+        _ => bail!("--n-gpu-layers measures one thread count: give --threads one number"),
+    };
+    if args.gpu_memory.is_some() && !args.n_gpu_layers.contains(&GpuLayersArg::Auto) {
+        bail!("--gpu-memory only applies with --n-gpu-layers auto");
+    }
+    let settings = SplitBenchSettings {
+        model,
+        name: name.clone(),
+        splits,
+        threads,
+        decode_tokens: args.decode_tokens,
+        context: args.context,
+        bandwidth_bytes: args.bandwidth_mib << 20,
+    };
+    println!(
+        "bench: {name} split between {} and the CPU ({} threads)",
+        device.name(),
+        if threads == 0 {
+            "all".to_string()
+        } else {
+            threads.to_string()
+        }
+    );
+    let results = with_backend!(device, |B, dev| {
+        hybrid_bench::run::<B>(&settings, &dev, |line| println!("  {line}"))
+    })?;
+    println!();
+    println!("| GPU blocks | head | GB/token GPU | GB/token CPU | tok/s measured | tok/s predicted | measured/predicted |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {}/{} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} |",
+            r.n_gpu_layers,
+            r.n_layers,
+            if r.head_on_gpu { "GPU" } else { "CPU" },
+            r.gpu_bytes_per_token as f64 / 1e9,
+            r.cpu_bytes_per_token as f64 / 1e9,
+            r.tokens_per_s,
+            r.predicted_tokens_per_s,
+            r.measured_over_predicted
         );
     }
     for r in &results {

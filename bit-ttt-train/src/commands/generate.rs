@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use bit_ttt_burn::hybrid::HybridDecoder;
 use bit_ttt_burn::inference::{Decoder, DecoderChoice};
 use bit_ttt_burn::BitLlama;
 use bit_ttt_train::with_backend;
 use clap::Args;
 
-use super::{find_tokenizer, generate_text, sampling, DeviceArgs, Exit};
+use super::{find_tokenizer, generate_text, report_split, sampling, DeviceArgs, Exit, SplitArgs};
 
 // No doc comment: clap would show it in place of the subcommand's own (in main.rs).
 #[derive(Args, Debug)]
@@ -41,19 +42,32 @@ pub struct GenerateArgs {
     seed: u64,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    split: SplitArgs,
 }
 
 /// `generate`: streams a continuation of a prompt.
 pub fn run(args: GenerateArgs) -> Result<Exit> {
     let device = args.device.device.check()?;
+    let split = args.split.layers(device)?;
     let tokenizer = find_tokenizer(args.tokenizer.as_deref(), &args.model)?;
     let sampling = sampling(args.temperature, args.top_k, args.top_p, args.seed);
     sampling.validate()?;
     with_backend!(device, |B, dev| {
-        let (model, _) = BitLlama::<B>::open(&args.model, &dev)?;
-        // The library picks the engine: the fused decoder where the model computes on the CPU
-        // (the same logits without Burn's per-op overhead), Burn's ops on a GPU.
-        let decoder = Decoder::new(model, DecoderChoice::Auto, 0)?;
+        let decoder = match split {
+            Some(layers) => {
+                let hybrid =
+                    HybridDecoder::<B>::open(&args.model, layers, args.split.context, &dev, 0)?;
+                report_split(&hybrid.plan(), hybrid.cpu().blocks().len(), device);
+                Decoder::hybrid(hybrid)
+            }
+            None => {
+                let (model, _) = BitLlama::<B>::open(&args.model, &dev)?;
+                // The library picks the engine: the fused decoder where the model computes on
+                // the CPU (the same logits without Burn's per-op overhead), Burn's ops on a GPU.
+                Decoder::new(model, DecoderChoice::Auto, 0)?
+            }
+        };
         generate_text(
             &mut |ids, config, on_token| {
                 decoder.generate(ids, config, &mut decoder.new_state(), on_token)

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bit_ttt_burn::hybrid::{GpuLayers, HybridPlan};
 use bit_ttt_burn::model::files::TOKENIZER_FILE;
 use bit_ttt_burn::{BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig};
 use bit_ttt_train::device::DeviceKind;
@@ -39,6 +40,123 @@ pub struct DeviceArgs {
     /// Backend: ndarray (CPU), wgpu or cuda (the latter two need the cargo feature of that name).
     #[arg(long, value_enum, default_value = "ndarray")]
     pub device: DeviceKind,
+}
+
+/// A model split between the GPU and the CPU: `--n-gpu-layers`, `--gpu-memory`, `--context`.
+#[derive(Args, Debug, Clone)]
+pub struct SplitArgs {
+    /// Run the first N blocks on --device (wgpu or cuda) and the rest on the fused CPU decoder
+    /// (AVX2, the packed file read in place): a count, or `auto` for as many as fit
+    /// --gpu-memory. Without it the whole model runs on --device.
+    #[arg(long, value_name = "N|auto", value_parser = parse_gpu_layers)]
+    pub n_gpu_layers: Option<GpuLayersArg>,
+    /// Device memory the model's GPU part may take with `--n-gpu-layers auto`: e.g. 8GiB,
+    /// 512MiB, 2GB (this build cannot ask a device for its free memory).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub gpu_memory: Option<u64>,
+    /// Tokens of context the GPU part keeps room for (a KV cache grows with it; a TTT
+    /// state does not).
+    #[arg(long, default_value_t = 4096)]
+    pub context: usize,
+}
+
+/// `--n-gpu-layers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuLayersArg {
+    /// A count.
+    Count(usize),
+    /// As many as fit `--gpu-memory`.
+    Auto,
+}
+
+fn parse_gpu_layers(s: &str) -> Result<GpuLayersArg, String> {
+    if s == "auto" {
+        return Ok(GpuLayersArg::Auto);
+    }
+    s.parse()
+        .map(GpuLayersArg::Count)
+        .map_err(|_| format!("{s:?} is neither a number of blocks nor `auto`"))
+}
+
+/// A byte count with an optional unit: `8GiB`, `512MiB`, `64KiB`, `2GB`, `1000MB`, `123`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 8GiB"))?;
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+impl SplitArgs {
+    /// The split asked for, if any, checked against the device.
+    ///
+    /// # Errors
+    /// A split on the CPU backend, or `auto` without `--gpu-memory`.
+    pub fn layers(&self, device: DeviceKind) -> Result<Option<GpuLayers>> {
+        let Some(arg) = self.n_gpu_layers else {
+            if self.gpu_memory.is_some() {
+                bail!("--gpu-memory only applies with --n-gpu-layers auto");
+            }
+            return Ok(None);
+        };
+        if device == DeviceKind::Ndarray {
+            bail!("--n-gpu-layers splits a model between a GPU and the CPU: add --device wgpu or --device cuda");
+        }
+        Ok(Some(match (arg, self.gpu_memory) {
+            (GpuLayersArg::Count(n), None) => GpuLayers::Count(n),
+            (GpuLayersArg::Count(_), Some(_)) => {
+                bail!("--gpu-memory only applies with --n-gpu-layers auto")
+            }
+            (GpuLayersArg::Auto, Some(budget_bytes)) => GpuLayers::Auto { budget_bytes },
+            (GpuLayersArg::Auto, None) => bail!(
+                "--n-gpu-layers auto needs --gpu-memory (e.g. 8GiB): this build cannot ask the device for its free memory"
+            ),
+        }))
+    }
+}
+
+/// Says on stderr where a split model runs.
+fn report_split(plan: &HybridPlan, n_layers: usize, device: DeviceKind) {
+    eprintln!(
+        "split: blocks 0..{} on {} ({:.1} MB), {} on the CPU; head on {}",
+        plan.n_gpu_layers,
+        device.name(),
+        plan.gpu_bytes as f64 / 1e6,
+        if plan.n_gpu_layers == n_layers {
+            "none".to_string()
+        } else {
+            format!("blocks {}..{n_layers}", plan.n_gpu_layers)
+        },
+        if plan.head_on_gpu {
+            device.name()
+        } else {
+            "the CPU"
+        }
+    );
 }
 
 /// `--mixer`'s parser.
@@ -200,4 +318,31 @@ fn generate_text(
         return Err(e.into());
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5 KiB"), Ok(1536));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("300kb"), Ok(300_000));
+        assert_eq!(parse_bytes("123"), Ok(123));
+        assert!(parse_bytes("8 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes("-1GiB").is_err());
+        assert!(parse_bytes("1e30TiB").is_err());
+        assert!(parse_bytes("99999999999TiB")
+            .unwrap_err()
+            .contains("out of range"));
+        assert_eq!(parse_gpu_layers("auto"), Ok(GpuLayersArg::Auto));
+        assert_eq!(parse_gpu_layers("12"), Ok(GpuLayersArg::Count(12)));
+        assert!(parse_gpu_layers("-1").is_err());
+    }
 }
