@@ -68,12 +68,12 @@ train_rate() {
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
     # lavapipe trains the demo's model at ~100 tokens/s: 2 steps and its evaluation take minutes.
     device=wgpu; bench_args=(wgpu --quick); preset=tiny; seq=32; batch=4; steps=8; demo_steps=2
-    demo_limit=400
+    demo_limit=400; eval_bytes=4000
     split_small=(--preset tiny --n-gpu-layers 0,1,2 --decode-tokens 8 --bandwidth-mib 64)
     split_large=(--preset tiny --n-gpu-layers auto --gpu-memory 300KiB --decode-tokens 8 --bandwidth-mib 64)
 else
     device=cuda; bench_args=(cuda); preset=125m; seq=256; batch=8; steps=32; demo_steps=100
-    demo_limit=90
+    demo_limit=90; eval_bytes=60000
     split_small=(--preset 1b --n-gpu-layers 0,6,12,18,24 --decode-tokens 32 --threads 16)
     split_large=(--preset 70b --n-gpu-layers auto --gpu-memory 8GiB --decode-tokens 16 --threads 16)
 fi
@@ -110,8 +110,8 @@ tokens_per_step=$((seq * batch))
     timeout $demo_limit $bin demo --device $device --steps $demo_steps --sample-tokens 40 --out "$work/demo"
     timeout 60 $bin export --model "$work/demo"
     packed="$work/demo/model.packed.safetensors"
-    # The last 60 kB of the book: a quick, fixed evaluation text.
-    tail -c 60000 data/moby_dick.txt > "$work/tail.txt"
+    # The end of the book (60 kB on a GPU): a quick, fixed evaluation text.
+    tail -c $eval_bytes data/moby_dick.txt > "$work/tail.txt"
     for d in $device ndarray; do
         step "generate and eval --device $d --model the packed file"
         timeout 60 $bin generate --device $d --model "$packed" --prompt "Call me Ishmael" \

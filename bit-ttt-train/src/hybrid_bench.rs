@@ -23,7 +23,7 @@ use std::time::Instant;
 use bit_ttt_burn::cpu_decode::CpuDecoder;
 use bit_ttt_burn::hybrid::{load_gpu_part, plan, GpuLayers, HybridDecoder, HybridPlan};
 use bit_ttt_burn::kernels::bandwidth;
-use bit_ttt_burn::model::random::{blocks_of, random_packed_model};
+use bit_ttt_burn::model::random::{blocks_of, random_head, random_packed_model};
 use bit_ttt_burn::{BitLlama, BitLlamaConfig, TernaryBackend};
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
@@ -241,20 +241,6 @@ pub fn run<G: TernaryBackend>(
     Ok(results)
 }
 
-/// The final norm and head of the random model of `config` and `seed`, on `device`.
-fn random_head<G: TernaryBackend>(
-    config: &BitLlamaConfig,
-    seed: u64,
-    device: &G::Device,
-) -> Result<(burn::nn::RmsNorm<G>, bit_ttt_burn::Projection<G>), TrainError> {
-    // The model with one block: its norm and head are the whole model's (drawn from the
-    // seed alone), and one block is cheap.
-    let mut shell = config.clone();
-    shell.n_layers = 1;
-    let model = random_packed_model::<G>(&shell, seed, device)?;
-    Ok((model.norm, model.lm_head))
-}
-
 /// The CPU's read bandwidth with `threads` threads, bytes/s: the best of three passes.
 fn cpu_read_bandwidth(bytes: usize, threads: usize) -> f64 {
     let array: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
@@ -262,22 +248,31 @@ fn cpu_read_bandwidth(bytes: usize, threads: usize) -> f64 {
     bandwidth::best_read_bytes_per_second(&array, threads, 3)
 }
 
-/// The device's bandwidth, bytes/s: an elementwise op over `bytes` of f32 reads and writes
-/// each once; the best of three after a warm-up.
+/// The largest buffer the device bandwidth test allocates: wgpu's default limit on one
+/// buffer is 256 MiB, and some drivers (lavapipe) refuse even that.
+const GPU_TEST_MAX_BYTES: usize = 64 << 20;
+
+/// The device's bandwidth, bytes/s: a chain of elementwise ops over `bytes` of f32 (at most
+/// [`GPU_TEST_MAX_BYTES`]), each reading and writing every value once, timed as a whole so
+/// that launch latency weighs little; the best of three rounds after a warm-up.
 fn gpu_bandwidth<G: TernaryBackend>(bytes: usize, device: &G::Device) -> Result<f64, TrainError> {
-    let n = (bytes / 4).max(1 << 20);
+    const OPS: usize = 16;
+    let n = bytes.clamp(1 << 20, GPU_TEST_MAX_BYTES) / 4;
     let x = Tensor::<G, 1>::from_data(TensorData::new(vec![1.0f32; n], [n]), device);
     let sync = || G::sync(device).map_err(|e| TrainError::InvalidSetting(format!("{e:?}")));
     let mut best = 0.0f64;
     for round in 0..4 {
         sync()?;
         let started = Instant::now();
-        let y = x.clone().add_scalar(1.0);
+        let mut y = x.clone();
+        for _ in 0..OPS {
+            y = y.add_scalar(1.0);
+        }
         sync()?;
         let seconds = started.elapsed().as_secs_f64();
         drop(y);
         if round > 0 {
-            best = best.max((2 * 4 * n) as f64 / seconds);
+            best = best.max((OPS * 2 * 4 * n) as f64 / seconds);
         }
     }
     Ok(best)
@@ -298,4 +293,53 @@ fn crossing_seconds<G: TernaryBackend>(len: usize, device: &G::Device) -> Result
         best = best.min(started.elapsed().as_secs_f64());
     }
     Ok(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With Burn's ndarray backend standing in for the GPU: every split is measured, its bytes
+    /// add up to the whole model's, and its logits are the CPU-only decode's.
+    #[test]
+    fn every_split_is_measured_predicted_and_checked() {
+        let config = BitLlamaConfig::tiny(64);
+        let settings = SplitBenchSettings {
+            model: SplitModel::Random { config, seed: 3 },
+            name: "tiny".into(),
+            splits: vec![
+                GpuLayers::Count(0),
+                GpuLayers::Count(1),
+                GpuLayers::Count(2),
+                GpuLayers::Auto { budget_bytes: 0 },
+            ],
+            threads: 1,
+            decode_tokens: 3,
+            context: 16,
+            bandwidth_bytes: 1 << 20,
+        };
+        let mut lines = 0;
+        let results = run::<NdArray>(&settings, &Default::default(), |_| lines += 1).unwrap();
+        assert_eq!(lines, 2 + results.len());
+        let n: Vec<_> = results.iter().map(|r| r.n_gpu_layers).collect();
+        assert_eq!(n, [0, 1, 2, 0]);
+        assert!(results[2].head_on_gpu && !results[1].head_on_gpu);
+        let total = results[0].cpu_bytes_per_token;
+        for r in &results {
+            // Every byte is read on one side or the other.
+            assert_eq!(
+                r.gpu_bytes_per_token + r.cpu_bytes_per_token,
+                total,
+                "{r:?}"
+            );
+            assert!(
+                r.tokens_per_s > 0.0 && r.predicted_tokens_per_s > 0.0,
+                "{r:?}"
+            );
+            assert!(r.logit_diff_vs_cpu < 1e-4, "{r:?}");
+            assert_eq!(r.crossing_us > 0.0, r.n_gpu_layers > 0, "{r:?}");
+        }
+        assert_eq!(results[0].gpu_bytes_per_token, 0);
+        assert!(results[1].gpu_bytes_per_token > 0);
+    }
 }

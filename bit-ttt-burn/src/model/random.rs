@@ -12,9 +12,11 @@ use bit_ttt_kernels::{BlockTernary, PackedTernary};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
+use burn::nn::{EmbeddingConfig, RmsNorm, RmsNormConfig};
+
 use crate::model::{BitLlama, BitLlamaConfig, Block};
 use crate::packed_bit_linear::{TernaryParam, TernaryWeights};
-use crate::{BitTttError, PackedBitLinear, Projection, TernaryBackend};
+use crate::{BitTttError, PackedBitLinear, Projection, ProjectionConfig, TernaryBackend};
 
 /// Replaces every randomly initialised float parameter by values of a fixed sequence (uniform
 /// in `±1/sqrt(last dim)`), leaving constant ones (norm scales, zero biases) as they are. The
@@ -135,9 +137,9 @@ pub fn random_packed_block<B: TernaryBackend>(
     Ok(block.map(&mut Deterministic(block_seed)))
 }
 
-/// A random packed model of `config`'s shape on `device` (its ternary projections only; f32
-/// ones are drawn as f32): the embedding, the blocks of [`random_packed_block`], the final
-/// norm and the head.
+/// A random packed model of `config`'s shape on `device`: the embedding and an f32 head drawn
+/// directly as f32 values, the blocks of [`random_packed_block`], the final norm and head of
+/// [`random_head`].
 ///
 /// # Errors
 /// As [`random_packed_block`]; [`BitTttError::InvalidInput`] for an invalid configuration.
@@ -148,25 +150,61 @@ pub fn random_packed_model<B: TernaryBackend>(
 ) -> Result<BitLlama<B>, BitTttError> {
     config.validate().map_err(BitTttError::InvalidInput)?;
     let blocks = blocks_of(config, 0..config.n_layers, seed, device)?;
-    let mut shell = config.clone();
-    // The shell's own blocks are never used: one, never read, so nothing is drawn for it.
-    shell.n_layers = 1;
-    let mut model = shell.init::<B>(device);
-    model.blocks = blocks;
-    pack_random(&mut model.lm_head, mix(seed, u64::MAX), device)?;
-    let BitLlama {
+    let (norm, lm_head) = random_head(config, seed, device)?;
+    let mut embedding = EmbeddingConfig::new(config.vocab_size, config.d_model).init(device);
+    // [vocab_size, d_model]
+    embedding.weight = Param::from_tensor(random_f32(
+        [config.vocab_size, config.d_model],
+        mix(seed, 0),
+        device,
+    ));
+    Ok(BitLlama {
         embedding,
         blocks,
         norm,
         lm_head,
-    } = model;
-    let mut rest = Deterministic(mix(seed, 0));
-    Ok(BitLlama {
-        embedding: embedding.map(&mut rest),
-        blocks,
-        norm,
-        lm_head: lm_head.map(&mut rest),
     })
+}
+
+/// The final norm (at one) and the head of the random model of `config` and `seed`: packed
+/// when `config.ternary_head`, drawn as f32 values otherwise; the same whatever the backend.
+///
+/// # Errors
+/// As [`TernaryBackend::upload_ternary`].
+pub fn random_head<B: TernaryBackend>(
+    config: &BitLlamaConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(RmsNorm<B>, Projection<B>), BitTttError> {
+    let norm = RmsNormConfig::new(config.d_model)
+        .with_epsilon(config.norm_eps)
+        .init(device);
+    let mut head = ProjectionConfig::new(config.d_model, config.vocab_size)
+        .with_ternary(config.ternary_head)
+        .init(device);
+    match &mut head {
+        Projection::Float(linear) => {
+            // Burn's Linear holds `[d_input, d_output]`.
+            linear.weight = Param::from_tensor(random_f32(
+                [config.d_model, config.vocab_size],
+                mix(seed, u64::MAX),
+                device,
+            ));
+        }
+        other => pack_random(other, mix(seed, u64::MAX), device)?,
+    }
+    Ok((norm, head))
+}
+
+/// A tensor of values uniform in `±1/sqrt(last dim)` from `seed`'s sequence, drawn on the host
+/// without Burn's initialiser (which would first draw values to be replaced).
+fn random_f32<B: Backend>(shape: [usize; 2], seed: u64, device: &B::Device) -> Tensor<B, 2> {
+    let mut rng = Deterministic(seed);
+    let scale = 1.0 / (shape[1] as f32).sqrt();
+    let values: Vec<f32> = (0..shape[0] * shape[1])
+        .map(|_| rng.next() * scale)
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 /// Blocks `range` of the random model of `config` and `seed` (see [`random_packed_block`]).
