@@ -1,7 +1,9 @@
-//! End-to-end CPU decode benchmark: a packed model (random weights, or a packed file such as
-//! `export` writes), memory-mapped from its packed file, decoding with the fused
-//! [`CpuDecoder`] and with Burn's op-by-op forward on the `ndarray` backend, and prefilling with
-//! the latter, against the machine's read bandwidth measured in the same run.
+//! End-to-end CPU benchmark: a packed model (random weights, or a packed file such as `export`
+//! writes), memory-mapped from its packed file, decoding with the fused [`CpuDecoder`] and with
+//! Burn's op-by-op forward on the `ndarray` backend, against the machine's read bandwidth
+//! measured in the same run; prefilling with the fused prefill against the kernels alone
+//! running the same products (and Burn's batched forward); and decoding at given context
+//! depths.
 //!
 //! Decoding one token reads every weight once, so `tokens/s × bytes/token` cannot exceed the
 //! read bandwidth; the share of it a decode reaches says how much time goes elsewhere (kernel
@@ -47,11 +49,48 @@ pub struct BenchSettings {
     /// Tokens decoded one at a time (after two warm-up tokens), in up to
     /// [`MAX_ROUNDS`] rounds.
     pub decode_tokens: usize,
-    /// Length of the prefill.
-    pub prefill_tokens: usize,
+    /// Prefill lengths, one measurement each (Burn's batched forward at the first only).
+    pub prefill_tokens: Vec<usize>,
+    /// Context depths to decode at (none: no depth measurement).
+    pub contexts: Vec<usize>,
     /// Size of the array the read-bandwidth test sums.
     pub bandwidth_bytes: usize,
 }
+
+/// One prefill length of one thread count.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrefillResult {
+    /// Tokens read at once.
+    pub tokens: usize,
+    /// Tokens per second of the fused prefill ([`CpuDecoder::read`]), the best of
+    /// [`PREFILL_ROUNDS`].
+    pub tokens_per_s: f64,
+    /// Tokens per second of the kernels alone running the same products in the same calls
+    /// ([`CpuDecoder::run_products`]), the best of as many rounds, alternated with the
+    /// prefill's.
+    pub kernel_tokens_per_s: f64,
+    /// `tokens_per_s / kernel_tokens_per_s`: the share of the prefill's time the products
+    /// take.
+    pub share_of_kernel: f64,
+}
+
+/// Decoding at one context depth, one thread count.
+#[derive(Clone, Debug, Serialize)]
+pub struct DepthResult {
+    /// Tokens of context before the measured ones.
+    pub context: usize,
+    /// Tokens per second decoding one at a time after it.
+    pub tokens_per_s: f64,
+    /// The time per token relative to that at the first depth measured.
+    pub time_ratio_to_first: f64,
+}
+
+/// Rounds of each prefill measurement (prefill and kernels alternated).
+pub const PREFILL_ROUNDS: usize = 2;
+
+/// Tokens of a context depth that are read before the state is stretched to it
+/// ([`CpuDecoder::stretch_state`]); the rest are stretched.
+pub const CONTEXT_READ: usize = 512;
 
 /// One row of the report: one thread count.
 #[derive(Clone, Debug, Serialize)]
@@ -66,13 +105,21 @@ pub struct BenchResult {
     pub decode_tokens_per_s: f64,
     /// Tokens per second decoding one token at a time through Burn's op-by-op forward.
     pub burn_decode_tokens_per_s: f64,
+    /// Tokens per second of the kernels alone running a decode step's products (every
+    /// block's projections for one token, [`CpuDecoder::run_products`]; the head left out),
+    /// the best of two rounds of `decode_tokens`: what the rest of a step (norms, the mixers'
+    /// heads, the head, the joins) leaves of the kernels' speed.
+    pub kernel_decode_tokens_per_s: f64,
     /// Largest difference between the two decoders' logits after the same tokens, relative
     /// to the largest logit (a check that the fused decoder computes the same model).
     pub fused_vs_burn_logit_diff: f64,
-    /// Tokens per second reading `prefill_tokens` tokens at once.
-    pub prefill_tokens_per_s: f64,
-    /// Length of the prefill.
-    pub prefill_tokens: usize,
+    /// Tokens per second of Burn's batched forward (the dual form) reading the first prefill
+    /// length at once.
+    pub burn_prefill_tokens_per_s: f64,
+    /// The fused prefill at each length.
+    pub prefill: Vec<PrefillResult>,
+    /// Decoding at each context depth.
+    pub depths: Vec<DepthResult>,
     /// Bytes of parameters one decode step reads ([`CpuDecoder::weight_bytes_per_token`]: the
     /// packed projections, the f32 rest a step reads (norms, the TTT layers' η gate and inner
     /// norms) and one embedding row).
@@ -120,9 +167,12 @@ pub fn run(
     dir: &Path,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<BenchResult>, TrainError> {
-    if settings.decode_tokens == 0 || settings.prefill_tokens == 0 {
+    if settings.decode_tokens == 0
+        || settings.prefill_tokens.is_empty()
+        || settings.prefill_tokens.contains(&0)
+    {
         return Err(TrainError::InvalidSetting(
-            "bench: --decode-tokens and --prefill-tokens must be at least 1".into(),
+            "bench: --decode-tokens and every --prefill length must be at least 1".into(),
         ));
     }
     if settings.threads.is_empty() || settings.threads.contains(&0) {
@@ -209,7 +259,10 @@ pub fn run(
             // The best of two passes, right before the round: the ceiling in these minutes.
             let read = bandwidth::best_read_bytes_per_second(&read_array, threads, 2);
             let started = Instant::now();
-            fused_logits = decoder.read(tokens, &mut fused_state)?;
+            // One token at a time: `read` of several tokens would be a prefill.
+            for &t in tokens {
+                fused_logits = decoder.step(t, &mut fused_state)?;
+            }
             let round_s = started.elapsed().as_secs_f64();
             fused_s += round_s;
             rounds.push((tokens.len() as f64 / round_s, read / 1e9));
@@ -226,11 +279,31 @@ pub fn run(
             }
             let decode_s = started.elapsed().as_secs_f64();
 
-            let prompt = token_ids(settings.prefill_tokens, 100);
+            let prompt = token_ids(settings.prefill_tokens[0], 100);
             let started = Instant::now();
             step(&model, &prompt, &mut model.new_state(), &device);
             (logits, decode_s, started.elapsed().as_secs_f64())
         });
+        let mut kernel_decode_s = f64::INFINITY;
+        for _ in 0..2 {
+            let started = Instant::now();
+            for _ in 0..settings.decode_tokens {
+                decoder.run_products(1);
+            }
+            kernel_decode_s = kernel_decode_s.min(started.elapsed().as_secs_f64());
+        }
+        let prefill = settings
+            .prefill_tokens
+            .iter()
+            .map(|&n| measure_prefill(&decoder, &token_ids(n, 100)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let depths = measure_depths(
+            &decoder,
+            &settings.contexts,
+            config.mini_batch_size,
+            &token_ids(settings.decode_tokens, 7),
+            &token_ids,
+        )?;
         let largest = burn_logits.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
         let logit_diff = fused_logits
             .iter()
@@ -264,9 +337,11 @@ pub fn run(
             threads,
             decode_tokens_per_s: decode_tps,
             burn_decode_tokens_per_s: settings.decode_tokens as f64 / burn_s,
+            kernel_decode_tokens_per_s: settings.decode_tokens as f64 / kernel_decode_s,
             fused_vs_burn_logit_diff: f64::from(logit_diff),
-            prefill_tokens_per_s: settings.prefill_tokens as f64 / prefill_s,
-            prefill_tokens: settings.prefill_tokens,
+            burn_prefill_tokens_per_s: settings.prefill_tokens[0] as f64 / prefill_s,
+            prefill,
+            depths,
             bytes_per_token,
             state_bytes_per_token,
             read_gbytes_per_s: median(rounds.iter().map(|r| r.1).collect()),
@@ -277,8 +352,8 @@ pub fn run(
         progress(&format!(
             "{threads} thread(s): decode {:.1} tokens/s fused ({:.2} of the read bandwidth for \
              {:.1} MB of parameters per token, {:.2} with the {:.1} MB of state a step reads; \
-             rounds {}), {:.1} through Burn ops; prefill {:.1} tokens/s; read bandwidth {:.1} \
-             GB/s; fused vs Burn logits differ by {:.1e} of the largest",
+             rounds {}), {:.1} through Burn ops, {:.1} the kernels alone; prefill {} (Burn: {:.1} tokens/s); {}read \
+             bandwidth {:.1} GB/s; fused vs Burn logits differ by {:.1e} of the largest",
             result.decode_tokens_per_s,
             result.bandwidth_share,
             result.bytes_per_token as f64 / 1e6,
@@ -291,11 +366,91 @@ pub fn run(
                 .collect::<Vec<_>>()
                 .join(", "),
             result.burn_decode_tokens_per_s,
-            result.prefill_tokens_per_s,
+            result.kernel_decode_tokens_per_s,
+            result
+                .prefill
+                .iter()
+                .map(|p| format!(
+                    "{} tokens at {:.1} tokens/s ({:.2} of the kernels' {:.1})",
+                    p.tokens, p.tokens_per_s, p.share_of_kernel, p.kernel_tokens_per_s
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            result.burn_prefill_tokens_per_s,
+            result
+                .depths
+                .iter()
+                .map(|d| format!(
+                    "decode at context {}: {:.1} tokens/s ({:.2}× the time per token); ",
+                    d.context, d.tokens_per_s, d.time_ratio_to_first
+                ))
+                .collect::<String>(),
             result.read_gbytes_per_s,
             result.fused_vs_burn_logit_diff
         ));
         results.push(result);
+    }
+    Ok(results)
+}
+
+/// The fused prefill of `prompt` against the kernels alone running its products, alternated,
+/// [`PREFILL_ROUNDS`] rounds each; the best round of each.
+fn measure_prefill(decoder: &CpuDecoder, prompt: &[u32]) -> Result<PrefillResult, TrainError> {
+    let (mut prefill_s, mut kernel_s) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..PREFILL_ROUNDS {
+        let started = Instant::now();
+        decoder.run_products(prompt.len());
+        kernel_s = kernel_s.min(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        black_box(decoder.read(prompt, &mut decoder.new_state())?);
+        prefill_s = prefill_s.min(started.elapsed().as_secs_f64());
+    }
+    Ok(PrefillResult {
+        tokens: prompt.len(),
+        tokens_per_s: prompt.len() as f64 / prefill_s,
+        kernel_tokens_per_s: prompt.len() as f64 / kernel_s,
+        share_of_kernel: kernel_s / prefill_s,
+    })
+}
+
+/// Decoding `decode` one token at a time after each of `contexts` tokens of context: up to
+/// [`CONTEXT_READ`] tokens (plus what keeps whole TTT mini-batches of `mini_batch` for the
+/// rest) are read by the fused prefill, and the state is then stretched to the depth
+/// ([`CpuDecoder::stretch_state`]: a KV cache of that many rows, a TTT state of that position;
+/// a step reads what it would after reading them all). Untimed but the decode.
+fn measure_depths(
+    decoder: &CpuDecoder,
+    contexts: &[usize],
+    mini_batch: usize,
+    decode: &[u32],
+    token_ids: &dyn Fn(usize, usize) -> Vec<u32>,
+) -> Result<Vec<DepthResult>, TrainError> {
+    let mut results: Vec<DepthResult> = Vec::with_capacity(contexts.len());
+    for &context in contexts {
+        let read = if context <= CONTEXT_READ {
+            context
+        } else {
+            CONTEXT_READ + (context - CONTEXT_READ) % mini_batch.max(1)
+        };
+        let mut state = decoder.new_state();
+        if read > 0 {
+            decoder.read(&token_ids(read, 1000), &mut state)?;
+        }
+        if context > read {
+            state = decoder.stretch_state(&state, context)?;
+        }
+        let started = Instant::now();
+        black_box(decoder.read(&decode[..1], &mut state)?);
+        for &t in &decode[1..] {
+            black_box(decoder.step(t, &mut state)?);
+        }
+        let tokens_per_s = decode.len() as f64 / started.elapsed().as_secs_f64();
+        let first = results.first().map_or(tokens_per_s, |r| r.tokens_per_s);
+        results.push(DepthResult {
+            context,
+            tokens_per_s,
+            time_ratio_to_first: first / tokens_per_s,
+        });
     }
     Ok(results)
 }
@@ -338,7 +493,8 @@ mod tests {
             name: "tiny".into(),
             threads: vec![1, 2],
             decode_tokens: 17,
-            prefill_tokens: 5,
+            prefill_tokens: vec![5, 9],
+            contexts: vec![0, 11],
             bandwidth_bytes: 1 << 20,
         };
         let mut lines = 0;
@@ -380,7 +536,23 @@ mod tests {
             assert_eq!(r.bytes_per_token, expected);
             assert!((r.state_bytes_per_token - mean_state).abs() < 1e-6 * mean_state);
             assert!(r.decode_tokens_per_s.is_finite() && r.decode_tokens_per_s > 0.0);
-            assert!(r.prefill_tokens_per_s.is_finite() && r.prefill_tokens_per_s > 0.0);
+            assert!(r.burn_prefill_tokens_per_s.is_finite() && r.burn_prefill_tokens_per_s > 0.0);
+            assert_eq!(
+                r.prefill.iter().map(|p| p.tokens).collect::<Vec<_>>(),
+                [5, 9]
+            );
+            for p in &r.prefill {
+                assert!(p.tokens_per_s > 0.0 && p.kernel_tokens_per_s > 0.0, "{p:?}");
+                let share = p.tokens_per_s / p.kernel_tokens_per_s;
+                assert!((p.share_of_kernel - share).abs() < 1e-9 * share, "{p:?}");
+            }
+            assert_eq!(
+                r.depths.iter().map(|d| d.context).collect::<Vec<_>>(),
+                [0, 11]
+            );
+            assert_eq!(r.depths[0].time_ratio_to_first, 1.0);
+            let ratio = r.depths[0].tokens_per_s / r.depths[1].tokens_per_s;
+            assert!((r.depths[1].time_ratio_to_first - ratio).abs() < 1e-9 * ratio);
             assert!(r.read_gbytes_per_s > 0.0);
             assert!(r.burn_decode_tokens_per_s.is_finite() && r.burn_decode_tokens_per_s > 0.0);
             // Both decoders run the same model (random latent weights: an int8 boundary flip
@@ -457,7 +629,8 @@ mod tests {
             name: "tiny".into(),
             threads: vec![0],
             decode_tokens: 3,
-            prefill_tokens: 5,
+            prefill_tokens: vec![5],
+            contexts: vec![],
             bandwidth_bytes: 1 << 20,
         };
         assert!(matches!(

@@ -51,35 +51,48 @@ pub(crate) enum DecodeLinear {
     },
 }
 
-/// A token's input to one or more projections, with its int8 quantization made once and shared
-/// by every ternary projection that reads it (Q, K, V and the gate read the same input).
+/// The input of one or more projections (one token, or the tokens of a prefill), with its
+/// int8 quantization made once and shared by every ternary projection that reads it (Q, K, V
+/// and the gate read the same input).
 pub(crate) struct Input<'a> {
+    /// `[tokens, d_input]`, row-major.
     x: &'a [f32],
+    /// `d_input`.
+    cols: usize,
     quantized: OnceCell<(f32, QuantizedActivations)>,
 }
 
 impl<'a> Input<'a> {
-    /// The input `x`, `[d_input]`.
+    /// One token's input `x`, `[d_input]`.
     pub fn new(x: &'a [f32]) -> Self {
+        Self::tokens(x, x.len())
+    }
+
+    /// The inputs of `x.len() / cols` tokens, `[tokens, cols]` row-major.
+    pub fn tokens(x: &'a [f32], cols: usize) -> Self {
+        debug_assert!(cols > 0 && x.len().is_multiple_of(cols));
         Self {
             x,
+            cols,
             quantized: OnceCell::new(),
         }
+    }
+
+    /// The number of tokens.
+    fn len(&self) -> usize {
+        self.x.len() / self.cols
     }
 
     /// `x` quantized with `eps` (made on first use; a projection with another eps, which no
     /// model of this crate has, quantizes afresh).
     fn quantized(&self, eps: f32) -> std::borrow::Cow<'_, QuantizedActivations> {
-        let (cached_eps, q) = self.quantized.get_or_init(|| {
-            (
-                eps,
-                QuantizedActivations::quantize(self.x, self.x.len(), eps),
-            )
-        });
+        let (cached_eps, q) = self
+            .quantized
+            .get_or_init(|| (eps, QuantizedActivations::quantize(self.x, self.cols, eps)));
         if *cached_eps == eps {
             std::borrow::Cow::Borrowed(q)
         } else {
-            std::borrow::Cow::Owned(QuantizedActivations::quantize(self.x, self.x.len(), eps))
+            std::borrow::Cow::Owned(QuantizedActivations::quantize(self.x, self.cols, eps))
         }
     }
 }
@@ -175,7 +188,7 @@ impl DecodeLinear {
     /// prepared once); the outputs are the same as [`forward`](Self::forward) of each.
     ///
     /// # Shapes
-    /// - input: `[d_input]`, `outs[i]`: `[d_output of projections[i]]`
+    /// - input: `[tokens, d_input]`, `outs[i]`: `[tokens, d_output of projections[i]]`
     pub fn forward_many(
         projections: &[&DecodeLinear],
         input: &Input<'_>,
@@ -234,10 +247,12 @@ impl DecodeLinear {
         }
     }
 
-    /// `out = input Wᵀ (+ b)`, the ternary product split over `threads` threads.
+    /// `out = input Wᵀ (+ b)`, the ternary product split over `threads` threads. Each token's
+    /// output is the same, bit for bit, whether it comes alone or with others (the int8 sums
+    /// are exact, and every token's float work is its own).
     ///
     /// # Shapes
-    /// - input: `[d_input]`, out: `[d_output]`
+    /// - input: `[tokens, d_input]`, out: `[tokens, d_output]`
     pub fn forward(&self, input: &Input<'_>, out: &mut [f32], threads: usize) {
         let options = CpuOptions {
             kernel: None,
@@ -254,13 +269,25 @@ impl DecodeLinear {
                     ActivationPrecision::Int8 { eps } => {
                         cpu::gemm_i8_with(view, &input.quantized(*eps), out, options)
                     }
-                    ActivationPrecision::F32 => cpu::gemm_f32_with(view, input.x, 1, out, options),
+                    ActivationPrecision::F32 => {
+                        cpu::gemm_f32_with(view, input.x, input.len(), out, options)
+                    }
                 };
                 done.expect("the global kernel choice was checked by set_kernel_choice");
                 bias
             }
-            DecodeLinear::Float { weight, bias, .. } => {
-                cpu::gemv_f32_dense(input.x, weight, out, threads);
+            DecodeLinear::Float {
+                weight,
+                bias,
+                d_output,
+            } => {
+                for (x, y) in input
+                    .x
+                    .chunks_exact(input.cols)
+                    .zip(out.chunks_exact_mut((*d_output).max(1)))
+                {
+                    cpu::gemv_f32_dense(x, weight, y, threads);
+                }
                 bias
             }
         };
@@ -270,9 +297,12 @@ impl DecodeLinear {
     }
 }
 
+/// Adds `bias` (`[d_output]`) to every token's row of `out` (`[tokens, d_output]`).
 fn add_bias(out: &mut [f32], bias: &[f32]) {
-    for (o, b) in out.iter_mut().zip(bias) {
-        *o += b;
+    for row in out.chunks_exact_mut(bias.len().max(1)) {
+        for (o, b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
     }
 }
 

@@ -19,8 +19,11 @@
 //! (see the tests). With int8 activations they agree as closely unless an activation lies
 //! within a rounding error of a code boundary: then the two paths can pick neighbouring codes,
 //! which moves the logits by about 1e-3 to 1e-2 (the same holds between Burn backends). It decodes
-//! one sequence (batch 1); prefill a prompt with either (Burn's dual form is faster for long
-//! prompts) and carry the state over with [`CpuDecoder::state_from_model`].
+//! one sequence (batch 1). A prompt is read by [`CpuDecoder::read`], the fused prefill: the
+//! blocks read it in chunks, every projection one kernel call (a GEMM) for all the chunk's
+//! tokens, the mixer's heads spread over the threads; its result is the same, bit for bit, as
+//! stepping each token. A state Burn prefilled carries over with
+//! [`CpuDecoder::state_from_model`].
 //!
 //! ```no_run
 //! # use bit_ttt_burn::{cpu_decode::CpuDecoder, BitLlama};
@@ -37,7 +40,7 @@ use std::mem::size_of;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use bit_ttt_kernels::cpu::{axpy, rms_norm};
+use bit_ttt_kernels::cpu::{axpy, rms_norm, silu_mul};
 use burn::tensor::backend::Backend;
 
 use self::linear::{values, DecodeLinear, Input};
@@ -66,6 +69,16 @@ impl Norm {
     fn forward(&self, x: &[f32]) -> Vec<f32> {
         let mut out = vec![0.0; x.len()];
         rms_norm(x, &self.gamma, self.eps, &mut out);
+        out
+    }
+
+    /// The norm of every row of `x` (`[tokens, d]`).
+    fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.gamma.len();
+        let mut out = vec![0.0; x.len()];
+        for (x, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            rms_norm(x, &self.gamma, self.eps, o);
+        }
         out
     }
 }
@@ -136,29 +149,104 @@ impl CpuBlock {
         self.mixer.state_bytes_read(position)
     }
 
-    /// The block's step on `x` in place; the caller runs it inside the kernels' pool.
-    fn step_in_place(&self, x: &mut [f32], state: &mut CpuBlockState) {
-        let threads = self.threads;
-        let mut mixed = vec![0.0; self.d_model];
-        let normed = self.mixer_norm.forward(x);
-        self.mixer.step(&normed, &mut state.0, threads, &mut mixed);
+    /// Reads the tokens of `x` (`[tokens, d_model]`, the residual stream entering the block)
+    /// and leaves the stream leaving it there, advancing `state` by them: one token of a
+    /// decode, or a chunk of a prompt. Every product runs once for all the tokens (one kernel
+    /// call per group of projections sharing an input); the caller runs it inside the kernels'
+    /// pool.
+    fn read_in_place(&self, x: &mut [f32], state: &mut CpuBlockState) {
+        let (threads, d_model) = (self.threads, self.d_model);
+        let mut mixed = vec![0.0; x.len()]; // [tokens, d_model]
+        let normed = self.mixer_norm.forward_rows(x);
+        self.mixer.read(&normed, &mut state.0, threads, &mut mixed);
         axpy(1.0, &mixed, x);
 
         // SwiGLU: down(silu(gate(h)) ⊙ up(h)).
-        let normed = self.ffn_norm.forward(x);
-        let input = Input::new(&normed);
+        let normed = self.ffn_norm.forward_rows(x);
+        let input = Input::tokens(&normed, d_model);
+        let tokens = x.len() / d_model;
         let d_ffn = self.gate_proj.d_output();
-        let (mut gate, mut up) = (vec![0.0; d_ffn], vec![0.0; d_ffn]);
+        // [tokens, d_ffn] each.
+        let (mut gate, mut up) = (vec![0.0; tokens * d_ffn], vec![0.0; tokens * d_ffn]);
         DecodeLinear::forward_many(
             &[&self.gate_proj, &self.up_proj],
             &input,
             &mut [&mut gate, &mut up],
             threads,
         );
-        bit_ttt_kernels::cpu::silu_mul(&mut gate, &up);
+        silu_mul_rows(&mut gate, &up, d_ffn, threads);
         self.down_proj
-            .forward(&Input::new(&gate), &mut mixed, threads);
+            .forward(&Input::tokens(&gate, d_ffn), &mut mixed, threads);
         axpy(1.0, &mixed, x);
+    }
+
+    /// Reads the tokens of `hidden` (`[tokens, d_model]`: the residual stream entering the
+    /// block, left as the stream leaving it) in one pass, the block's part of a fused prefill:
+    /// the same result, bit for bit, as [`step`](BlockStep::step) of each token in turn.
+    /// Runs inside the kernels' pool (entered here unless the caller is in it).
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidInput`] if `hidden` is not whole rows of `d_model`;
+    /// [`BitTttError::InvalidCache`] if `state` is not this block's. Nothing changes then.
+    pub fn read(&self, hidden: &mut [f32], state: &mut CpuBlockState) -> Result<(), BitTttError> {
+        if !hidden.len().is_multiple_of(self.d_model) {
+            return Err(BitTttError::InvalidInput(format!(
+                "a hidden state of {} values is not whole rows of width {}",
+                hidden.len(),
+                self.d_model
+            )));
+        }
+        if !self.fits(state) {
+            return Err(BitTttError::InvalidCache(
+                "the state belongs to another block".into(),
+            ));
+        }
+        if !hidden.is_empty() {
+            bit_ttt_kernels::cpu::install(self.threads, || self.read_in_place(hidden, state));
+        }
+        Ok(())
+    }
+
+    /// Runs only the block's products for the tokens of `x` (`[tokens, d_model]`) as
+    /// [`read`](Self::read) does (one call for the projections that share an input; `h`, at
+    /// least `[tokens, d_ffn]`, is the down projection's input) and discards them: the
+    /// kernels' share of a prefill. The caller runs it inside the kernels' pool.
+    fn run_products(&self, x: &[f32], h: &[f32]) {
+        let tokens = x.len() / self.d_model;
+        let d_ffn = self.gate_proj.d_output();
+        let h = &h[..tokens * d_ffn];
+        let mut out = vec![0.0; tokens * self.d_model];
+        let (inputs, output) = self.mixer.input_and_output_projections();
+        let mut qkv = vec![vec![0.0; tokens * self.d_model]; inputs.len()];
+        let mut outs: Vec<&mut [f32]> = qkv.iter_mut().map(|o| &mut o[..]).collect();
+        let input = Input::tokens(x, self.d_model);
+        DecodeLinear::forward_many(&inputs, &input, &mut outs, self.threads);
+        output.forward(&input, &mut out, self.threads);
+        let (mut gate, mut up) = (vec![0.0; tokens * d_ffn], vec![0.0; tokens * d_ffn]);
+        DecodeLinear::forward_many(
+            &[&self.gate_proj, &self.up_proj],
+            &input,
+            &mut [&mut gate, &mut up],
+            self.threads,
+        );
+        self.down_proj
+            .forward(&Input::tokens(h, d_ffn), &mut out, self.threads);
+        std::hint::black_box((qkv, out, gate));
+    }
+}
+
+/// `gate[t] = silu(gate[t]) ⊙ up[t]` for every token's row (`[tokens, d_ffn]`), rows spread
+/// over the pool's threads when there are several.
+fn silu_mul_rows(gate: &mut [f32], up: &[f32], d_ffn: usize, threads: usize) {
+    use rayon::prelude::*;
+    let tokens = gate.len() / d_ffn.max(1);
+    if threads > 1 && tokens > 1 {
+        let rows = tokens.div_ceil(threads * 4) * d_ffn;
+        gate.par_chunks_mut(rows)
+            .zip(up.par_chunks(rows))
+            .for_each(|(g, u)| silu_mul(g, u));
+    } else {
+        silu_mul(gate, up);
     }
 }
 
@@ -197,7 +285,7 @@ impl BlockStep for CpuBlock {
     /// Runs inside the kernels' thread pool: entered here, or, when the caller is already in
     /// it (a driver running several blocks in one `bit_ttt_kernels::cpu::install`), at no cost.
     fn step(&self, mut hidden: Vec<f32>, state: &mut CpuBlockState) -> Vec<f32> {
-        bit_ttt_kernels::cpu::install(self.threads, || self.step_in_place(&mut hidden, state));
+        bit_ttt_kernels::cpu::install(self.threads, || self.read_in_place(&mut hidden, state));
         hidden
     }
 
@@ -230,6 +318,11 @@ impl BlockStep for CpuBlock {
         )?))
     }
 }
+
+/// The most tokens of a prompt [`CpuDecoder::read`] sends through the blocks at once: enough
+/// for the kernels' GEMM to reach its rate, few enough that the chunk's activations (a few
+/// `[chunk, d_ffn]` f32 buffers per block) stay small next to the weights.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// `threads`, or the kernels' default for 0.
 fn resolve_threads(threads: usize) -> usize {
@@ -469,7 +562,11 @@ impl CpuDecoder {
         }))
     }
 
-    /// Reads every token of `tokens` in turn and returns the logits after the last.
+    /// Reads `tokens` after what `state` has read and returns the logits after the last,
+    /// `[vocab_size]`: a fused prefill. The prompt goes through the blocks in chunks of
+    /// [`PREFILL_CHUNK`] tokens, each block reading a whole chunk at once (one kernel call per
+    /// group of projections for all its tokens, the mixer's heads spread over the threads);
+    /// the result is the same, bit for bit, as [`step`](Self::step) of each token in turn.
     ///
     /// # Errors
     /// As [`step`](Self::step); [`BitTttError::InvalidInput`] for no tokens. Every id is
@@ -479,17 +576,122 @@ impl CpuDecoder {
         tokens: &[u32],
         state: &mut CpuDecodeState,
     ) -> Result<Vec<f32>, BitTttError> {
+        Ok(self
+            .read_rows(tokens, state, false)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// As [`read`](Self::read), but the logits after every token of `tokens`,
+    /// `[tokens.len() · vocab_size]` (row `t` predicts the token after `tokens[t]`): what an
+    /// evaluation of a window needs.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn read_all(
+        &self,
+        tokens: &[u32],
+        state: &mut CpuDecodeState,
+    ) -> Result<Vec<f32>, BitTttError> {
+        Ok(self.read_rows(tokens, state, true)?.concat())
+    }
+
+    /// The fused prefill: the logits after every token (`all`) or after the last.
+    fn read_rows(
+        &self,
+        tokens: &[u32],
+        state: &mut CpuDecodeState,
+        all: bool,
+    ) -> Result<Vec<Vec<f32>>, BitTttError> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(BitTttError::InvalidInput(format!(
                 "token id {bad} is out of range for a vocabulary of {}",
                 self.vocab_size
             )));
         }
-        let mut logits = Err(BitTttError::InvalidInput("no tokens to read".into()));
-        for &token in tokens {
-            logits = Ok(self.step(token, state)?);
+        if tokens.is_empty() {
+            return Err(BitTttError::InvalidInput("no tokens to read".into()));
         }
-        logits
+        self.check_state(state)?;
+        let d_model = self.d_model;
+        Ok(bit_ttt_kernels::cpu::install(self.threads, || {
+            let (mut logits, mut last) = (Vec::new(), Vec::new());
+            for chunk in tokens.chunks(PREFILL_CHUNK) {
+                // [chunk, d_model]: the embedding rows, then through every block.
+                let mut x: Vec<f32> = chunk
+                    .iter()
+                    .flat_map(|&t| {
+                        let t = t as usize;
+                        self.embedding[t * d_model..(t + 1) * d_model]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                for (block, block_state) in self.blocks.iter().zip(&mut state.blocks) {
+                    block.read_in_place(&mut x, block_state);
+                }
+                state.position += chunk.len();
+                if all {
+                    logits.extend(x.chunks_exact(d_model).map(|row| self.head(row)));
+                }
+                last = x;
+            }
+            if !all {
+                logits.push(self.head(&last[last.len() - d_model..]));
+            }
+            logits
+        }))
+    }
+
+    /// Runs only the blocks' products that a [`read`](Self::read) of `tokens` tokens runs
+    /// (every projection, in the same chunks and calls, on fixed activations) and discards
+    /// them: the time the kernels alone need for a prefill, the floor a prefill is measured
+    /// against (`bench --prefill`). The head is left out, as a prefill runs it for one token.
+    pub fn run_products(&self, tokens: usize) {
+        // Fixed activations, made once (a prefill's come from the previous block).
+        let d_ffn = self.blocks.iter().map(|b| b.gate_proj.d_output()).max();
+        let chunk = PREFILL_CHUNK.min(tokens);
+        let values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i & 255) as f32 / 128.0 - 1.0 + (i >> 8 & 7) as f32 * 0.01)
+                .collect()
+        };
+        let (x, h) = (
+            values(chunk * self.d_model),
+            values(chunk * d_ffn.unwrap_or(0)),
+        );
+        bit_ttt_kernels::cpu::install(self.threads, || {
+            for start in (0..tokens).step_by(PREFILL_CHUNK) {
+                let rows = PREFILL_CHUNK.min(tokens - start);
+                for block in &self.blocks {
+                    block.run_products(&x[..rows * self.d_model], &h);
+                }
+            }
+        });
+    }
+
+    /// `state` stretched to `depth` tokens, for measuring decode speed by context depth
+    /// without reading them all (`bench --context`): every KV cache repeats its rows up to
+    /// `depth` (the bytes a step at that depth reads), every TTT state keeps its fast weights
+    /// and advances its counter (its size does not grow with depth). The state of no real
+    /// sequence: for benchmarks.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] for a state of another model; [`BitTttError::InvalidInput`]
+    /// if `depth` is below the state's position, or a TTT layer's mini-batches do not divide
+    /// the difference, or a KV cache is empty. `state` is unchanged then.
+    pub fn stretch_state(
+        &self,
+        state: &CpuDecodeState,
+        depth: usize,
+    ) -> Result<CpuDecodeState, BitTttError> {
+        self.check_state(state)?;
+        let mut stretched = state.clone();
+        for (block, s) in self.blocks.iter().zip(&mut stretched.blocks) {
+            block.mixer.stretch(&mut s.0, self.d_model, depth)?;
+        }
+        stretched.position = depth;
+        Ok(stretched)
     }
 
     /// Generates after `prompt` as [`BitLlama::generate`] does (same sampling, same stops,
@@ -570,7 +772,7 @@ impl CpuDecoder {
         let d_model = self.d_model;
         let mut x = self.embedding[token * d_model..(token + 1) * d_model].to_vec();
         for (block, block_state) in self.blocks.iter().zip(&mut state.blocks) {
-            block.step_in_place(&mut x, block_state);
+            block.read_in_place(&mut x, block_state);
         }
         state.position += 1;
         self.head(&x)

@@ -509,3 +509,205 @@ fn a_chain_of_burn_and_fused_blocks_decodes_like_either() {
         }
     }
 }
+
+/// The fused prefill (`read`) of prompts of 1, 15, 16, 17 and 100 tokens, then five tokens of
+/// decode: bit for bit what stepping each token gives, and within the tolerance of Burn's
+/// batched forward (its dual form) on the same prompt, for every mixer, f32 and ternary, 1
+/// and 2 threads. `read_all` gives every position's logits, again bit for bit.
+#[test]
+fn fused_prefill_equals_token_by_token_decode_and_burn() {
+    for mixer in MIXERS {
+        for ternary in [false, true] {
+            let model = model(mixer, ternary);
+            for threads in [1, 2] {
+                let decoder = CpuDecoder::new(&model, threads).unwrap();
+                for len in [1, 15, 16, 17, 100] {
+                    let what = format!(
+                        "{} ternary={ternary} threads={threads} prompt {len}",
+                        mixer.name()
+                    );
+                    let all = tokens(len + 5);
+                    let (prompt, rest) = all.split_at(len);
+                    let mut stepped = decoder.new_state();
+                    let per_token: Vec<Vec<f32>> = prompt
+                        .iter()
+                        .map(|&t| decoder.step(t, &mut stepped).unwrap())
+                        .collect();
+                    let mut prefilled = decoder.new_state();
+                    let logits = decoder.read(prompt, &mut prefilled).unwrap();
+                    assert_eq!(&logits, per_token.last().unwrap(), "{what}");
+                    assert_eq!(prefilled, stepped, "{what}: the states");
+                    let every = decoder.read_all(prompt, &mut decoder.new_state()).unwrap();
+                    assert_eq!(every, per_token.concat(), "{what}: read_all");
+
+                    let mut burn_state = model.new_state();
+                    let burn = model.read(prompt, &mut burn_state).unwrap();
+                    assert_near_burn(&logits, &burn, ternary, &what);
+                    for &t in rest {
+                        let fused = decoder.step(t, &mut prefilled).unwrap();
+                        assert_eq!(fused, decoder.step(t, &mut stepped).unwrap(), "{what}");
+                        let burn = model.read(&[t], &mut burn_state).unwrap();
+                        assert_near_burn(&fused, &burn, ternary, &format!("{what}, then {t}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fused logits against Burn's: within 1e-4 of the largest with f32 activations; with
+/// int8 activations within 2e-2, the module docs' bound for an activation that the two paths'
+/// float rounding puts on either side of a code boundary (over a hundred tokens one does, in
+/// the ternary attention model; token by token too, so it is not the prefill's doing).
+fn assert_near_burn(fused: &[f32], burn: &[f32], int8: bool, what: &str) {
+    if !int8 {
+        return assert_close(fused, burn, what);
+    }
+    let scale = burn.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = fused
+        .iter()
+        .zip(burn)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 2e-2 * scale, "{what}: logits differ by {diff}");
+}
+
+/// A prompt longer than [`PREFILL_CHUNK`] goes through in chunks and still equals stepping
+/// each token, bit for bit; so does a prefill that continues a Burn state left in the middle of
+/// a mini-batch (dense gradient sums), and one that continues a fused prefill.
+#[test]
+fn fused_prefill_across_chunks_and_after_a_burn_prefill_equals_stepping() {
+    for mixer in MIXERS {
+        let model = model(mixer, true);
+        let decoder = CpuDecoder::new(&model, 2).unwrap();
+        let all = tokens(PREFILL_CHUNK + 90);
+        let mut stepped = decoder.new_state();
+        let mut expected = Vec::new();
+        for &t in &all {
+            expected = decoder.step(t, &mut stepped).unwrap();
+        }
+        let mut prefilled = decoder.new_state();
+        decoder.read(&all[..7], &mut prefilled).unwrap();
+        let logits = decoder.read(&all[7..], &mut prefilled).unwrap();
+        assert_eq!(logits, expected, "{}", mixer.name());
+        assert_eq!(prefilled, stepped, "{}", mixer.name());
+
+        let mut burn_state = model.new_state();
+        model.read(&all[..6], &mut burn_state).unwrap();
+        let mut from_burn = decoder.state_from_model(&burn_state).unwrap();
+        let mut from_burn_stepped = from_burn.clone();
+        let logits = decoder.read(&all[6..20], &mut from_burn).unwrap();
+        let mut expected = Vec::new();
+        for &t in &all[6..20] {
+            expected = decoder.step(t, &mut from_burn_stepped).unwrap();
+        }
+        assert_eq!(logits, expected, "{} after a Burn prefill", mixer.name());
+        assert_eq!(from_burn, from_burn_stepped, "{}", mixer.name());
+    }
+}
+
+/// A state stretched to a depth: a KV cache of that many rows (its rows repeated), a TTT
+/// state at that position with its fast weights; both decode on, and what a step reads is what
+/// it reads at that depth. Bad depths are errors and change nothing.
+#[test]
+fn a_stretched_state_reads_what_a_state_at_that_depth_reads() {
+    for mixer in MIXERS {
+        let model = model(mixer, true);
+        let decoder = CpuDecoder::new(&model, 1).unwrap();
+        let mut state = decoder.new_state();
+        decoder.read(&tokens(6), &mut state).unwrap();
+        let stretched = decoder.stretch_state(&state, 6 + 4 * 5).unwrap();
+        assert_eq!(stretched.position(), 26, "{}", mixer.name());
+        let mut deep = decoder.new_state();
+        decoder.read(&tokens(26), &mut deep).unwrap();
+        // The same sizes as a state that read 26 tokens.
+        assert_eq!(
+            stretched.num_elements(),
+            deep.num_elements(),
+            "{}",
+            mixer.name()
+        );
+        let mut stretched_copy = stretched.clone();
+        let logits = decoder.step(3, &mut stretched_copy).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
+        assert_eq!(stretched_copy.position(), 27);
+        if mixer == MixerKind::Attention {
+            // Rows 0..6 and then 0..6 again, and so on.
+            let MixerDecodeState::Attention(kv) = &stretched.blocks[0].0 else {
+                unreachable!()
+            };
+            let head_dim = 8;
+            assert_eq!(kv.keys[1].len(), 26 * head_dim);
+            assert_eq!(
+                kv.keys[1][6 * head_dim..12 * head_dim],
+                kv.keys[1][..6 * head_dim]
+            );
+            assert_eq!(kv.values[2][24 * head_dim..], kv.values[2][..2 * head_dim]);
+        } else {
+            // Only the counters move.
+            for (a, b) in stretched.blocks.iter().zip(&state.blocks) {
+                let (MixerDecodeState::Ttt(a), MixerDecodeState::Ttt(b)) = (&a.0, &b.0) else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    (&a.weights, &a.grads, &a.terms),
+                    (&b.weights, &b.grads, &b.terms)
+                );
+                assert_eq!(a.seq_len_offset, 26);
+            }
+            assert!(matches!(
+                decoder.stretch_state(&state, 9),
+                Err(BitTttError::InvalidInput(_))
+            ));
+        }
+        assert!(matches!(
+            decoder.stretch_state(&state, 5),
+            Err(BitTttError::InvalidInput(_))
+        ));
+        let empty = decoder.new_state();
+        let at_zero = decoder.stretch_state(&empty, 8);
+        assert_eq!(
+            at_zero.is_err(),
+            mixer == MixerKind::Attention,
+            "{}",
+            mixer.name()
+        );
+    }
+}
+
+/// A block reads a chunk of tokens as it steps them one by one, bit for bit; a hidden state
+/// of partial rows or a state of another block is an error that changes nothing.
+#[test]
+fn a_block_reads_a_chunk_as_it_steps_its_tokens() {
+    let model = model(MixerKind::TttMlp, true);
+    let decoder = CpuDecoder::new(&model, 2).unwrap();
+    let block = &decoder.blocks()[1];
+    let d = block.d_model();
+    let mut hidden: Vec<f32> = (0..7 * d)
+        .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+        .collect();
+    let mut stepped_state = block.new_state();
+    let stepped: Vec<f32> = hidden
+        .chunks_exact(d)
+        .flat_map(|row| block.step(row.to_vec(), &mut stepped_state))
+        .collect();
+    let mut state = block.new_state();
+    block.read(&mut hidden, &mut state).unwrap();
+    assert_eq!(hidden, stepped);
+    assert_eq!(state, stepped_state);
+
+    let before = state.clone();
+    let mut partial = vec![0.5; d + 1];
+    assert!(matches!(
+        block.read(&mut partial, &mut state),
+        Err(BitTttError::InvalidInput(_))
+    ));
+    let attention = CpuDecoder::new(&model_of_other_kind(MixerKind::TttMlp), 1).unwrap();
+    let mut foreign = attention.blocks()[1].new_state();
+    assert!(matches!(
+        block.read(&mut hidden.clone(), &mut foreign),
+        Err(BitTttError::InvalidCache(_))
+    ));
+    assert_eq!(state, before);
+    assert!(block.read(&mut [], &mut state).is_ok());
+    assert_eq!(state, before);
+}

@@ -12,8 +12,8 @@
 //! embedding, down after block `N − 1` (or, with the head on the GPU, the logits come down
 //! instead). Each block's state (TTT fast weights, or a KV cache) stays on its side. A prompt of
 //! `T` tokens goes up once as `[1, T, d_model]`, through the GPU blocks' batched forward (the
-//! dual form), and down once; the CPU blocks then read it token by token (the fused decoder's
-//! path: it has no batched form yet).
+//! dual form), and down once; the CPU blocks then read it in chunks, as the fused decoder's
+//! prefill does ([`CpuBlock::read`]).
 //!
 //! [`plan`] decides `N`: a count, or [`GpuLayers::Auto`], the most blocks whose packed weights,
 //! f32 parameters and state fit a byte budget. A hybrid state saves to and restores from the
@@ -41,8 +41,8 @@ use burn::nn::RmsNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::cpu_decode::{CpuBlock, CpuBlockState, CpuDecoder};
-use crate::decode::{step_blocks, BlockStep, BurnBlock};
+use crate::cpu_decode::{CpuBlock, CpuBlockState, CpuDecoder, PREFILL_CHUNK};
+use crate::decode::{BlockStep, BurnBlock};
 use crate::generate::{generate_with, GenerationConfig};
 use crate::mixer::MixerState;
 use crate::model::{BitLlama, Block, PackedPart};
@@ -395,16 +395,20 @@ impl<G: TernaryBackend> HybridDecoder<G> {
         let cpu_blocks = self.cpu_blocks();
         let threads = self.cpu.threads();
         let logits = bit_ttt_kernels::cpu::install(threads, || {
+            // The fused prefill: each CPU block reads a chunk of tokens at once.
             let mut logits = Vec::new();
-            let mut last = Vec::new();
-            for row in hidden.chunks_exact(d_model) {
-                last = step_blocks(cpu_blocks, &mut state.cpu, row)?;
+            for chunk in hidden.chunks_mut(PREFILL_CHUNK * d_model) {
+                for (block, block_state) in cpu_blocks.iter().zip(&mut state.cpu) {
+                    block.read(chunk, block_state)?;
+                }
                 if all {
-                    logits.extend(self.cpu.logits(&last)?);
+                    for row in chunk.chunks_exact(d_model) {
+                        logits.extend(self.cpu.logits(row)?);
+                    }
                 }
             }
             if !all {
-                logits = self.cpu.logits(&last)?;
+                logits = self.cpu.logits(&hidden[hidden.len() - d_model..])?;
             }
             Ok::<_, BitTttError>(logits)
         })?;

@@ -241,6 +241,66 @@ impl MixerDecode {
         }
     }
 
+    /// The projections that read the layer's input (Q, K, V and the gate, one kernel call in
+    /// a step), and the output projection.
+    pub fn input_and_output_projections(&self) -> (Vec<&DecodeLinear>, &DecodeLinear) {
+        match self {
+            MixerDecode::Ttt(t) => t.input_and_output_projections(),
+            MixerDecode::Attention(a) => a.input_and_output_projections(),
+        }
+    }
+
+    /// `state` (one sequence) stretched to `depth` tokens, for measuring decode speed by
+    /// context depth without reading them all: a KV cache repeats its rows up to `depth` (the
+    /// bytes a step at that depth reads); a TTT state keeps its fast weights and advances its
+    /// counter by whole mini-batches (its size does not grow with depth).
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidInput`] if `depth` is below the tokens read, or (TTT) the
+    /// difference is not a whole number of mini-batches.
+    pub fn stretch(
+        &self,
+        state: &mut MixerDecodeState,
+        d_model: usize,
+        depth: usize,
+    ) -> Result<(), BitTttError> {
+        let read = self.tokens_read(state, d_model);
+        if depth < read {
+            return Err(BitTttError::InvalidInput(format!(
+                "a state of {read} tokens cannot be stretched to {depth}"
+            )));
+        }
+        match (self, state) {
+            (MixerDecode::Ttt(t), MixerDecodeState::Ttt(s)) => {
+                let mini_batch = t.mini_batch_size();
+                if !(depth - read).is_multiple_of(mini_batch) {
+                    return Err(BitTttError::InvalidInput(format!(
+                        "a TTT state of {read} tokens stretches by whole mini-batches of \
+                         {mini_batch}, not to {depth}"
+                    )));
+                }
+                s.seq_len_offset = depth;
+            }
+            (MixerDecode::Attention(_), MixerDecodeState::Attention(kv)) if read > 0 => {
+                for rows in kv.keys.iter_mut().chain(kv.values.iter_mut()) {
+                    let len = rows.len();
+                    let target = len / read * depth;
+                    rows.reserve_exact(target - len);
+                    while rows.len() < target {
+                        let take = (target - rows.len()).min(len);
+                        rows.extend_from_within(..take);
+                    }
+                }
+            }
+            _ => {
+                return Err(BitTttError::InvalidInput(
+                    "an empty KV cache, or a state of another mixer, cannot be stretched".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of parameters one step reads.
     pub fn weight_bytes(&self) -> usize {
         match self {
@@ -283,15 +343,16 @@ impl MixerDecode {
         }
     }
 
-    /// Mixes one token `x` (`[d_model]`) into `out` and advances `state`.
+    /// Mixes the tokens of `x` (`[tokens, d_model]`: one token of a decode, or a chunk of a
+    /// prompt) into `out` (`[tokens, d_model]`) and advances `state` by them.
     ///
     /// # Panics
     /// If `state` is not of this mixer (checked by [`fits`](Self::fits) first).
-    pub fn step(&self, x: &[f32], state: &mut MixerDecodeState, threads: usize, out: &mut [f32]) {
+    pub fn read(&self, x: &[f32], state: &mut MixerDecodeState, threads: usize, out: &mut [f32]) {
         match (self, state) {
-            (MixerDecode::Ttt(t), MixerDecodeState::Ttt(s)) => t.step(x, s, threads, out),
+            (MixerDecode::Ttt(t), MixerDecodeState::Ttt(s)) => t.read(x, s, threads, out),
             (MixerDecode::Attention(a), MixerDecodeState::Attention(kv)) => {
-                a.step(x, kv, threads, out)
+                a.read(x, kv, threads, out)
             }
             _ => unreachable!("the decoder checks every state against its mixer first"),
         }

@@ -32,9 +32,15 @@ pub struct BenchArgs {
     /// Tokens decoded one at a time per measurement.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    /// Length of the prefill.
-    #[arg(long, default_value_t = 128)]
-    prefill_tokens: usize,
+    /// Prefill lengths to measure, comma-separated: the fused prefill against the kernels
+    /// alone running its products (and Burn's batched forward at the first length).
+    #[arg(
+        long = "prefill",
+        alias = "prefill-tokens",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    prefill: Vec<usize>,
     /// Size of the read-bandwidth test array, in MiB.
     #[arg(long, default_value_t = 512)]
     bandwidth_mib: usize,
@@ -53,9 +59,11 @@ pub struct BenchArgs {
     /// Device memory for `--n-gpu-layers auto`, e.g. 8GiB.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     gpu_memory: Option<u64>,
-    /// Tokens of context a split keeps room for (KV caches).
-    #[arg(long, default_value_t = 4096)]
-    context: usize,
+    /// Context depths to decode at, comma-separated, e.g. 0,1024,16384 (the first 512 tokens
+    /// are read, the state is then stretched to the depth: a KV cache of that many rows). With
+    /// --n-gpu-layers: one number, the tokens of context a split keeps room for (default 4096).
+    #[arg(long, value_delimiter = ',')]
+    context: Vec<usize>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -108,7 +116,8 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
         name: name.clone(),
         threads,
         decode_tokens: args.decode_tokens,
-        prefill_tokens: args.prefill_tokens,
+        prefill_tokens: args.prefill.clone(),
+        contexts: args.context.clone(),
         bandwidth_bytes: args.bandwidth_mib << 20,
     };
     println!(
@@ -118,8 +127,8 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
     let results = bench::run(&settings, &dir, |line| println!("  {line}"))?;
     println!();
     println!(
-        "| threads | decode tok/s (fused) | share of read bandwidth | with state | decode tok/s (Burn ops) | prefill tok/s ({} tokens) | MB/token | state MB/token | read GB/s | decode GB/s |",
-        args.prefill_tokens
+        "| threads | decode tok/s (fused) | share of read bandwidth | with state | decode tok/s (Burn ops) | prefill tok/s (Burn, {} tokens) | MB/token | state MB/token | read GB/s | decode GB/s |",
+        args.prefill[0]
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
@@ -130,12 +139,39 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
             r.bandwidth_share,
             r.bandwidth_share_with_state,
             r.burn_decode_tokens_per_s,
-            r.prefill_tokens_per_s,
+            r.burn_prefill_tokens_per_s,
             r.bytes_per_token as f64 / 1e6,
             r.state_bytes_per_token / 1e6,
             r.read_gbytes_per_s,
             r.decode_tokens_per_s * r.bytes_per_token as f64 / 1e9,
         );
+    }
+    println!();
+    println!("| threads | prefill tokens | fused prefill tok/s | kernels alone tok/s | share of the kernels' rate |");
+    println!("|---|---|---|---|---|");
+    for r in &results {
+        for p in &r.prefill {
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.2} |",
+                r.threads, p.tokens, p.tokens_per_s, p.kernel_tokens_per_s, p.share_of_kernel
+            );
+        }
+    }
+    if !args.context.is_empty() {
+        println!();
+        println!(
+            "| threads | context | decode tok/s | time per token vs context {} |",
+            args.context[0]
+        );
+        println!("|---|---|---|---|");
+        for r in &results {
+            for d in &r.depths {
+                println!(
+                    "| {} | {} | {:.1} | {:.2} |",
+                    r.threads, d.context, d.tokens_per_s, d.time_ratio_to_first
+                );
+            }
+        }
     }
     for r in &results {
         println!("{}", serde_json::to_string(r)?);
@@ -179,6 +215,11 @@ fn run_split(args: BenchArgs) -> Result<Exit> {
         [n] => n,
         _ => bail!("--n-gpu-layers measures one thread count: give --threads one number"),
     };
+    let context = match args.context[..] {
+        [] => 4096,
+        [n] => n,
+        _ => bail!("--n-gpu-layers keeps room for one context: give --context one number"),
+    };
     if args.gpu_memory.is_some() && !args.n_gpu_layers.contains(&GpuLayersArg::Auto) {
         bail!("--gpu-memory only applies with --n-gpu-layers auto");
     }
@@ -188,7 +229,7 @@ fn run_split(args: BenchArgs) -> Result<Exit> {
         splits,
         threads,
         decode_tokens: args.decode_tokens,
-        context: args.context,
+        context,
         bandwidth_bytes: args.bandwidth_mib << 20,
     };
     println!(

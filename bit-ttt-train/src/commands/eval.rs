@@ -101,7 +101,7 @@ pub fn run(args: EvalArgs) -> Result<Exit> {
 
 /// [`train::evaluate`]'s windows (every `seq_len` tokens, each from no context, the last one
 /// shorter) scored by a split model one window at a time: its GPU blocks read a window at
-/// once, its CPU blocks token by token.
+/// once, its CPU blocks with the fused prefill.
 fn evaluate_split<B: bit_ttt_burn::TernaryBackend>(
     hybrid: &HybridDecoder<B>,
     tokens: &[u32],

@@ -58,6 +58,11 @@ impl AttentionDecode {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter()
     }
 
+    /// Q, K and V (they read the layer's input), and the output projection.
+    pub fn input_and_output_projections(&self) -> (Vec<&DecodeLinear>, &DecodeLinear) {
+        (vec![&self.q_proj, &self.k_proj, &self.v_proj], &self.o_proj)
+    }
+
     /// Whether `cache` has this layer's heads, whole `head_dim` rows and as many keys as values.
     pub fn fits(&self, cache: &KvHeads, d_model: usize) -> bool {
         let head_dim = d_model / self.heads;
@@ -139,58 +144,81 @@ impl AttentionDecode {
         Ok(cache)
     }
 
-    /// Attends one token `x` (`[d_model]`) to itself and the cache (its position is the number
-    /// of cached tokens, as in [`Attention::forward_with_cache`]); writes the output projection
-    /// into `out` and appends the token's key and value to `cache`.
-    pub fn step(&self, x: &[f32], cache: &mut KvHeads, threads: usize, out: &mut [f32]) {
-        let d_model = x.len();
+    /// Attends the tokens of `x` (`[tokens, d_model]`), causally, to themselves and the cache
+    /// (the first one's position is the number of cached tokens, as in
+    /// [`Attention::forward_with_cache`]); writes the output projection into `out`
+    /// (`[tokens, d_model]`) and appends the tokens' keys and values to `cache`. One token of
+    /// a decode, or a chunk of a prompt (the fused prefill): the projections of every token
+    /// run as one kernel call, the heads spread over the threads, and a token's result is the
+    /// same, bit for bit, whether it comes alone or in a chunk.
+    pub fn read(&self, x: &[f32], cache: &mut KvHeads, threads: usize, out: &mut [f32]) {
+        let d_model = self.q_proj.d_input();
+        let tokens = x.len() / d_model;
         let head_dim = d_model / self.heads;
-        let position = cache.keys[0].len() / head_dim;
-        // Q, K and V read the same input: one kernel call.
-        let (mut q, mut k, mut v) = (vec![0.0; d_model], vec![0.0; d_model], vec![0.0; d_model]);
+        let start = cache.keys[0].len() / head_dim;
+        // Q, K and V read the same input: one kernel call. Each [tokens, d_model].
+        let (mut q, mut k, mut v) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
         DecodeLinear::forward_many(
             &[&self.q_proj, &self.k_proj, &self.v_proj],
-            &Input::new(x),
+            &Input::tokens(x, d_model),
             &mut [&mut q, &mut k, &mut v],
             threads,
         );
         let (mut cos, mut sin) = (vec![0.0; head_dim / 2], vec![0.0; head_dim / 2]);
-        rope_angles(position, self.rope_theta, &mut cos, &mut sin);
-        for (qh, kh) in q
-            .chunks_exact_mut(head_dim)
-            .zip(k.chunks_exact_mut(head_dim))
+        for (t, (qt, kt)) in q
+            .chunks_exact_mut(d_model)
+            .zip(k.chunks_exact_mut(d_model))
+            .enumerate()
         {
-            rotate_pairs(qh, &cos, &sin);
-            rotate_pairs(kh, &cos, &sin);
+            rope_angles(start + t, self.rope_theta, &mut cos, &mut sin);
+            for (qh, kh) in qt
+                .chunks_exact_mut(head_dim)
+                .zip(kt.chunks_exact_mut(head_dim))
+            {
+                rotate_pairs(qh, &cos, &sin);
+                rotate_pairs(kh, &cos, &sin);
+            }
         }
 
-        let mut mixed = vec![0.0; d_model];
+        // Per head: its cache, and its output [tokens, head_dim].
+        let mut head_outs = vec![vec![0.0; tokens * head_dim]; self.heads];
         let scale = (head_dim as f32).sqrt();
         let work: Vec<_> = cache
             .keys
             .iter_mut()
             .zip(cache.values.iter_mut())
-            .zip(mixed.chunks_exact_mut(head_dim))
+            .zip(head_outs.iter_mut())
             .enumerate()
             .map(|(h, ((keys, vals), out))| (h, keys, vals, out))
             .collect();
         for_each_head(work, threads, |(h, keys, vals, out)| {
-            let head = h * head_dim..(h + 1) * head_dim;
-            keys.extend_from_slice(&k[head.clone()]);
-            vals.extend_from_slice(&v[head.clone()]);
-            let qh = &q[head];
-            // softmax(q kᵀ / sqrt(head_dim)) v over every token so far.
-            let scores: Vec<f32> = keys
-                .chunks_exact(head_dim)
-                .map(|kt| dot(qh, kt) / scale)
-                .collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-            let total: f32 = weights.iter().sum();
-            for (w, vt) in weights.iter().zip(vals.chunks_exact(head_dim)) {
-                axpy(w / total, vt, out);
+            let mut scores = Vec::with_capacity(start + tokens);
+            for (t, out) in out.chunks_exact_mut(head_dim).enumerate() {
+                let head = t * d_model + h * head_dim..t * d_model + (h + 1) * head_dim;
+                keys.extend_from_slice(&k[head.clone()]);
+                vals.extend_from_slice(&v[head.clone()]);
+                let qh = &q[head];
+                // softmax(q kᵀ / sqrt(head_dim)) v over every token so far.
+                scores.clear();
+                scores.extend(keys.chunks_exact(head_dim).map(|kt| dot(qh, kt) / scale));
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                }
+                let total: f32 = scores.iter().sum();
+                for (w, vt) in scores.iter().zip(vals.chunks_exact(head_dim)) {
+                    axpy(w / total, vt, out);
+                }
             }
         });
-        self.o_proj.forward(&Input::new(&mixed), out, threads);
+        // [heads][tokens, head_dim] -> [tokens, d_model]
+        let mut mixed = vec![0.0; x.len()];
+        for (h, head_out) in head_outs.iter().enumerate() {
+            for (t, row) in head_out.chunks_exact(head_dim).enumerate() {
+                mixed[t * d_model + h * head_dim..][..head_dim].copy_from_slice(row);
+            }
+        }
+        self.o_proj
+            .forward(&Input::tokens(&mixed, d_model), out, threads);
     }
 }

@@ -142,6 +142,11 @@ impl TttDecode {
         })
     }
 
+    /// Tokens per mini-batch.
+    pub fn mini_batch_size(&self) -> usize {
+        self.mini_batch_size
+    }
+
     /// The weight matrices of the inner model: `(index in the state, rows, cols)` per head.
     fn matrices(&self) -> Vec<(usize, usize, usize)> {
         self.inner.matrices(self.head_dim)
@@ -170,6 +175,15 @@ impl TttDecode {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
             .into_iter()
             .chain(self.g_proj.as_ref())
+    }
+
+    /// Q, K, V and the gate (they read the layer's input), and the output projection.
+    pub fn input_and_output_projections(&self) -> (Vec<&DecodeLinear>, &DecodeLinear) {
+        let inputs = [&self.q_proj, &self.k_proj, &self.v_proj]
+            .into_iter()
+            .chain(self.g_proj.as_ref())
+            .collect();
+        (inputs, &self.o_proj)
     }
 
     /// Bytes of parameters one step reads: the projections, the η gate, the inner and the
@@ -358,98 +372,130 @@ impl TttDecode {
         Ok(())
     }
 
-    /// Mixes one token `x` (the normed residual, `[d_model]`) into `out` (`[d_model]`) and
-    /// advances `state` by one token.
-    pub fn step(&self, x: &[f32], state: &mut TttFastWeights, threads: usize, out: &mut [f32]) {
-        let d_model = x.len();
-        // Q, K, V and the gate read the same input: one kernel call.
-        let (mut xq, mut xk, mut xv) = (vec![0.0; d_model], vec![0.0; d_model], vec![0.0; d_model]);
-        let mut gate = self.g_proj.as_ref().map(|_| vec![0.0; d_model]);
+    /// Mixes the tokens of `x` (the normed residual, `[tokens, d_model]`) into `out`
+    /// (`[tokens, d_model]`) and advances `state` by them: one token of a decode, or a chunk of
+    /// a prompt (the fused prefill).
+    ///
+    /// The projections of every token run as one kernel call (Q, K, V and the gate together,
+    /// then the output projection); each head then reads its tokens in order, the primal form
+    /// of [`TttStep::run_head`] (the rank-one terms of a mini-batch are its dual form's
+    /// attention-like sums), the heads spread over the threads. A token's result is the same,
+    /// bit for bit, whether it comes alone or in a chunk.
+    pub fn read(&self, x: &[f32], state: &mut TttFastWeights, threads: usize, out: &mut [f32]) {
+        let d_model = self.lr_weight.len() / self.heads;
+        let tokens = x.len() / d_model;
+        // Q, K, V and the gate read the same input: one kernel call. Each [tokens, d_model].
+        let input = Input::tokens(x, d_model);
+        let (mut xq, mut xk, mut xv) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+        let mut gate = self.g_proj.as_ref().map(|_| vec![0.0; x.len()]);
         let mut projections = vec![&self.q_proj, &self.k_proj, &self.v_proj];
         let mut outs = vec![&mut xq[..], &mut xk[..], &mut xv[..]];
         if let (Some(g_proj), Some(g)) = (&self.g_proj, gate.as_mut()) {
             projections.push(g_proj);
             outs.push(g);
         }
-        DecodeLinear::forward_many(&projections, &Input::new(x), &mut outs, threads);
+        DecodeLinear::forward_many(&projections, &input, &mut outs, threads);
 
-        let position = state.seq_len_offset % self.mini_batch_size;
-        let closes_mini_batch = position + 1 == self.mini_batch_size;
-        let step = TttStep {
-            layer: TttLayerParams {
-                inner: self.inner,
-                head_dim: self.head_dim,
-                lr_weight: &self.lr_weight,
-                lr_bias: &self.lr_bias,
-                lr_scale: self.lr_scale,
-                rope_cos: &self.rope_cos,
-                rope_sin: &self.rope_sin,
-                norm_weight: &self.ttt_norm_weight,
-                norm_bias: &self.ttt_norm_bias,
-                norm_eps: self.ttt_norm_eps,
-            },
-            position,
-            token_eta: self.token_eta[position],
-            token_eta_last: closes_mini_batch.then_some(self.token_eta[self.mini_batch_size - 1]),
+        let layer = TttLayerParams {
+            inner: self.inner,
+            head_dim: self.head_dim,
+            lr_weight: &self.lr_weight,
+            lr_bias: &self.lr_bias,
+            lr_scale: self.lr_scale,
+            rope_cos: &self.rope_cos,
+            rope_sin: &self.rope_sin,
+            norm_weight: &self.ttt_norm_weight,
+            norm_bias: &self.ttt_norm_bias,
+            norm_eps: self.ttt_norm_eps,
+        };
+        let mini_batch = self.mini_batch_size;
+        let start = state.seq_len_offset;
+        // Token t of this call: its position in its mini-batch, and whether it closes it.
+        let position = |t: usize| (start + t) % mini_batch;
+        let closes = |t: usize| position(t) + 1 == mini_batch;
+        // Dense gradient sums (a state continued mid-mini-batch from Burn's form) last until
+        // the first mini-batch closes.
+        let first_close = (0..tokens).find(|&t| closes(t));
+        let dense_until = if state.dense_grads {
+            first_close.map_or(tokens, |t| t + 1)
+        } else {
+            0
         };
 
-        // Per head: its slices of every fast-weight tensor, its inputs and its output.
-        let mut hidden = vec![0.0; d_model];
-        let dense_grads = state.dense_grads;
+        // Per head: its slices of every fast-weight tensor, and its output `[tokens, head_dim]`.
+        let d = self.head_dim;
         let weights = split_heads(state.weights.iter_mut(), self.heads);
         let grads = split_heads(state.grads.iter_mut(), self.heads);
         let (terms_a, terms_b): (Vec<_>, Vec<_>) =
             state.terms.iter_mut().map(|(a, b)| (a, b)).unzip();
         let terms_a = split_heads(terms_a.into_iter(), self.heads);
         let terms_b = split_heads(terms_b.into_iter(), self.heads);
-        let d = self.head_dim;
+        let mut head_outs = vec![vec![0.0; tokens * d]; self.heads];
         let work: Vec<_> = weights
             .into_iter()
             .zip(grads)
             .zip(terms_a.into_iter().zip(terms_b))
-            .zip(hidden.chunks_exact_mut(d))
+            .zip(head_outs.iter_mut())
             .enumerate()
             .map(|(h, (((w, g), terms), out))| (h, w, g, terms, out))
             .collect();
         let kernel = head_kernel();
         for_each_head(work, threads, |(h, mut w, mut g, (mut ta, mut tb), out)| {
-            let head = h * d..(h + 1) * d;
-            let mut fast = TttHeadState {
-                w: &mut w,
-                g: &mut g,
-                dense_grads,
-                terms_a: &mut ta,
-                terms_b: &mut tb,
-            };
-            let inputs = TttHeadInputs {
-                x,
-                xq: &xq[head.clone()],
-                xk: &xk[head.clone()],
-                xv: &xv[head],
-            };
-            step.run_head(kernel, h, &mut fast, inputs, out)
-                .expect("head_kernel picks code this CPU can run");
+            for (t, out) in out.chunks_exact_mut(d).enumerate() {
+                let p = position(t);
+                let step = TttStep {
+                    layer,
+                    position: p,
+                    token_eta: self.token_eta[p],
+                    token_eta_last: closes(t).then_some(self.token_eta[mini_batch - 1]),
+                };
+                let mut fast = TttHeadState {
+                    w: &mut w,
+                    g: &mut g,
+                    dense_grads: t < dense_until,
+                    terms_a: &mut ta,
+                    terms_b: &mut tb,
+                };
+                let row = t * d_model;
+                let head = row + h * d..row + (h + 1) * d;
+                let inputs = TttHeadInputs {
+                    x: &x[row..row + d_model],
+                    xq: &xq[head.clone()],
+                    xk: &xk[head.clone()],
+                    xv: &xv[head],
+                };
+                step.run_head(kernel, h, &mut fast, inputs, out)
+                    .expect("head_kernel picks code this CPU can run");
+            }
         });
-        state.seq_len_offset += 1;
-        if closes_mini_batch {
+        state.seq_len_offset += tokens;
+        if first_close.is_some() {
             state.dense_grads = false;
         }
 
-        // Post-norm, gate, output projection.
-        let mut normed = vec![0.0; d_model];
-        layer_norm(
-            &hidden,
-            &self.post_norm_gamma,
-            self.post_norm_beta.as_deref(),
-            self.post_norm_eps,
-            &mut normed,
-        );
-        if let Some(gate) = gate {
-            for (n, g) in normed.iter_mut().zip(gate) {
-                *n *= gelu_tanh(g);
+        // Per token: the heads' outputs side by side, post-norm, gate; then the output
+        // projection of every token.
+        let mut hidden = vec![0.0; d_model];
+        let mut normed = vec![0.0; x.len()]; // [tokens, d_model]
+        for (t, normed) in normed.chunks_exact_mut(d_model).enumerate() {
+            for (h, head_out) in head_outs.iter().enumerate() {
+                hidden[h * d..(h + 1) * d].copy_from_slice(&head_out[t * d..(t + 1) * d]);
+            }
+            layer_norm(
+                &hidden,
+                &self.post_norm_gamma,
+                self.post_norm_beta.as_deref(),
+                self.post_norm_eps,
+                normed,
+            );
+            if let Some(gate) = &gate {
+                for (n, g) in normed.iter_mut().zip(&gate[t * d_model..(t + 1) * d_model]) {
+                    *n *= gelu_tanh(*g);
+                }
             }
         }
-        self.o_proj.forward(&Input::new(&normed), out, threads);
+        self.o_proj
+            .forward(&Input::tokens(&normed, d_model), out, threads);
     }
 }
 
