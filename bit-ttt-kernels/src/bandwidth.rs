@@ -88,8 +88,8 @@ unsafe fn sum_avx2(data: &[u64], streams: usize) -> u64 {
     total
 }
 
-/// Read bandwidth in bytes per second: the best of `passes` [`read_pass`]es over a fresh
-/// array of `bytes` bytes (use far more than the last-level cache, e.g. 512 MiB).
+/// Read bandwidth in bytes per second: [`best_read_bytes_per_second`] of `passes` rounds over
+/// a fresh array of `bytes` bytes (use far more than the last-level cache, e.g. 512 MiB).
 pub fn read_bytes_per_second(bytes: usize, threads: usize, passes: usize) -> f64 {
     let data: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
     black_box(read_pass(&data, threads)); // fault the pages in and warm up

@@ -70,7 +70,7 @@ impl<'a> Input<'a> {
 
     /// The inputs of `x.len() / cols` tokens, `[tokens, cols]` row-major.
     pub fn tokens(x: &'a [f32], cols: usize) -> Self {
-        debug_assert!(cols > 0 && x.len().is_multiple_of(cols));
+        debug_assert!(x.len().is_multiple_of(cols.max(1)));
         Self {
             x,
             cols,
@@ -80,7 +80,7 @@ impl<'a> Input<'a> {
 
     /// The number of tokens.
     fn len(&self) -> usize {
-        self.x.len() / self.cols
+        self.x.len().checked_div(self.cols).unwrap_or(0)
     }
 
     /// `x` quantized with `eps` (made on first use; a projection with another eps, which no
@@ -151,6 +151,16 @@ impl DecodeLinear {
         d_output: usize,
         what: &str,
     ) -> Result<(), BitTttError> {
+        let bias = match self {
+            DecodeLinear::Ternary { bias, .. } | DecodeLinear::Float { bias, .. } => bias,
+        };
+        if let Some(b) = bias.as_ref().filter(|b| b.len() != self.d_output()) {
+            return Err(BitTttError::InvalidInput(format!(
+                "{what} has a bias of {} values for {} outputs",
+                b.len(),
+                self.d_output()
+            )));
+        }
         if (self.d_input(), self.d_output()) == (d_input, d_output) {
             return Ok(());
         }
@@ -283,7 +293,7 @@ impl DecodeLinear {
             } => {
                 for (x, y) in input
                     .x
-                    .chunks_exact(input.cols)
+                    .chunks_exact(input.cols.max(1))
                     .zip(out.chunks_exact_mut((*d_output).max(1)))
                 {
                     cpu::gemv_f32_dense(x, weight, y, threads);

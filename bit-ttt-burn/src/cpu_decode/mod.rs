@@ -20,8 +20,8 @@
 //! within a rounding error of a code boundary: then the two paths can pick neighbouring codes,
 //! which moves the logits by about 1e-3 to 1e-2 (the same holds between Burn backends). It decodes
 //! one sequence (batch 1). A prompt is read by [`CpuDecoder::read`], the fused prefill: the
-//! blocks read it in chunks, every projection one kernel call (a GEMM) for all the chunk's
-//! tokens, the mixer's heads spread over the threads; its result is the same, bit for bit, as
+//! blocks read it in chunks, every ternary projection one kernel call (a GEMM) for all the
+//! chunk's tokens, the mixer's heads spread over the threads; its result is the same, bit for bit, as
 //! stepping each token. A state Burn prefilled carries over with
 //! [`CpuDecoder::state_from_model`].
 //!
@@ -72,13 +72,14 @@ impl Norm {
         out
     }
 
-    /// The norm of every row of `x` (`[tokens, d]`).
-    fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
+    /// The norm of every row of `x` (`[tokens, d]`), rows spread over `threads` threads (see
+    /// [`for_each_row`]).
+    fn forward_rows(&self, x: &[f32], threads: usize) -> Vec<f32> {
         let d = self.gamma.len();
         let mut out = vec![0.0; x.len()];
-        for (x, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            rms_norm(x, &self.gamma, self.eps, o);
-        }
+        for_each_row(x, &mut out, d, threads, |x, o| {
+            rms_norm(x, &self.gamma, self.eps, o)
+        });
         out
     }
 }
@@ -157,12 +158,12 @@ impl CpuBlock {
     fn read_in_place(&self, x: &mut [f32], state: &mut CpuBlockState) {
         let (threads, d_model) = (self.threads, self.d_model);
         let mut mixed = vec![0.0; x.len()]; // [tokens, d_model]
-        let normed = self.mixer_norm.forward_rows(x);
+        let normed = self.mixer_norm.forward_rows(x, threads);
         self.mixer.read(&normed, &mut state.0, threads, &mut mixed);
         axpy(1.0, &mixed, x);
 
         // SwiGLU: down(silu(gate(h)) ⊙ up(h)).
-        let normed = self.ffn_norm.forward_rows(x);
+        let normed = self.ffn_norm.forward_rows(x, threads);
         let input = Input::tokens(&normed, d_model);
         let tokens = x.len() / d_model;
         let d_ffn = self.gate_proj.d_output();
@@ -219,13 +220,14 @@ impl CpuBlock {
         let (inputs, output) = self.mixer.input_and_output_projections();
         let mut qkv = vec![vec![0.0; tokens * self.d_model]; inputs.len()];
         let mut outs: Vec<&mut [f32]> = qkv.iter_mut().map(|o| &mut o[..]).collect();
-        let input = Input::tokens(x, self.d_model);
-        DecodeLinear::forward_many(&inputs, &input, &mut outs, self.threads);
-        output.forward(&input, &mut out, self.threads);
+        // A fresh input per group, as `read` quantizes four inputs a block.
+        let input = || Input::tokens(x, self.d_model);
+        DecodeLinear::forward_many(&inputs, &input(), &mut outs, self.threads);
+        output.forward(&input(), &mut out, self.threads);
         let (mut gate, mut up) = (vec![0.0; tokens * d_ffn], vec![0.0; tokens * d_ffn]);
         DecodeLinear::forward_many(
             &[&self.gate_proj, &self.up_proj],
-            &input,
+            &input(),
             &mut [&mut gate, &mut up],
             self.threads,
         );
@@ -235,18 +237,48 @@ impl CpuBlock {
     }
 }
 
-/// `gate[t] = silu(gate[t]) ⊙ up[t]` for every token's row (`[tokens, d_ffn]`), rows spread
-/// over the pool's threads when there are several.
+/// `f(x[t], out[t])` for every row `t` of `x` and `out` (`[tokens, d]` each): with several
+/// rows and `threads > 1` on the current rayon pool (the kernels' inside `cpu::install`), else
+/// in order. Each row's result is its own, so it is the same either way.
+pub(crate) fn for_each_row(
+    x: &[f32],
+    out: &mut [f32],
+    d: usize,
+    threads: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if d == 0 {
+        return;
+    }
+    if x.len() > d && threads > 1 {
+        x.par_chunks_exact(d)
+            .zip(out.par_chunks_exact_mut(d))
+            .for_each(|(x, o)| f(x, o));
+    } else {
+        for (x, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            f(x, o);
+        }
+    }
+}
+
+/// `gate[t] = silu(gate[t]) ⊙ up[t]` for every token's row (`[tokens, d_ffn]`), one call per
+/// row: the vectorized SiLU does a row's last `d_ffn % 8` values in scalar code (within 4 ulp
+/// of the vector code), so row by row a token gets the same bits alone or in a prefill. Rows
+/// spread over `threads` threads when there are several.
 fn silu_mul_rows(gate: &mut [f32], up: &[f32], d_ffn: usize, threads: usize) {
     use rayon::prelude::*;
-    let tokens = gate.len() / d_ffn.max(1);
-    if threads > 1 && tokens > 1 {
-        let rows = tokens.div_ceil(threads * 4) * d_ffn;
-        gate.par_chunks_mut(rows)
-            .zip(up.par_chunks(rows))
+    if d_ffn == 0 {
+        return;
+    }
+    if threads > 1 && gate.len() > d_ffn {
+        gate.par_chunks_exact_mut(d_ffn)
+            .zip(up.par_chunks_exact(d_ffn))
             .for_each(|(g, u)| silu_mul(g, u));
     } else {
-        silu_mul(gate, up);
+        for (g, u) in gate.chunks_exact_mut(d_ffn).zip(up.chunks_exact(d_ffn)) {
+            silu_mul(g, u);
+        }
     }
 }
 
@@ -565,7 +597,8 @@ impl CpuDecoder {
     /// Reads `tokens` after what `state` has read and returns the logits after the last,
     /// `[vocab_size]`: a fused prefill. The prompt goes through the blocks in chunks of
     /// [`PREFILL_CHUNK`] tokens, each block reading a whole chunk at once (one kernel call per
-    /// group of projections for all its tokens, the mixer's heads spread over the threads);
+    /// group of ternary projections for all its tokens, f32 ones token by token, the mixer's
+    /// heads spread over the threads);
     /// the result is the same, bit for bit, as [`step`](Self::step) of each token in turn.
     ///
     /// # Errors

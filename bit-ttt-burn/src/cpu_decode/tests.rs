@@ -711,3 +711,33 @@ fn a_block_reads_a_chunk_as_it_steps_its_tokens() {
     assert!(block.read(&mut [], &mut state).is_ok());
     assert_eq!(state, before);
 }
+
+/// With an FFN width that is not a multiple of the SiLU's 8 lanes, a prefill still equals
+/// stepping each token bit for bit (every row's tail takes the same scalar path).
+#[test]
+fn fused_prefill_equals_stepping_with_an_odd_ffn_width() {
+    for mixer in MIXERS {
+        let model = BitLlamaConfig::new(61, 32, 2, 4, 44)
+            .with_mini_batch_size(4)
+            .with_mixer(mixer)
+            .with_ternary(true)
+            .with_ternary_head(true)
+            .init::<B>(&Default::default())
+            .map(&mut Deterministic(5))
+            .into_packed()
+            .unwrap();
+        for threads in [1, 2] {
+            let decoder = CpuDecoder::new(&model, threads).unwrap();
+            let prompt = tokens(21);
+            let mut stepped = decoder.new_state();
+            let mut expected = Vec::new();
+            for &t in &prompt {
+                expected.extend(decoder.step(t, &mut stepped).unwrap());
+            }
+            let mut state = decoder.new_state();
+            let all = decoder.read_all(&prompt, &mut state).unwrap();
+            assert_eq!(all, expected, "{} threads={threads}", mixer.name());
+            assert_eq!(state, stepped);
+        }
+    }
+}

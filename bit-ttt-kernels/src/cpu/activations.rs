@@ -31,10 +31,23 @@ impl QuantizedActivations {
         );
         let tokens = x.len() / cols;
         let mut values = vec![0i8; x.len()];
-        let mut scales = Vec::with_capacity(tokens);
-        for (row, codes) in x.chunks_exact(cols).zip(values.chunks_exact_mut(cols)) {
-            scales.push(quantize_row(row, eps, codes));
-        }
+        // Several tokens (a prefill) quantized on a rayon pool this runs in (the kernels'
+        // inside `cpu::install` with several threads) spread over its threads: a serial pass
+        // would hold the others back. Each row's codes and scale are its own, so the result is
+        // the same either way.
+        let in_pool = rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1;
+        let scales = if tokens > 1 && in_pool {
+            use rayon::prelude::*;
+            x.par_chunks_exact(cols)
+                .zip(values.par_chunks_exact_mut(cols))
+                .map(|(row, codes)| quantize_row(row, eps, codes))
+                .collect()
+        } else {
+            x.chunks_exact(cols)
+                .zip(values.chunks_exact_mut(cols))
+                .map(|(row, codes)| quantize_row(row, eps, codes))
+                .collect()
+        };
         Self {
             tokens,
             cols,

@@ -32,14 +32,9 @@ pub struct BenchArgs {
     /// Tokens decoded one at a time per measurement.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    /// Prefill lengths to measure, comma-separated: the fused prefill against the kernels
-    /// alone running its products (and Burn's batched forward at the first length).
-    #[arg(
-        long = "prefill",
-        alias = "prefill-tokens",
-        value_delimiter = ',',
-        default_value = "128"
-    )]
+    /// Prefill lengths to measure, comma-separated (default 128): the fused prefill against
+    /// the kernels alone running its products (and Burn's batched forward at the first length).
+    #[arg(long = "prefill", alias = "prefill-tokens", value_delimiter = ',')]
     prefill: Vec<usize>,
     /// Size of the read-bandwidth test array, in MiB.
     #[arg(long, default_value_t = 512)]
@@ -59,8 +54,9 @@ pub struct BenchArgs {
     /// Device memory for `--n-gpu-layers auto`, e.g. 8GiB.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     gpu_memory: Option<u64>,
-    /// Context depths to decode at, comma-separated, e.g. 0,1024,16384 (the first 512 tokens
-    /// are read, the state is then stretched to the depth: a KV cache of that many rows). With
+    /// Context depths to decode at, comma-separated, e.g. 0,1024,16384 (up to 512 tokens, plus
+    /// what keeps the rest whole TTT mini-batches, are read; the state is then stretched to
+    /// the depth: a KV cache of that many rows, a TTT state at that position). With
     /// --n-gpu-layers: one number, the tokens of context a split keeps room for (default 4096).
     #[arg(long, value_delimiter = ',')]
     context: Vec<usize>,
@@ -111,12 +107,17 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
     } else {
         args.threads.clone()
     };
+    let prefill = if args.prefill.is_empty() {
+        vec![128]
+    } else {
+        args.prefill.clone()
+    };
     let settings = BenchSettings {
         model,
         name: name.clone(),
         threads,
         decode_tokens: args.decode_tokens,
-        prefill_tokens: args.prefill.clone(),
+        prefill_tokens: prefill.clone(),
         contexts: args.context.clone(),
         bandwidth_bytes: args.bandwidth_mib << 20,
     };
@@ -127,17 +128,18 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
     let results = bench::run(&settings, &dir, |line| println!("  {line}"))?;
     println!();
     println!(
-        "| threads | decode tok/s (fused) | share of read bandwidth | with state | decode tok/s (Burn ops) | prefill tok/s (Burn, {} tokens) | MB/token | state MB/token | read GB/s | decode GB/s |",
-        args.prefill[0]
+        "| threads | decode tok/s (fused) | share of read bandwidth | with state | kernels alone tok/s | decode tok/s (Burn ops) | prefill tok/s (Burn, {} tokens) | MB/token | state MB/token | read GB/s | decode GB/s |",
+        prefill[0]
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.threads,
             r.decode_tokens_per_s,
             r.bandwidth_share,
             r.bandwidth_share_with_state,
+            r.kernel_decode_tokens_per_s,
             r.burn_decode_tokens_per_s,
             r.burn_prefill_tokens_per_s,
             r.bytes_per_token as f64 / 1e6,
@@ -188,6 +190,9 @@ fn run_split(args: BenchArgs) -> Result<Exit> {
     }
     if args.dir.is_some() {
         bail!("--n-gpu-layers measures the random model in memory: --dir does not apply");
+    }
+    if !args.prefill.is_empty() {
+        bail!("--n-gpu-layers measures decode: --prefill does not apply");
     }
     let splits = args
         .n_gpu_layers

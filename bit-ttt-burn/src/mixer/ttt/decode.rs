@@ -13,6 +13,7 @@ use bit_ttt_kernels::cpu::{
 };
 
 use super::{state, InnerModule, TttLayer};
+use crate::cpu_decode::for_each_row;
 use crate::cpu_decode::linear::{for_each_head, values, DecodeLinear, Input};
 use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
@@ -475,24 +476,28 @@ impl TttDecode {
 
         // Per token: the heads' outputs side by side, post-norm, gate; then the output
         // projection of every token.
-        let mut hidden = vec![0.0; d_model];
-        let mut normed = vec![0.0; x.len()]; // [tokens, d_model]
-        for (t, normed) in normed.chunks_exact_mut(d_model).enumerate() {
-            for (h, head_out) in head_outs.iter().enumerate() {
-                hidden[h * d..(h + 1) * d].copy_from_slice(&head_out[t * d..(t + 1) * d]);
+        let mut hidden = vec![0.0; x.len()]; // [tokens, d_model]
+        for (h, head_out) in head_outs.iter().enumerate() {
+            for (t, row) in head_out.chunks_exact(d).enumerate() {
+                hidden[t * d_model + h * d..][..d].copy_from_slice(row);
             }
+        }
+        let mut normed = vec![0.0; x.len()]; // [tokens, d_model]
+        for_each_row(&hidden, &mut normed, d_model, threads, |hidden, normed| {
             layer_norm(
-                &hidden,
+                hidden,
                 &self.post_norm_gamma,
                 self.post_norm_beta.as_deref(),
                 self.post_norm_eps,
                 normed,
             );
-            if let Some(gate) = &gate {
-                for (n, g) in normed.iter_mut().zip(&gate[t * d_model..(t + 1) * d_model]) {
+        });
+        if let Some(gate) = &gate {
+            for_each_row(gate, &mut normed, d_model, threads, |gate, normed| {
+                for (n, g) in normed.iter_mut().zip(gate) {
                     *n *= gelu_tanh(*g);
                 }
-            }
+            });
         }
         self.o_proj
             .forward(&Input::tokens(&normed, d_model), out, threads);
