@@ -267,19 +267,7 @@ pub(crate) fn for_each_row(
 /// of the vector code), so row by row a token gets the same bits alone or in a prefill. Rows
 /// spread over `threads` threads when there are several.
 fn silu_mul_rows(gate: &mut [f32], up: &[f32], d_ffn: usize, threads: usize) {
-    use rayon::prelude::*;
-    if d_ffn == 0 {
-        return;
-    }
-    if threads > 1 && gate.len() > d_ffn {
-        gate.par_chunks_exact_mut(d_ffn)
-            .zip(up.par_chunks_exact(d_ffn))
-            .for_each(|(g, u)| silu_mul(g, u));
-    } else {
-        for (g, u) in gate.chunks_exact_mut(d_ffn).zip(up.chunks_exact(d_ffn)) {
-            silu_mul(g, u);
-        }
-    }
+    for_each_row(up, gate, d_ffn, threads, |u, g| silu_mul(g, u));
 }
 
 /// What one [`CpuBlock`] remembers of one sequence: its mixer's TTT fast weights (with room
