@@ -92,6 +92,9 @@ pub enum BitTttError {
     /// A caller-supplied value is out of range (a token id, a length, a sampling parameter).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A computation gave NaN or infinite values (a model or state that went bad).
+    #[error("not finite: {0}")]
+    NonFinite(String),
     /// The parts of a TTT cache do not fit together.
     #[error("invalid TTT cache: {0}")]
     InvalidCache(String),

@@ -37,7 +37,7 @@ impl<B: TernaryBackend> BitLlama<B> {
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let input =
             Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &device);
-        let logits = self.forward_with_state(input, state); // [1, seq, vocab]
+        let logits = self.forward_with_state(input, state)?; // [1, seq, vocab]
         let last = logits.narrow(1, tokens.len() - 1, 1);
         Ok(last.into_data().convert::<f32>().into_vec()?)
     }
@@ -69,7 +69,9 @@ impl<B: TernaryBackend> BitLlama<B> {
 /// before the prompt is read.
 ///
 /// # Errors
-/// [`BitTttError::InvalidInput`] for bad sampling values, or what `read` returns.
+/// [`BitTttError::InvalidInput`] for bad sampling values, [`BitTttError::NonFinite`] when the
+/// logits hold a NaN or an infinity (a sampler would otherwise pick some token from them
+/// silently), or what `read` returns.
 pub fn generate_with(
     prompt: &[u32],
     config: &GenerationConfig,
@@ -80,6 +82,14 @@ pub fn generate_with(
     let mut logits = read(prompt)?;
     let mut generated = Vec::new();
     while generated.len() < config.max_new_tokens {
+        if let Some(index) = logits.iter().position(|v| !v.is_finite()) {
+            return Err(BitTttError::NonFinite(format!(
+                "the logits for token {} of the sequence (generation step {}) hold {} at token id {index}",
+                prompt.len() + generated.len(),
+                generated.len() + 1,
+                logits[index]
+            )));
+        }
         let token = sampler.sample(&logits);
         if config.stop_tokens.contains(&token) {
             break;
@@ -229,6 +239,84 @@ mod tests {
             })
             .unwrap();
         assert_eq!(n.len(), 1);
+    }
+
+    #[test]
+    fn non_finite_logits_are_an_error_naming_the_step() {
+        let config = GenerationConfig {
+            max_new_tokens: 5,
+            sampling: SamplingConfig::greedy(),
+            stop_tokens: vec![],
+        };
+        // A decoder whose logits turn NaN after two generated tokens.
+        let mut calls = 0;
+        let err = generate_with(
+            &[1, 2, 3],
+            &config,
+            |_| {
+                calls += 1;
+                Ok(if calls == 3 {
+                    vec![0.5, f32::NAN, 1.0]
+                } else {
+                    vec![0.0, 1.0, 0.0]
+                })
+            },
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "not finite: the logits for token 5 of the sequence (generation step 3) hold NaN at token id 1"
+        );
+
+        // A model whose final norm holds a NaN: an error, not token 0.
+        let device = Default::default();
+        let mut model = BitLlamaConfig::tiny(40).init::<B>(&device);
+        let gamma = model.norm.gamma.val();
+        model.norm.gamma = burn::module::Param::from_tensor(gamma.mul_scalar(f32::NAN));
+        let err = model
+            .generate(&[1], &config, &mut model.new_state(), |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap_err();
+        assert!(matches!(err, BitTttError::NonFinite(_)), "{err}");
+    }
+
+    #[test]
+    fn states_of_another_model_are_errors_not_panics() {
+        let device = Default::default();
+        let ttt = BitLlamaConfig::tiny(40).init::<B>(&device);
+        let attention = BitLlamaConfig::tiny(40)
+            .with_mixer(MixerKind::Attention)
+            .init::<B>(&device);
+        let deeper = BitLlamaConfig {
+            n_layers: 3,
+            ..BitLlamaConfig::tiny(40)
+        }
+        .init::<B>(&device);
+        let mlp = BitLlamaConfig::tiny(40)
+            .with_mixer(MixerKind::TttMlp)
+            .init::<B>(&device);
+        let cases = [
+            (
+                ttt.new_state(),
+                &deeper,
+                "a state of 2 layers for a model of 3 blocks",
+            ),
+            (attention.new_state(), &ttt, "layer 0's attention state"),
+            (ttt.new_state(), &attention, "layer 0's TTT state"),
+            (mlp.new_state(), &ttt, "layer 0's TTT state"),
+            (ttt.new_batch_state(2), &ttt, "for a batch of 1"),
+        ];
+        for (mut state, model, expected) in cases {
+            let before = state.position;
+            let err = model.read(&[1, 2], &mut state).unwrap_err();
+            assert!(
+                matches!(&err, BitTttError::InvalidCache(m) if m.contains(expected)),
+                "{expected}: {err}"
+            );
+            assert_eq!(state.position, before);
+        }
     }
 
     #[test]

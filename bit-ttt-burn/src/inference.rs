@@ -475,7 +475,7 @@ mod tests {
                 [[1, 2, 3], [4, 5, 6]],
                 &Default::default(),
             );
-            model_for_batch.forward_with_state(batch, &mut two);
+            model_for_batch.forward_with_state(batch, &mut two).unwrap();
             let path = dir.path().join("two.soul");
             two.save(&path).unwrap();
             for decoder in [&fused, &burn] {

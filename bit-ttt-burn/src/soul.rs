@@ -141,22 +141,33 @@ pub struct Soul {
 }
 
 impl Soul {
-    /// The batch size of the state: dimension 0 of its tensors (1 if it has none).
+    /// The batch size of the state: dimension 0 of its tensors, which all must agree (1 if it
+    /// has none).
     ///
     /// # Errors
-    /// [`BitTttError::InvalidCache`] for a tensor without a batch dimension or a batch of 0.
+    /// [`BitTttError::InvalidCache`] for a tensor without a batch dimension, a batch of 0, or
+    /// tensors of different batch sizes.
     pub fn batch_size(&self) -> Result<usize, BitTttError> {
-        let first = self
+        let mut batch: Option<(String, usize)> = None;
+        for (name, t) in self
             .layers
             .iter()
             .flat_map(|l| l.tensors.iter().map(move |(n, t)| (l.full_name(n), t)))
-            .next();
-        match first {
-            None => Ok(1),
-            Some((name, t)) => t.shape.first().copied().filter(|&b| b > 0).ok_or_else(|| {
+        {
+            let b = t.shape.first().copied().filter(|&b| b > 0).ok_or_else(|| {
                 BitTttError::InvalidCache(format!("tensor {name:?} has no batch dimension"))
-            }),
+            })?;
+            match &batch {
+                None => batch = Some((name, b)),
+                Some((first, size)) if *size != b => {
+                    return Err(BitTttError::InvalidCache(format!(
+                        "tensor {name:?} has a batch of {b}, tensor {first:?} one of {size}"
+                    )))
+                }
+                Some(_) => {}
+            }
         }
+        Ok(batch.map_or(1, |(_, b)| b))
     }
 
     /// Checks that the state has `n_layers` parts; returns the number of its tensors (for
@@ -308,6 +319,12 @@ impl Soul {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
+            // A NaN in a fast weight or a cached key would only show as NaN logits later.
+            if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+                return Err(corrupt(format!(
+                    "tensor {name:?} holds a value that is not finite (NaN or infinite) at index {index}"
+                )));
+            }
             let tensor = HostTensor::new(view.shape().to_vec(), values)
                 .map_err(|e| corrupt(format!("tensor {name:?}: {e}")))?;
             layers[i].tensors.insert(rest, tensor);
@@ -358,6 +375,49 @@ mod tests {
             matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("layers.1.keys")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn non_finite_values_and_disagreeing_batches_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.soul");
+        let soul_of = |tensors: Vec<(&str, HostTensor)>| {
+            let mut layer = LayerSoul::new(0);
+            for (name, t) in tensors {
+                layer.tensors.insert(name.into(), t);
+            }
+            Soul {
+                position: 0,
+                layers: vec![layer],
+            }
+        };
+        for bad in [f32::NAN, f32::INFINITY] {
+            soul_of(vec![(
+                "W1",
+                HostTensor::new(vec![1, 3], vec![0.0, bad, 1.0]).unwrap(),
+            )])
+            .save(&path)
+            .unwrap();
+            let err = Soul::load(&path, 1).unwrap_err();
+            assert!(
+                matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("\"layers.0.W1\"") && reason.contains("index 1")),
+                "{err}"
+            );
+        }
+        // A zero-size tensor claiming a huge batch, beside a real one.
+        let soul = soul_of(vec![
+            (
+                "a",
+                HostTensor::new(vec![1_000_000_000, 0], vec![]).unwrap(),
+            ),
+            ("b", HostTensor::new(vec![1, 2], vec![0.0, 1.0]).unwrap()),
+        ]);
+        soul.save(&path).unwrap();
+        let (loaded, _) = Soul::load(&path, 1).unwrap();
+        let err = loaded.batch_size().unwrap_err();
+        assert!(err.to_string().contains("batch of 1"), "{err}");
+        let zero = soul_of(vec![("a", HostTensor::new(vec![0, 4], vec![]).unwrap())]);
+        assert!(zero.batch_size().is_err());
     }
 
     #[test]

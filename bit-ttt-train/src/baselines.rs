@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use crate::TrainError;
+
 /// The two baselines' cross-entropies.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Baselines {
@@ -86,12 +88,26 @@ impl Counts {
     }
 }
 
-/// Fits both baselines on `train` and scores them on `valid` (token ids `< vocab`).
+/// Fits both baselines on `train` and scores them on `valid`.
 ///
-/// # Panics
-/// If a token id is `>= vocab`, or `valid` has fewer than 2 tokens (callers check lengths).
-pub fn compute(train: &[u32], valid: &[u32], vocab: usize) -> Baselines {
-    assert!(valid.len() >= 2, "validation split too short for baselines");
+/// # Errors
+/// [`TrainError::NotEnoughData`] if `valid` has fewer than 2 tokens or `train` none;
+/// [`TrainError::InvalidSetting`] for a token id `>= vocab`.
+pub fn compute(train: &[u32], valid: &[u32], vocab: usize) -> Result<Baselines, TrainError> {
+    for (split, tokens, needed) in [("train", train, 1), ("validation", valid, 2)] {
+        if tokens.len() < needed {
+            return Err(TrainError::NotEnoughData {
+                split,
+                tokens: tokens.len(),
+                seq_len: needed - 1,
+            });
+        }
+    }
+    if let Some(&bad) = train.iter().chain(valid).find(|&&t| t as usize >= vocab) {
+        return Err(TrainError::InvalidSetting(format!(
+            "token id {bad} is out of range for a vocabulary of {vocab}"
+        )));
+    }
     // λ on a held-out tail of the training split.
     let cut = train.len() * 9 / 10;
     let (fit, held) = train.split_at(cut);
@@ -109,11 +125,11 @@ pub fn compute(train: &[u32], valid: &[u32], vocab: usize) -> Baselines {
         0.5
     };
     let counts = Counts::new(train, vocab);
-    Baselines {
+    Ok(Baselines {
         unigram: counts.unigram_ce(valid),
         bigram: counts.bigram_ce(valid, lambda),
         lambda,
-    }
+    })
 }
 
 /// The bigram's cross-entropy with a given λ (for tests and experiments).
@@ -133,7 +149,7 @@ mod tests {
         // Unigram counts 3, 2, 1; add-one over N + V = 9: p = 4/9, 3/9, 2/9.
         // Targets 1 and 2: -(ln 3/9 + ln 2/9) / 2.
         let expected_uni = -((3.0f64 / 9.0).ln() + (2.0f64 / 9.0).ln()) / 2.0;
-        let b = compute(&train, &valid, 3);
+        let b = compute(&train, &valid, 3).unwrap();
         assert!((b.unigram - expected_uni).abs() < 1e-12, "{b:?}");
         // Bigram contexts: c(0) = 3 (0→1, 0→1, 0→2), c(1) = 2 (1→0, 1→0).
         // p(1|0) = λ 2/3 + (1-λ) 3/9; p(2|1) = λ 0/2 + (1-λ) 2/9.
@@ -148,11 +164,29 @@ mod tests {
     }
 
     #[test]
+    fn short_or_out_of_range_data_is_an_error() {
+        assert!(matches!(
+            compute(&[0, 1, 2], &[1], 3),
+            Err(TrainError::NotEnoughData {
+                split: "validation",
+                tokens: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            compute(&[], &[1, 2], 3),
+            Err(TrainError::NotEnoughData { split: "train", .. })
+        ));
+        let err = compute(&[0, 1, 5], &[1, 2], 3).unwrap_err();
+        assert!(err.to_string().contains("token id 5"), "{err}");
+    }
+
+    #[test]
     fn bigram_beats_unigram_on_structured_text() {
         // A deterministic cycle: each token predicts the next perfectly.
         let train: Vec<u32> = (0..3000).map(|i| (i % 7) as u32).collect();
         let valid: Vec<u32> = (0..300).map(|i| (i % 7) as u32).collect();
-        let b = compute(&train, &valid, 7);
+        let b = compute(&train, &valid, 7).unwrap();
         assert!((b.unigram - 7f64.ln()).abs() < 0.01, "{b:?}");
         assert!(b.bigram < 0.1 && b.lambda > 0.9, "{b:?}");
     }

@@ -477,7 +477,9 @@ fn step(
         device,
     );
     // [1, seq, vocab] -> the last position
-    let logits = model.forward_with_state(input, state);
+    let logits = model
+        .forward_with_state(input, state)
+        .expect("the bench's own state fits its model");
     let [_, seq, vocab] = logits.dims();
     logits
         .slice([0..1, seq - 1..seq, 0..vocab])

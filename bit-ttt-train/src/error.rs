@@ -14,6 +14,9 @@ pub enum TrainError {
     /// A data file does not exist.
     #[error("data file {} does not exist", .0.display())]
     MissingFile(PathBuf),
+    /// A tokenizer file does not exist.
+    #[error("tokenizer file {} does not exist", .0.display())]
+    MissingTokenizer(PathBuf),
     /// A data file exists but holds no text.
     #[error("data file {} is empty", .0.display())]
     EmptyFile(PathBuf),

@@ -75,10 +75,10 @@ impl Tokenizer {
     /// Loads a `tokenizer.json`.
     ///
     /// # Errors
-    /// [`TrainError::MissingFile`] or [`TrainError::Tokenizer`] if it does not parse.
+    /// [`TrainError::MissingTokenizer`] or [`TrainError::Tokenizer`] if it does not parse.
     pub fn load(path: &Path) -> Result<Self, TrainError> {
         if !path.is_file() {
-            return Err(TrainError::MissingFile(path.to_path_buf()));
+            return Err(TrainError::MissingTokenizer(path.to_path_buf()));
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))?;
@@ -198,7 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             Tokenizer::load(&dir.path().join("nope.json")),
-            Err(TrainError::MissingFile(_))
+            Err(TrainError::MissingTokenizer(_))
         ));
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{ not a tokenizer").unwrap();

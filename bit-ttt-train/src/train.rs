@@ -300,6 +300,46 @@ fn weights_finite<B: Backend, M: Module<B>>(model: &M) -> bool {
     check.finite
 }
 
+/// Bytes a parameter costs in training: the f32 weight, its gradient and AdamW's two moments.
+const TRAINING_BYTES_PER_PARAMETER: u64 = 16;
+
+/// The machine's physical memory (`MemTotal` of `/proc/meminfo`); `None` where that cannot be
+/// read (then no bound is applied beyond the config's own).
+pub fn physical_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses a model whose training state alone (weights, gradients and AdamW moments in f32)
+/// would not fit `memory` bytes: an allocation failure would abort the process instead of
+/// reporting an error.
+///
+/// # Errors
+/// [`TrainError::InvalidSetting`] with the sizes.
+pub fn check_fits_memory(config: &BitLlamaConfig, memory: Option<u64>) -> Result<(), TrainError> {
+    let (Some(memory), Some(weights)) = (memory, config.matrix_weights()) else {
+        return Ok(());
+    };
+    let needed = weights.saturating_mul(TRAINING_BYTES_PER_PARAMETER);
+    if needed > memory {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(TrainError::InvalidSetting(format!(
+            "model: {weights} parameters; to train it needs about {:.1} GiB (f32 weights, gradients and AdamW moments), more than this machine's {:.1} GiB",
+            gib(needed),
+            gib(memory)
+        )));
+    }
+    Ok(())
+}
+
 /// Trains a model as `job` says, on backend `B` (an autodiff backend).
 ///
 /// # Errors
@@ -362,6 +402,8 @@ where
             config.vocab_size
         )));
     }
+
+    check_fits_memory(&config, physical_memory_bytes())?;
 
     let model = {
         let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -519,17 +561,27 @@ where
             .as_ref()
             .is_some_and(|f| f.load(Ordering::SeqCst));
         let periodic = settings.checkpoint_every > 0 && step % settings.checkpoint_every == 0;
-        if periodic || interrupted || step == end {
-            if !weights_finite(&model) {
-                if let Some(bar) = &progress {
-                    bar.abandon();
-                }
-                return Err(TrainError::Diverged {
-                    step,
-                    what: "the weights are no longer finite".into(),
-                    last_checkpoint,
-                });
+        let save_now = periodic || interrupted || step == end;
+        // The weights are checked at every evaluation too: a NaN weight that does not yet
+        // reach the loss must not train on unseen until the next checkpoint.
+        let bad = if (save_now || eval_now) && !weights_finite(&model) {
+            Some("the weights are no longer finite".to_string())
+        } else {
+            val_loss
+                .filter(|v| !v.is_finite())
+                .map(|v| format!("the validation loss is {v}"))
+        };
+        if let Some(what) = bad {
+            if let Some(bar) = &progress {
+                bar.abandon();
             }
+            return Err(TrainError::Diverged {
+                step,
+                what,
+                last_checkpoint,
+            });
+        }
+        if save_now {
             last_checkpoint = Some(checkpoint::save(
                 run_dir,
                 &model,
@@ -560,6 +612,13 @@ where
             settings.batch_size,
             0,
         );
+        if !v.is_finite() {
+            return Err(TrainError::Diverged {
+                step: state.step,
+                what: format!("the final validation loss is {v}"),
+                last_checkpoint,
+            });
+        }
         final_val_loss = Some(v);
         if let Some(last) = state.metrics.last_mut() {
             last.val_loss = Some(v);

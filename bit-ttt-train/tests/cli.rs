@@ -173,8 +173,104 @@ fn bad_inputs_are_clear_errors() {
     );
     fails_with(&["bench", "--n-gpu-layers", "1"], "add --device wgpu");
     fails_with(&["bench", "--gpu-memory", "1GiB"], "go with --n-gpu-layers");
+    // Sizes are bounded before anything is allocated.
+    check(
+        train(&["--data", &good, "--d-model", "100000000"]),
+        "weights in its matrices",
+    );
+    check(
+        train(&["--data", &good, "--d-model", "65536", "--n-heads", "4"]),
+        "to train it needs about",
+    );
+    // A tokenizer is not a data file.
+    check(
+        train(&["--data", &good, "--tokenizer", &d("no-tokenizer.json")]),
+        "tokenizer file",
+    );
     // No run directory was left half-made by the failures.
     assert!(!dir.path().join("run").join("checkpoints").exists());
+}
+
+/// `demo` checks its data and flags before it deletes or writes anything in `--out`, and a
+/// small budget runs it end to end (tokenizer, baselines, training, evaluation, sample).
+#[test]
+fn demo_validates_first_and_runs_on_a_small_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = corpus(dir.path()).to_string_lossy().into_owned();
+    let few = dir.path().join("few.txt");
+    std::fs::write(&few, "Call me Ishmael. Some years ago.").unwrap();
+    let few = few.to_string_lossy().into_owned();
+    let out = dir.path().join("run");
+    let out_s = out.to_string_lossy().into_owned();
+    // What an earlier demo left: a checkpoint directory with something in it.
+    let marker = out.join("checkpoints").join("step-000200").join("keep");
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(&marker, "earlier run").unwrap();
+    let demo = |extra: &[&str]| {
+        let mut a = vec!["demo", "--out", &out_s, "--vocab-size", "300"];
+        a.extend(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let fails = |args: Vec<String>, needle: &str| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&refs, needle);
+        assert!(marker.exists(), "{args:?} deleted the earlier checkpoints");
+        assert!(
+            !out.join("tokenizer.json").exists(),
+            "{args:?} wrote a tokenizer"
+        );
+    };
+    fails(
+        demo(&["--data", &few]),
+        "too few for sequences of 64 tokens",
+    );
+    fails(
+        demo(&["--data", &good, "--prompt", ""]),
+        "--prompt must not be empty",
+    );
+    fails(demo(&["--data", &good, "--steps", "0"]), "--steps");
+    fails(demo(&["--data", &good, "--vocab-size", "100"]), "too small");
+    let elsewhere = dir.path().join("nothing").to_string_lossy().into_owned();
+    fails_with(
+        &["demo", "--out", &elsewhere, "--resume"],
+        "holds no checkpoint",
+    );
+
+    let o = run(
+        &demo(&["--data", &good, "--steps", "2", "--sample-tokens", "5"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let text = stdout(&o);
+    assert!(o.status.success(), "{text}\n{}", stderr(&o));
+    for step in ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"] {
+        assert!(text.contains(step), "no {step} in:\n{text}");
+    }
+    // The model's cross-entropy is printed beside the baselines, as a finite number.
+    let row = text
+        .lines()
+        .find(|l| l.contains("BitLlama, ternary ttt_linear"))
+        .unwrap_or_else(|| panic!("no model row in:\n{text}"));
+    let ce: f64 = row
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ce.is_finite() && ce > 0.0, "{row}");
+    // A fresh demo replaced the earlier checkpoints with its own.
+    assert!(!marker.exists());
+    assert!(out.join("checkpoints").join("step-000002").is_dir());
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.csv",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
 }
 
 #[test]
@@ -305,12 +401,21 @@ fn train_stop_resume_eval_generate() {
         "the model's own model.safetensors",
     );
     assert_eq!(std::fs::read(&weights_path).unwrap(), before);
-    fails_with(
-        &[
-            "generate", "--model", &out_s, "--prompt", "x", "--top-p", "0",
-        ],
-        "top_p",
-    );
+    for (flag, value, needle) in [
+        ("--top-p", "0", "top_p"),
+        ("--top-p", "1.5", "top_p must be in (0, 1], got 1.5"),
+        ("--top-p", "NaN", "top_p must be in (0, 1], got NaN"),
+        (
+            "--temperature",
+            "NaN",
+            "temperature must be a finite number",
+        ),
+    ] {
+        fails_with(
+            &["generate", "--model", &out_s, "--prompt", "x", flag, value],
+            needle,
+        );
+    }
 }
 
 /// The cross-entropy `eval` prints (`cross-entropy X nats/token`).

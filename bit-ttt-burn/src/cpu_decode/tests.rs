@@ -427,7 +427,7 @@ fn a_soul_of_another_model_or_of_two_sequences_is_an_error_for_the_fused_decoder
         [[1, 2, 3], [4, 5, 6]],
         &Default::default(),
     );
-    ttt.forward_with_state(batch, &mut two);
+    ttt.forward_with_state(batch, &mut two).unwrap();
     two.save(&path).unwrap();
     let decoder = CpuDecoder::new(&ttt, 1).unwrap();
     let err = decoder.load_state(&path).unwrap_err();
@@ -504,7 +504,7 @@ fn a_chain_of_burn_and_fused_blocks_decodes_like_either() {
                 [[1, 2], [3, 4]],
                 &Default::default(),
             );
-            model.forward_with_state(batch, &mut two);
+            model.forward_with_state(batch, &mut two).unwrap();
             assert!(step_blocks(&burn_blocks, &mut two.layers, &x).is_err());
         }
     }

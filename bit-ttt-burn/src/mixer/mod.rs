@@ -41,6 +41,16 @@ pub enum MixerState<B: Backend> {
     Attention(KvCache<B>),
 }
 
+impl<B: Backend> MixerState<B> {
+    /// `"TTT"` or `"attention"`, for messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            MixerState::Ttt(_) => "TTT",
+            MixerState::Attention(_) => "attention",
+        }
+    }
+}
+
 impl<B: Backend> Mixer<B> {
     /// Initializes the mixer `config.mixer` selects.
     pub fn init(config: &BitLlamaConfig, device: &B::Device) -> Self {
@@ -114,6 +124,14 @@ impl<B: Backend> Mixer<B> {
 }
 
 impl<B: Backend> Mixer<B> {
+    /// `"TTT"` or `"attention"`, for messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Mixer::Ttt(_) => "TTT",
+            Mixer::Attention(_) => "attention",
+        }
+    }
+
     /// Whether `state` is a state of this mixer for `batch` sequences: its kind and shapes, so
     /// that the next forward cannot panic on it. `d_model` is the model width.
     pub fn accepts(&self, state: &MixerState<B>, batch: usize, d_model: usize) -> bool {

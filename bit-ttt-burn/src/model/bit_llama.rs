@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::mixer::MixerState;
 use crate::model::block::Block;
 use crate::model::BitLlamaConfig;
-use crate::{Projection, ProjectionConfig, TernaryBackend};
+use crate::{BitTttError, Projection, ProjectionConfig, TernaryBackend};
 
 /// A Llama-shaped language model whose projections are ternary and whose mixers are TTT layers
 /// (or attention, as a baseline).
@@ -91,18 +91,23 @@ impl<B: TernaryBackend> BitLlama<B> {
     ///
     /// # Shapes
     /// - tokens: `[batch, seq]`; returns `[batch, seq, vocab_size]`
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] if `state` is not a state of this model for `batch`
+    /// sequences ([`check_state`](Self::check_state)); `state` is then unchanged.
     pub fn forward_with_state(
         &self,
         tokens: Tensor<B, 2, Int>,
         state: &mut ModelState<B>,
-    ) -> Tensor<B, 3> {
-        let seq = tokens.dims()[1];
+    ) -> Result<Tensor<B, 3>, BitTttError> {
+        let [batch, seq] = tokens.dims();
+        self.check_state(state, batch)?;
         let mut x = self.embedding.forward(tokens);
         for (block, layer_state) in self.blocks.iter().zip(&mut state.layers) {
             x = block.forward_with_state(x, layer_state);
         }
         state.position += seq;
-        self.lm_head.forward(self.norm.forward(x))
+        Ok(self.lm_head.forward(self.norm.forward(x)))
     }
 }
 
@@ -122,6 +127,33 @@ impl<B: Backend> BitLlama<B> {
                 .collect(),
             position: 0,
         }
+    }
+
+    /// Checks that `state` is a state of this model for `batch` sequences: one layer per
+    /// block, each of the block's mixer kind and shapes. Without it a state of fewer layers
+    /// would silently skip blocks and one of another kind or batch would panic in the mixer.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidCache`] naming the first layer that does not fit.
+    pub fn check_state(&self, state: &ModelState<B>, batch: usize) -> Result<(), BitTttError> {
+        if state.layers.len() != self.blocks.len() {
+            return Err(BitTttError::InvalidCache(format!(
+                "a state of {} layers for a model of {} blocks",
+                state.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        let d_model = self.embedding.weight.dims()[1];
+        for (i, (block, layer)) in self.blocks.iter().zip(&state.layers).enumerate() {
+            if !block.mixer.accepts(layer, batch, d_model) {
+                return Err(BitTttError::InvalidCache(format!(
+                    "layer {i}'s {} state does not fit this model's {} mixer for a batch of {batch}",
+                    layer.kind_name(),
+                    block.mixer.kind_name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Vocabulary size (rows of the embedding).

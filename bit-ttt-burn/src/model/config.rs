@@ -3,6 +3,15 @@
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
+/// The most weights a configuration's matrices may hold ([`BitLlamaConfig::matrix_weights`]):
+/// 2⁴⁰, about 1.1 × 10¹², fifteen times a 70B model.
+pub const MAX_MATRIX_WEIGHTS: u64 = 1 << 40;
+/// The largest TTT mini-batch a configuration may ask for.
+pub const MAX_MINI_BATCH_SIZE: usize = 4096;
+/// The most values of the TTT layer's RoPE table (`mini_batch_size × head_dim`), which is
+/// allocated when the model is made.
+pub const MAX_ROPE_TABLE: usize = 1 << 24;
+
 /// Which sequence mixer the blocks use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -167,7 +176,84 @@ impl BitLlamaConfig {
                 self.d_model, self.n_heads
             ));
         }
+        // Bounded before anything is allocated: a config read from a file or typed as a flag
+        // must not turn into an out-of-memory abort.
+        match self.matrix_weights() {
+            Some(n) if n <= MAX_MATRIX_WEIGHTS => {}
+            n => {
+                return Err(format!(
+                    "the model would have {} weights in its matrices, more than the limit of {MAX_MATRIX_WEIGHTS} (vocab_size {}, d_model {}, n_layers {}, d_ffn {})",
+                    n.map_or("over 2^64".to_string(), |n| n.to_string()),
+                    self.vocab_size,
+                    self.d_model,
+                    self.n_layers,
+                    self.d_ffn
+                ))
+            }
+        }
+        if self.mini_batch_size > MAX_MINI_BATCH_SIZE {
+            return Err(format!(
+                "mini_batch_size {} is larger than the limit of {MAX_MINI_BATCH_SIZE}",
+                self.mini_batch_size
+            ));
+        }
+        // The TTT layer's RoPE table is allocated eagerly: mini_batch_size × head_dim values.
+        if self.mini_batch_size.saturating_mul(self.head_dim()) > MAX_ROPE_TABLE {
+            return Err(format!(
+                "mini_batch_size {} × head_dim {} is larger than the limit of {MAX_ROPE_TABLE} (the RoPE table)",
+                self.mini_batch_size,
+                self.head_dim()
+            ));
+        }
+        let positive_finite = |name: &str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a finite number > 0, not {value}"))
+            }
+        };
+        positive_finite("norm_eps", self.norm_eps)?;
+        positive_finite("rope_theta", self.rope_theta)?;
+        // The TTT layer keeps θ as an f32.
+        if self.rope_theta > f64::from(f32::MAX) {
+            return Err(format!(
+                "rope_theta {} does not fit an f32",
+                self.rope_theta
+            ));
+        }
+        if let Some(lr) = self.ttt_base_lr {
+            positive_finite("ttt_base_lr", lr)?;
+        }
         Ok(())
+    }
+
+    /// The weights of the model's large matrices: embedding and head (`2 × vocab_size ×
+    /// d_model`), and per block the four mixer projections, the three FFN projections and the
+    /// TTT fast weights. A lower bound of the parameter count (norms, biases and gates are left
+    /// out) computed without allocating anything; `None` if it overflows `u64`.
+    pub fn matrix_weights(&self) -> Option<u64> {
+        let [v, d, l, f, h] = [
+            self.vocab_size,
+            self.d_model,
+            self.n_layers,
+            self.d_ffn,
+            self.head_dim(),
+        ]
+        .map(|x| x as u64);
+        // TTT-Linear: one head_dim² matrix per head; TTT-MLP: head_dim × 4·head_dim and back.
+        let fast = match self.mixer {
+            MixerKind::TttLinear => d.checked_mul(h)?,
+            MixerKind::TttMlp => d.checked_mul(h)?.checked_mul(8)?,
+            MixerKind::Attention => 0,
+        };
+        let block = d
+            .checked_mul(d)?
+            .checked_mul(4)?
+            .checked_add(d.checked_mul(f)?.checked_mul(3)?)?
+            .checked_add(fast)?;
+        v.checked_mul(d)?
+            .checked_mul(2)?
+            .checked_add(block.checked_mul(l)?)
     }
 }
 
@@ -219,6 +305,66 @@ mod tests {
                 "{name} has {n}"
             );
         }
+    }
+
+    #[test]
+    fn matrix_weights_bound_the_parameter_count_from_below() {
+        for mixer in [
+            MixerKind::TttLinear,
+            MixerKind::TttMlp,
+            MixerKind::Attention,
+        ] {
+            let config = BitLlamaConfig::tiny(2048).with_mixer(mixer);
+            let n = config.matrix_weights().unwrap();
+            let all = parameter_count(&config) as u64;
+            // Hand count for tiny (vocab 2048, d 64, 2 layers, 16-wide heads, FFN 128):
+            // 2·2048·64 + 2·(4·64² + 3·64·128 + fast), fast = 64·16 (linear) or 8·64·16 (MLP).
+            let fast = match mixer {
+                MixerKind::TttLinear => 1024,
+                MixerKind::TttMlp => 8192,
+                MixerKind::Attention => 0,
+            };
+            assert_eq!(n, 262_144 + 2 * (16_384 + 24_576 + fast), "{mixer:?}");
+            assert!(n <= all && all - n < all / 20, "{mixer:?}: {n} of {all}");
+        }
+    }
+
+    #[test]
+    fn absurd_configs_are_refused_before_anything_is_allocated() {
+        let ok = BitLlamaConfig::tiny(2048);
+        let wide = BitLlamaConfig {
+            d_model: 100_000_000,
+            ..ok.clone()
+        };
+        assert!(wide
+            .validate()
+            .unwrap_err()
+            .contains("weights in its matrices"));
+        let overflow = BitLlamaConfig {
+            vocab_size: usize::MAX / 2,
+            ..ok.clone()
+        };
+        assert!(overflow.validate().unwrap_err().contains("over 2^64"));
+        let mini_batch = ok.clone().with_mini_batch_size(1 << 20);
+        assert!(mini_batch
+            .validate()
+            .unwrap_err()
+            .contains("mini_batch_size"));
+        for (field, config) in [
+            ("norm_eps", ok.clone().with_norm_eps(0.0)),
+            ("norm_eps", ok.clone().with_norm_eps(f64::NAN)),
+            ("rope_theta", ok.clone().with_rope_theta(-1.0)),
+            ("rope_theta", ok.clone().with_rope_theta(f64::INFINITY)),
+            ("rope_theta", ok.clone().with_rope_theta(1e300)),
+            ("ttt_base_lr", ok.clone().with_ttt_base_lr(Some(f64::NAN))),
+            ("ttt_base_lr", ok.clone().with_ttt_base_lr(Some(0.0))),
+        ] {
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        // A 70B shape is well inside the bound.
+        let big = BitLlamaConfig::new(128_256, 8192, 80, 64, 28_672);
+        assert_eq!(big.validate(), Ok(()));
     }
 
     #[test]

@@ -16,8 +16,10 @@ use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 
 use crate::files::{read_file, write_atomic};
+use crate::model::packed::LazyShapes;
 use crate::model::{BitLlama, BitLlamaConfig};
 use crate::BitTttError;
+use burn::module::Module;
 
 /// File name of the configuration in a model directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -115,7 +117,9 @@ impl<B: Backend> BitLlama<B> {
     }
 }
 
-/// Compares the tensors of a safetensors file with those `model` has.
+/// Compares the tensors of a safetensors file with those `model` has, reading the model's
+/// shapes without drawing its random initial values (a load must not pay for, or run out of
+/// memory on, parameters it is about to replace), and checks every float is finite.
 fn check_weights<B: Backend>(
     model: &BitLlama<B>,
     bytes: &[u8],
@@ -126,10 +130,14 @@ fn check_weights<B: Backend>(
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let expected: BTreeMap<String, (Vec<usize>, String)> = model
-        .collect(None, None, true)
+    let mut lazy = LazyShapes::default();
+    model.visit(&mut lazy);
+    // Every tensor of the model is a float parameter.
+    let float = dtype_name(<B::FloatElem as burn::tensor::Element>::dtype());
+    let expected: BTreeMap<String, (Vec<usize>, String)> = lazy
+        .shapes
         .into_iter()
-        .map(|s| (s.full_path(), (s.shape.to_vec(), dtype_name(s.dtype))))
+        .map(|(name, shape)| (name, (shape, float.clone())))
         .collect();
 
     let mut errors = Vec::new();
@@ -175,12 +183,45 @@ fn check_weights<B: Backend>(
             }),
     );
 
+    if errors.is_empty() {
+        for name in expected.keys() {
+            let view = file.tensor(name).expect("checked above");
+            check_finite(path, name, view.dtype(), view.data())?;
+        }
+    }
     match errors.len() {
         0 => Ok(()),
         1 => Err(errors.remove(0)),
         _ => Err(BitTttError::WeightsDoNotFitConfig {
             path: path.to_path_buf(),
             problems: errors.iter().map(ToString::to_string).collect(),
+        }),
+    }
+}
+
+/// Fails with [`BitTttError::CorruptFile`] naming the tensor and the index of its first
+/// value that is NaN or infinite (a model with one would only give NaN logits later).
+pub(crate) fn check_finite(
+    path: &Path,
+    name: &str,
+    dtype: safetensors::Dtype,
+    data: &[u8],
+) -> Result<(), BitTttError> {
+    let first_bad = match dtype {
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        safetensors::Dtype::F64 => data
+            .chunks_exact(8)
+            .position(|b| !f64::from_le_bytes(b.try_into().expect("8 bytes")).is_finite()),
+        // Our files hold no other float types (their element type is checked first).
+        _ => None,
+    };
+    match first_bad {
+        None => Ok(()),
+        Some(index) => Err(BitTttError::CorruptFile {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name:?} holds a value that is not finite (NaN or infinite) at index {index}"),
         }),
     }
 }
@@ -358,6 +399,35 @@ mod tests {
             &json,
             |e| matches!(e, BitTttError::ShapeMismatch { name, actual, .. } if name == "norm.gamma" && actual == &vec![32, 2]),
         );
+
+        // A NaN and an infinity among the weights.
+        for bad in [f32::NAN, f32::NEG_INFINITY] {
+            let poisoned = rewrite(&weights, |t| {
+                let entry = t.iter_mut().find(|e| e.0 == "norm.gamma").unwrap();
+                entry.3[12..16].copy_from_slice(&bad.to_le_bytes());
+            });
+            load_fails(
+                &poisoned,
+                &json,
+                |e| matches!(e, BitTttError::CorruptFile { reason, .. } if reason.contains("\"norm.gamma\"") && reason.contains("index 3")),
+            );
+        }
+        // A config whose floats make no sense.
+        let zero_eps = serde_json::to_vec(&tiny().with_norm_eps(0.0)).unwrap();
+        load_fails(
+            &weights,
+            &zero_eps,
+            |e| matches!(e, BitTttError::InvalidConfig { reason, .. } if reason.contains("norm_eps")),
+        );
+        // A config too large to allocate is refused before anything is allocated.
+        let huge = serde_json::to_vec(&BitLlamaConfig {
+            d_model: 100_000_000,
+            ..tiny()
+        })
+        .unwrap();
+        load_fails(&weights, &huge, |e| {
+            matches!(e, BitTttError::InvalidConfig { .. })
+        });
 
         // A config.json that does not parse, one that is impossible, one that does not fit.
         load_fails(&weights, b"{ not json", |e| {

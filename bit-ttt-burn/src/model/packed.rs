@@ -346,6 +346,7 @@ impl<B: TernaryBackend> BitLlama<B> {
                     name: name.clone(),
                 })?;
             check_tensor(path, name, &view, Dtype::F32, shape)?;
+            super::files::check_finite(path, name, view.dtype(), view.data())?;
         }
         if let Some(extra) = tensors.names().into_iter().find(|n| {
             matches!(part, PackedPart::Whole) && !used.contains(*n) && !expected.contains_key(*n)
@@ -408,11 +409,12 @@ impl<B: TernaryBackend> BitLlama<B> {
 /// snapshots would first draw the random initial values of every f32 tensor about to be
 /// replaced by the file's (for a large embedding, most of a load's time).
 #[derive(Default)]
-struct LazyShapes {
+pub(crate) struct LazyShapes {
     path: Vec<String>,
     /// Per entered module, whether it added a path segment (enum variants do not).
     pushed: Vec<bool>,
-    shapes: BTreeMap<String, Vec<usize>>,
+    /// Shape of every tensor, by path.
+    pub(crate) shapes: BTreeMap<String, Vec<usize>>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for LazyShapes {
@@ -686,6 +688,16 @@ mod tests {
         let err = fails(narrower);
         assert!(
             matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains(down)),
+            "{err}"
+        );
+        // A NaN in an f32 tensor of the rest.
+        let poisoned = rewrite(&bytes, |t| {
+            let entry = t.iter_mut().find(|e| e.0 == "norm.gamma").unwrap();
+            entry.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        });
+        let err = fails(poisoned);
+        assert!(
+            matches!(&err, BitTttError::CorruptFile { reason, .. } if reason.contains("norm.gamma") && reason.contains("not finite")),
             "{err}"
         );
     }

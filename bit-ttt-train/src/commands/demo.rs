@@ -11,7 +11,7 @@ use bit_ttt_train::data::{self, Split};
 use bit_ttt_train::metrics::{METRICS_FILE, PLOT_FILE};
 use bit_ttt_train::tokenizer::Tokenizer;
 use bit_ttt_train::train::{self, Outcome, TrainJob, TrainSettings};
-use bit_ttt_train::{checkpoint, with_backend};
+use bit_ttt_train::{checkpoint, with_backend, TrainError};
 use burn::backend::Autodiff;
 use clap::Args;
 
@@ -105,6 +105,28 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
         args.mixer.name(),
         device.name()
     );
+    // Everything is checked before anything in --out is deleted or written.
+    let settings = demo_settings(args.steps);
+    settings.validate()?;
+    if args.prompt.is_empty() {
+        anyhow::bail!("--prompt must not be empty");
+    }
+    let started = Instant::now();
+    let tokenizer_path = run_dir.join(TOKENIZER_FILE);
+    let tokenizer = if args.resume {
+        // A resume needs a checkpoint; say so before complaining about a missing tokenizer.
+        checkpoint::latest(&run_dir)?;
+        Tokenizer::load(&tokenizer_path)?
+    } else {
+        Tokenizer::train(&texts, args.vocab_size)?
+    };
+    let split = data::tokenize_and_split(&tokenizer, &texts, 0.1)?;
+    data::check_length(&split, settings.seq_len)?;
+    let config = demo_model(tokenizer.vocab_size(), args.mixer);
+    config
+        .validate()
+        .map_err(|m| TrainError::InvalidSetting(format!("model: {m}")))?;
+
     if !args.resume && run_dir.exists() {
         // A fresh demo replaces the previous one.
         let old = checkpoint::checkpoint_root(&run_dir);
@@ -113,18 +135,11 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
         }
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if !args.resume {
+        tokenizer.save(&tokenizer_path)?;
+    }
 
     // 1. Tokenizer.
-    let started = Instant::now();
-    let tokenizer_path = run_dir.join(TOKENIZER_FILE);
-    let tokenizer = if args.resume {
-        Tokenizer::load(&tokenizer_path)?
-    } else {
-        let t = Tokenizer::train(&texts, args.vocab_size)?;
-        t.save(&tokenizer_path)?;
-        t
-    };
-    let split = data::tokenize_and_split(&tokenizer, &texts, 0.1)?;
     let bytes: usize = texts.iter().map(String::len).sum();
     let n_tokens = split.train.len() + split.valid.len();
     println!(
@@ -144,7 +159,7 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
 
     // 2. Baselines.
     let started = Instant::now();
-    let base = baselines::compute(&split.train, &split.valid, tokenizer.vocab_size());
+    let base = baselines::compute(&split.train, &split.valid, tokenizer.vocab_size())?;
     println!(
         "[2/5] count baselines from the train split ({:.1} s): unigram {:.3}, interpolated bigram {:.3} nats/token (λ = {:.2})",
         started.elapsed().as_secs_f64(),
@@ -154,8 +169,6 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
     );
 
     // 3. Training.
-    let config = demo_model(tokenizer.vocab_size(), args.mixer);
-    let settings = demo_settings(args.steps);
     println!(
         "[3/5] training: {} blocks, d_model {}, {} heads, d_ffn {}, ternary projections; {} steps of {} x {} tokens, AdamW lr {} warm-up {} + cosine",
         config.n_layers,

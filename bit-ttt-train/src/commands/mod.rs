@@ -258,7 +258,8 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingCo
     SamplingConfig {
         temperature,
         top_k: (top_k > 0).then_some(top_k),
-        top_p: (top_p < 1.0).then_some(top_p),
+        // 1 means no cut; anything else, NaN and values above 1 included, is checked.
+        top_p: (top_p != 1.0).then_some(top_p),
         seed,
     }
 }
