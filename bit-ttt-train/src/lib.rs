@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fuzz;
 pub mod hybrid_bench;
 pub mod metrics;
 pub mod rng;

@@ -80,8 +80,14 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(TrainError::MissingTokenizer(path.to_path_buf()));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+        let bad = |e: String| TrainError::Tokenizer(format!("{}: {e}", path.display()));
+        // tokenizers 0.22 panics ("Helper") on a syntax error inside the decoder section
+        // instead of returning an error (found by the loader fuzzer): check the JSON syntax
+        // first, so what reaches it is at worst well-formed JSON of the wrong shape.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| bad(format!("not JSON: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
         Ok(Self { inner })
     }
 

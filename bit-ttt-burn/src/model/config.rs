@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 pub const MAX_MATRIX_WEIGHTS: u64 = 1 << 40;
 /// The largest TTT mini-batch a configuration may ask for.
 pub const MAX_MINI_BATCH_SIZE: usize = 4096;
-/// The most values of the TTT layer's RoPE table (`mini_batch_size × head_dim`), which is
-/// allocated when the model is made.
-pub const MAX_ROPE_TABLE: usize = 1 << 24;
+/// The most values of the TTT layers' RoPE tables (`n_layers × mini_batch_size × head_dim`),
+/// which are allocated when the model is made.
+pub const MAX_ROPE_TABLE: usize = 1 << 26;
+/// The most blocks a configuration may ask for.
+pub const MAX_LAYERS: usize = 4096;
 
 /// Which sequence mixer the blocks use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,10 +199,22 @@ impl BitLlamaConfig {
                 self.mini_batch_size
             ));
         }
-        // The TTT layer's RoPE table is allocated eagerly: mini_batch_size × head_dim values.
-        if self.mini_batch_size.saturating_mul(self.head_dim()) > MAX_ROPE_TABLE {
+        if self.n_layers > MAX_LAYERS {
             return Err(format!(
-                "mini_batch_size {} × head_dim {} is larger than the limit of {MAX_ROPE_TABLE} (the RoPE table)",
+                "n_layers {} is larger than the limit of {MAX_LAYERS}",
+                self.n_layers
+            ));
+        }
+        // Every TTT layer allocates its RoPE table when the model is made:
+        // n_layers × mini_batch_size × head_dim values in all.
+        let rope = self
+            .n_layers
+            .saturating_mul(self.mini_batch_size)
+            .saturating_mul(self.head_dim());
+        if rope > MAX_ROPE_TABLE {
+            return Err(format!(
+                "n_layers {} × mini_batch_size {} × head_dim {} is larger than the limit of {MAX_ROPE_TABLE} (the RoPE tables)",
+                self.n_layers,
                 self.mini_batch_size,
                 self.head_dim()
             ));
