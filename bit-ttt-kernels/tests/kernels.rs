@@ -80,12 +80,17 @@ fn i8_kernels_equal_the_reference_exactly() {
         }
     }
     assert_eq!(checked, 60 * kernels.len() * THREADS.len());
+    if cpu::avx2_under_test("the i8 GEMM") {
+        assert!(kernels.contains(&KernelChoice::Avx2), "{kernels:?}");
+    }
 }
 
 /// Sizes large enough for the thread pool to split the rows, and the worst cases of the 16-bit
 /// accumulation: all weights +1 or -1 against all activations -128 or +127.
 #[test]
 fn i8_kernels_on_large_and_extreme_inputs() {
+    let simd = cpu::avx2_under_test("the i8 GEMM on large inputs");
+    assert_eq!(available_kernels().contains(&KernelChoice::Avx2), simd);
     let mut rng = Lcg(7);
     let cases: Vec<(usize, usize, Vec<i8>, Vec<i8>)> = vec![
         (257, 4097, rng.ternary(257 * 4097), rng.codes(9 * 4097)),
@@ -122,6 +127,8 @@ fn i8_kernels_on_large_and_extreme_inputs() {
 
 #[test]
 fn f32_kernels_match_the_reference_to_rounding() {
+    let simd = cpu::avx2_under_test("the f32 GEMM");
+    assert_eq!(available_kernels().contains(&KernelChoice::Avx2), simd);
     let mut rng = Lcg(3);
     for &rows in &ROWS {
         for &cols in &COLS {

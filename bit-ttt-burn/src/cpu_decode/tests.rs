@@ -316,6 +316,7 @@ fn bytes_per_token_count_every_parameter_and_the_state_a_step_reads() {
 /// both inner models. Heads of 32 and a `d_model` of 96 run the vector loops and their tails.
 #[test]
 fn simd_and_generic_ttt_heads_are_bit_identical() {
+    bit_ttt_kernels::cpu::avx2_under_test("the TTT heads' AVX2 build in the decoder");
     let device = Default::default();
     for mixer in [MixerKind::TttLinear, MixerKind::TttMlp] {
         let model = BitLlamaConfig::new(61, 96, 2, 3, 48)

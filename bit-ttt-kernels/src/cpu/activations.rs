@@ -114,6 +114,7 @@ mod tests {
     /// lengths, ties, huge values, infinities and NaN.
     #[test]
     fn every_quantizer_equals_the_scalar_one() {
+        crate::cpu::avx2_under_test("the AVX2 int8 quantizer");
         let mut state = 7u64;
         let mut next = move || {
             state = state

@@ -300,10 +300,7 @@ mod tests {
 
     #[test]
     fn vectorized_silu_agrees_with_the_reference() {
-        #[cfg(target_arch = "x86_64")]
-        if !super::super::avx2::available() {
-            println!("AVX2+FMA not available on this CPU: silu_mul ran the scalar reference only");
-        }
+        crate::cpu::avx2_under_test("silu_mul's AVX2 build");
         // Odd lengths (tails), values from -100 to 100 and special ones.
         for len in [1, 7, 8, 9, 31, 1000, 5633] {
             let mut gate: Vec<f32> = (0..len)

@@ -151,6 +151,27 @@ fn avx2_available() -> bool {
     false
 }
 
+/// For tests that compare a SIMD build with the scalar reference: whether the AVX2 kernels run
+/// on this CPU. Where they do not, the test can only compare the reference with itself, so this
+/// prints that `what` was not tested and why; with `BIT_TTT_REQUIRE_AVX2=1` (CI sets it on
+/// x86_64) it panics instead, so such a comparison cannot pass without having run.
+///
+/// # Panics
+/// If `BIT_TTT_REQUIRE_AVX2=1` and the CPU has no AVX2+FMA.
+pub fn avx2_under_test(what: &str) -> bool {
+    if avx2_available() {
+        return true;
+    }
+    assert!(
+        std::env::var("BIT_TTT_REQUIRE_AVX2").as_deref() != Ok("1"),
+        "BIT_TTT_REQUIRE_AVX2=1 but this CPU has no AVX2+FMA: {what} cannot be tested"
+    );
+    println!(
+        "AVX2+FMA not available on this CPU: {what} compared the scalar reference with itself only"
+    );
+    false
+}
+
 /// The concrete kernels this CPU can run, reference first.
 pub fn available_kernels() -> Vec<KernelChoice> {
     [KernelChoice::Reference, KernelChoice::Avx2]

@@ -513,8 +513,7 @@ mod tests {
     /// without dense gradient sums, on widths that leave tails in every vector loop.
     #[test]
     fn avx2_and_generic_heads_are_bit_identical() {
-        if !KernelChoice::Avx2.is_available() {
-            println!("AVX2+FMA not available on this CPU: the TTT head step's AVX2 build untested");
+        if !crate::cpu::avx2_under_test("the TTT head step's AVX2 build") {
             return;
         }
         let (heads, head_dim, d_model) = (2, 10, 37);
