@@ -282,7 +282,8 @@ impl<B: TernaryBackend> BitLlama<B> {
     /// Loads a model from either of its forms: a model directory ([`load`](Self::load):
     /// `config.json` and `model.safetensors`) or a packed inference file
     /// ([`load_packed`](Self::load_packed), memory-mapped), told apart by whether `path` is a
-    /// directory or a file.
+    /// directory or a file. A packed file must not be rewritten in place while the model
+    /// lives (see [`load_packed`](Self::load_packed)).
     ///
     /// # Errors
     /// [`BitTttError::NotAModel`] if `path` is neither (it does not exist, or is a broken

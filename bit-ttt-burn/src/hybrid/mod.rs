@@ -194,7 +194,8 @@ impl<G: TernaryBackend> HybridDecoder<G> {
     /// split as `layers` says (room for the state of `context` tokens): the CPU side maps the
     /// file, the GPU side loads only its blocks (and the head, if the plan puts it there) onto
     /// `device` ([`load_gpu_part`]); the CPU part runs `threads` threads (`0`: the kernels'
-    /// default).
+    /// default). The file is opened by both sides: it must not change while the decoder lives,
+    /// nor between the two opens (see [`BitLlama::load_packed`]).
     ///
     /// # Errors
     /// [`BitTttError::InvalidInput`] for a model directory (a split reads the packed form,

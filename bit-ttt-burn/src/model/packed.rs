@@ -197,6 +197,14 @@ impl<B: TernaryBackend> BitLlama<B> {
     /// Opens a packed inference file by memory-mapping it; the ternary weights are read in place
     /// on the CPU, and uploaded once to a GPU backend's device.
     ///
+    /// # The file must not change while mapped
+    /// The model reads the file's pages for as long as it lives. Replace a packed file by
+    /// writing a new one and renaming it over the old (as `export` and
+    /// [`save_packed`](Self::save_packed) do: the mapped old file stays intact); rewriting it
+    /// in place (`cp` over it, truncating it) while a model from it is alive changes the
+    /// weights under the model or ends the process with `SIGBUS`. Every check below runs
+    /// before any weight is used.
+    ///
     /// # Errors
     /// [`BitTttError::MissingFile`] / [`BitTttError::Io`]; [`BitTttError::CorruptFile`] for a
     /// truncated or malformed file, one that is not a packed model, whose config does not
@@ -218,7 +226,8 @@ impl<B: TernaryBackend> BitLlama<B> {
         device: &B::Device,
         part: PackedPart,
     ) -> Result<(Self, BitLlamaConfig), BitTttError> {
-        let file = std::fs::File::open(path).map_err(|e| BitTttError::io(path, e))?;
+        let mut file = std::fs::File::open(path).map_err(|e| BitTttError::io(path, e))?;
+        check_header_fits(&mut file, path)?;
         // SAFETY: the mapping is read-only; like every memory-mapped model loader we rely on the
         // file not being truncated or rewritten by another process while it is mapped (our own
         // writers replace files by rename, which leaves a mapped old file intact).
@@ -402,6 +411,34 @@ impl<B: TernaryBackend> BitLlama<B> {
         }
         Ok(())
     }
+}
+
+/// Checks, before the file is mapped, that it holds at least the header its 8-byte length
+/// prefix announces (the tensor offsets are checked against the mapped length after).
+fn check_header_fits(file: &mut std::fs::File, path: &Path) -> Result<(), BitTttError> {
+    use std::io::Read;
+    let corrupt = |reason: String| BitTttError::CorruptFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let len = file
+        .metadata()
+        .map_err(|e| BitTttError::io(path, e))?
+        .len();
+    let mut prefix = [0u8; 8];
+    if len < 8 || file.read_exact(&mut prefix).is_err() {
+        return Err(corrupt(format!(
+            "{len} bytes, shorter than a safetensors header's length prefix"
+        )));
+    }
+    let header = u64::from_le_bytes(prefix);
+    if header > len - 8 {
+        return Err(corrupt(format!(
+            "the file is {len} bytes, its header alone says {} bytes",
+            header.saturating_add(8)
+        )));
+    }
+    Ok(())
 }
 
 /// The paths (as burn-store names them, enum variants skipped) and shapes of a module's
