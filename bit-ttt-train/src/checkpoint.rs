@@ -4,18 +4,26 @@
 //! parameter ids so the AdamW moments find their parameters again) and `trainer_state.json`
 //! (step, RNG = data position, schedule, settings, metrics so far).
 //!
-//! A checkpoint is written into a temporary directory beside its final place and renamed
-//! into place; then the `latest` file is replaced atomically. A crash at any point leaves the
-//! previous checkpoint and `latest` intact.
+//! A checkpoint is written into a temporary directory beside its final place, every file of it
+//! synced to disk, and renamed into place; the checkpoint directory is synced, then the
+//! `latest` file is replaced atomically. A crash (not only a kill) at any point leaves the
+//! previous checkpoint and `latest` intact. Should `latest` still name a broken or missing
+//! checkpoint (a disk that lied about syncing, a hand-deleted file), [`latest`] falls back to
+//! the newest complete one, with a warning.
+//!
+//! A training run holds [`RunLock`] on its run directory, so two trainers never write the
+//! same run; taking it also removes the temporary files and directories that crashed runs
+//! left behind.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use bit_ttt_burn::files::write_atomic;
+use bit_ttt_burn::files::{read_file, write_atomic};
+use bit_ttt_burn::model::files::{CONFIG_FILE, WEIGHTS_FILE};
 use bit_ttt_burn::{BitLlama, BitLlamaConfig};
 use burn::module::Module;
 use burn::optim::Optimizer;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -28,10 +36,18 @@ use crate::TrainError;
 pub const LATEST_FILE: &str = "latest";
 /// Name of the trainer state file inside a checkpoint.
 pub const STATE_FILE: &str = "trainer_state.json";
-const MODEL_RECORD: &str = "model";
-const OPTIMIZER_RECORD: &str = "optimizer";
+/// Name of the lock file in a run directory (see [`RunLock`]).
+pub const LOCK_FILE: &str = ".lock";
+/// The model record inside a checkpoint.
+const MODEL_RECORD: &str = "model.mpk";
+/// The optimizer record inside a checkpoint.
+const OPTIMIZER_RECORD: &str = "optimizer.mpk";
+/// Prefix of the checkpoint directories, followed by the step.
+const STEP_PREFIX: &str = "step-";
 
-type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
+/// The same named MessagePack as Burn's `NamedMpkFileRecorder` (older checkpoints load
+/// unchanged), but to and from bytes, so the files can be written atomically and synced.
+type Rec = NamedMpkBytesRecorder<FullPrecisionSettings>;
 
 /// Everything besides the tensors that a resumed run needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -66,6 +82,40 @@ fn bad(dir: &Path, reason: impl std::fmt::Display) -> TrainError {
     }
 }
 
+/// The step of a checkpoint directory name (`step-000200` → 200).
+fn step_of(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix(STEP_PREFIX)?;
+    // `parse` alone would accept a sign.
+    digits.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+    digits.parse().ok()
+}
+
+/// The `step-*` directories of checkpoint directory `root`, newest (highest step) first.
+fn step_dirs(root: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut steps: Vec<(usize, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let step = step_of(e.file_name().to_str()?)?;
+            let path = e.path();
+            path.is_dir().then_some((step, path))
+        })
+        .collect();
+    // By number: as strings, step-1000000 would sort before step-999999.
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    steps
+}
+
+/// Makes the entries of directory `dir` (creations, renames) durable. Not every platform can
+/// open a directory; there the rename is as durable as the OS makes it.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 /// Writes a checkpoint for `state.step` and points `latest` at it; keeps the `keep` newest.
 ///
 /// # Errors
@@ -79,83 +129,181 @@ pub fn save<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
 ) -> Result<PathBuf, TrainError> {
     let root = checkpoint_root(run_dir);
     fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-    let name = format!("step-{:06}", state.step);
+    let name = format!("{STEP_PREFIX}{:06}", state.step);
     let target = root.join(&name);
-    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    let pid = std::process::id();
+    let tmp = root.join(format!(".{name}.tmp-{pid}"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
 
+    // Every file goes through `write_atomic`, which syncs it and then `tmp` itself.
     model.save(&state.model, &tmp)?;
-    Rec::new()
-        .record(model.clone().into_record(), tmp.join(MODEL_RECORD))
-        .map_err(|e| bad(&tmp, e))?;
-    Rec::new()
-        .record(optim.to_record(), tmp.join(OPTIMIZER_RECORD))
-        .map_err(|e| bad(&tmp, e))?;
+    let model_bytes = Rec::new()
+        .record(model.clone().into_record(), ())
+        .map_err(|e| bad(&tmp, format!("encoding the model record: {e}")))?;
+    write_atomic(&tmp.join(MODEL_RECORD), &model_bytes)?;
+    drop(model_bytes);
+    let optim_bytes = Rec::new()
+        .record(optim.to_record(), ())
+        .map_err(|e| bad(&tmp, format!("encoding the optimizer record: {e}")))?;
+    write_atomic(&tmp.join(OPTIMIZER_RECORD), &optim_bytes)?;
+    drop(optim_bytes);
     let json = serde_json::to_vec_pretty(state).expect("the state always serializes");
     write_atomic(&tmp.join(STATE_FILE), &json)?;
 
     if target.exists() {
-        // The same step saved again (a resumed run interrupted at once): replace it.
-        fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
+        // The same step saved again (a resumed run interrupted at once). Move the old one aside
+        // rather than deleting it first, so that one of the two complete copies exists at
+        // every moment.
+        let old = root.join(format!(".{name}.old-{pid}"));
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        }
+        fs::rename(&target, &old).map_err(|e| TrainError::io(&target, e))?;
+        if let Err(e) = fs::rename(&tmp, &target) {
+            let _ = fs::rename(&old, &target);
+            return Err(TrainError::io(&target, e));
+        }
+        sync_dir(&root);
+        // Best effort: a leftover is removed by the next run that takes the lock.
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&tmp, &target).map_err(|e| TrainError::io(&target, e))?;
     }
-    fs::rename(&tmp, &target).map_err(|e| TrainError::io(&target, e))?;
+    // The rename must be on disk before `latest` names the new directory.
+    sync_dir(&root);
     write_atomic(&root.join(LATEST_FILE), name.as_bytes())?;
-    prune(&root, keep);
+    prune(&root, keep, &target);
     Ok(target)
 }
 
-/// Removes all but the `keep` newest `step-*` directories (best effort).
-fn prune(root: &Path, keep: usize) {
-    let Ok(entries) = fs::read_dir(root) else {
-        return;
-    };
-    let mut steps: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("step-"))
-        })
-        .collect();
-    steps.sort();
-    let n = steps.len();
-    for old in steps.into_iter().take(n.saturating_sub(keep.max(1))) {
-        let _ = fs::remove_dir_all(old);
+/// Removes all but the `keep` newest `step-*` directories of `root` (best effort), never
+/// `protect` (the one `latest` names, even if newer-numbered ones exist).
+fn prune(root: &Path, keep: usize, protect: &Path) {
+    for (_, old) in step_dirs(root).into_iter().skip(keep.max(1)) {
+        if old != protect {
+            let _ = fs::remove_dir_all(old);
+        }
     }
 }
 
-/// The newest checkpoint of `run_dir`, as named by `latest`.
+/// Why checkpoint `dir` cannot be resumed from, or `None` if it is complete: its trainer
+/// state parses and its model and optimizer records and model directory files are non-empty.
+fn incomplete(dir: &Path) -> Option<String> {
+    if !dir.is_dir() {
+        return Some("it does not exist".into());
+    }
+    if let Err(e) = load_state(dir) {
+        return Some(match e {
+            TrainError::BadCheckpoint { reason, .. } => reason,
+            other => other.to_string(),
+        });
+    }
+    for file in [MODEL_RECORD, OPTIMIZER_RECORD, WEIGHTS_FILE, CONFIG_FILE] {
+        match fs::metadata(dir.join(file)) {
+            Ok(m) if m.is_file() && m.len() > 0 => {}
+            Ok(_) => return Some(format!("{file} is empty")),
+            Err(_) => return Some(format!("{file} is missing")),
+        }
+    }
+    None
+}
+
+/// The checkpoint to resume from, and what was wrong if it is not the one `latest` names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latest {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Set when `latest` was missing or named a broken checkpoint and `dir` is the newest
+    /// complete one instead: says what was wrong.
+    pub fallback: Option<String>,
+}
+
+/// The checkpoint to resume from, without printing anything: the one `latest` names if it is
+/// complete, else the newest complete `step-*` directory (see [`Latest::fallback`]).
 ///
 /// # Errors
-/// [`TrainError::NoCheckpoint`] if there is none.
-pub fn latest(run_dir: &Path) -> Result<PathBuf, TrainError> {
+/// [`TrainError::NoCheckpoint`] if there is no complete checkpoint.
+pub fn find_latest(run_dir: &Path) -> Result<Latest, TrainError> {
     let root = checkpoint_root(run_dir);
-    let latest = root.join(LATEST_FILE);
-    let no = |reason: String| TrainError::NoCheckpoint {
-        dir: root.clone(),
-        reason,
-    };
     if !run_dir.is_dir() {
         return Err(TrainError::NoCheckpoint {
             dir: run_dir.to_path_buf(),
             reason: "the run directory does not exist".into(),
         });
     }
-    let name = fs::read_to_string(&latest)
-        .map_err(|_| no(format!("no {LATEST_FILE} file; was this run started?")))?;
-    let dir = root.join(name.trim());
-    if !dir.join(STATE_FILE).is_file() {
-        return Err(no(format!(
-            "{LATEST_FILE} names {}, which has no {STATE_FILE}",
-            dir.display()
-        )));
+    let (named, problem) = match fs::read_to_string(root.join(LATEST_FILE)) {
+        Ok(name) => {
+            let dir = root.join(name.trim());
+            match incomplete(&dir) {
+                None => {
+                    return Ok(Latest {
+                        dir,
+                        fallback: None,
+                    })
+                }
+                Some(why) => (
+                    Some(dir.clone()),
+                    format!(
+                        "{LATEST_FILE} names {}, which is broken ({why})",
+                        dir.display()
+                    ),
+                ),
+            }
+        }
+        Err(_) => (None, format!("there is no {LATEST_FILE} file")),
+    };
+    let mut skipped = Vec::new();
+    for (_, dir) in step_dirs(&root) {
+        if named.as_ref() == Some(&dir) {
+            continue;
+        }
+        match incomplete(&dir) {
+            None => {
+                let mut fallback = problem;
+                if !skipped.is_empty() {
+                    fallback.push_str(&format!("; skipped {}", skipped.join(", ")));
+                }
+                return Ok(Latest {
+                    dir,
+                    fallback: Some(fallback),
+                });
+            }
+            Some(why) => skipped.push(format!("{} ({why})", dir.display())),
+        }
     }
-    Ok(dir)
+    let reason = match (named.is_some(), skipped.is_empty()) {
+        (false, true) => format!("no {LATEST_FILE} file; was this run started?"),
+        (true, true) => format!("{problem}, and there is no other checkpoint"),
+        (false, false) => format!(
+            "{problem}, and no checkpoint is complete: {}",
+            skipped.join(", ")
+        ),
+        (true, false) => format!(
+            "{problem}; no other checkpoint is complete either: {}",
+            skipped.join(", ")
+        ),
+    };
+    Err(TrainError::NoCheckpoint { dir: root, reason })
+}
+
+/// The newest complete checkpoint of `run_dir`, normally the one `latest` names. When that
+/// one is missing or broken, the newest complete `step-*` directory, with a warning on stderr
+/// naming what was broken.
+///
+/// # Errors
+/// [`TrainError::NoCheckpoint`] if there is no complete checkpoint.
+pub fn latest(run_dir: &Path) -> Result<PathBuf, TrainError> {
+    let found = find_latest(run_dir)?;
+    if let Some(why) = &found.fallback {
+        eprintln!(
+            "warning: {why}; using the newest complete checkpoint, {}",
+            found.dir.display()
+        );
+    }
+    Ok(found.dir)
 }
 
 /// Reads the trainer state of checkpoint `dir`.
@@ -163,7 +311,8 @@ pub fn latest(run_dir: &Path) -> Result<PathBuf, TrainError> {
 /// # Errors
 /// [`TrainError::BadCheckpoint`].
 pub fn load_state(dir: &Path) -> Result<TrainerState, TrainError> {
-    let bytes = fs::read(dir.join(STATE_FILE)).map_err(|e| bad(dir, e))?;
+    let bytes =
+        fs::read(dir.join(STATE_FILE)).map_err(|e| bad(dir, format!("{STATE_FILE}: {e}")))?;
     serde_json::from_slice(&bytes).map_err(|e| bad(dir, format!("{STATE_FILE}: {e}")))
 }
 
@@ -177,11 +326,376 @@ pub fn load_tensors<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
     optim: O,
     device: &B::Device,
 ) -> Result<(BitLlama<B>, O), TrainError> {
+    let bytes = read_file(&dir.join(MODEL_RECORD)).map_err(|e| bad(dir, e))?;
     let record = Rec::new()
-        .load(dir.join(MODEL_RECORD), device)
+        .load(bytes, device)
         .map_err(|e| bad(dir, format!("model record: {e}")))?;
+    let bytes = read_file(&dir.join(OPTIMIZER_RECORD)).map_err(|e| bad(dir, e))?;
     let optim_record = Rec::new()
-        .load(dir.join(OPTIMIZER_RECORD), device)
+        .load(bytes, device)
         .map_err(|e| bad(dir, format!("optimizer record: {e}")))?;
     Ok((model.load_record(record), optim.load_record(optim_record)))
+}
+
+/// Exclusive right to train in a run directory, held for the whole run and released when
+/// dropped (or when the process dies: the OS drops the lock with the process).
+#[derive(Debug)]
+pub struct RunLock {
+    /// Holding the open, locked file is what holds the lock.
+    _file: File,
+}
+
+impl RunLock {
+    /// Locks `run_dir` (which must exist) through its [`LOCK_FILE`], then removes the
+    /// temporary files and directories that dead processes left in it and in its checkpoint
+    /// directory (an interrupted save, an interrupted atomic write).
+    ///
+    /// # Errors
+    /// [`TrainError::RunLocked`] if another trainer holds the lock; [`TrainError::Io`] if the
+    /// lock file cannot be opened or locked.
+    pub fn acquire(run_dir: &Path) -> Result<Self, TrainError> {
+        let path = run_dir.join(LOCK_FILE);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(TrainError::RunLocked {
+                    dir: run_dir.to_path_buf(),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+                // Some network file systems cannot lock; training there still works, but
+                // nothing keeps a second trainer out, so leave others' temporaries alone too.
+                eprintln!(
+                    "warning: cannot lock {} ({e}); make sure no other trainer uses this run directory",
+                    path.display()
+                );
+                return Ok(Self { _file: file });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(TrainError::io(&path, e)),
+        }
+        remove_stale_temporaries(run_dir);
+        remove_stale_temporaries(&checkpoint_root(run_dir));
+        Ok(Self { _file: file })
+    }
+}
+
+/// The process id in the name of a temporary entry: `.X.tmp-<pid>` (a checkpoint being
+/// written), `.X.tmp-<pid>-<n>` (an atomic file write) or `.X.old-<pid>` (a checkpoint being
+/// replaced).
+fn temporary_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest
+        .rsplit_once(".tmp-")
+        .or_else(|| rest.rsplit_once(".old-"))?;
+    let mut parts = tail.split('-');
+    let pid = parts.next()?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !numeric(pid) || !parts.all(numeric) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` may still be writing its temporary entry. Called with the run lock
+/// held: this process writes nothing into the run directory except through the lock holder,
+/// so its own entries are stale. Where `/proc` is missing every other owner counts as dead
+/// too (an `export` into the run directory at that moment would then fail, not corrupt
+/// anything).
+fn may_be_writing(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false;
+    }
+    let proc = Path::new("/proc");
+    proc.join("self").exists() && proc.join(pid.to_string()).exists()
+}
+
+/// Removes (best effort) the temporary entries of dead processes in `dir`.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_owner) else {
+            continue;
+        };
+        if may_be_writing(pid) {
+            continue;
+        }
+        let path = entry.path();
+        // Not following symlinks: a stale entry is removed itself, never what it points to.
+        let _ = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::lm_loss;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::optim::{AdamWConfig, GradientsParams};
+    use burn::record::NamedMpkFileRecorder;
+    use burn::tensor::{Int, Tensor};
+
+    type B = Autodiff<NdArray>;
+
+    /// A process id above Linux's largest (2^22): no live process has it.
+    const DEAD_PID: u32 = 4_194_305;
+
+    fn state(step: usize) -> TrainerState {
+        TrainerState {
+            step,
+            rng: SplitMix64::new(1),
+            settings: TrainSettings::default(),
+            model: BitLlamaConfig::tiny(50),
+            tokens_seen: 0,
+            elapsed_s: 0.0,
+            data_fingerprint: 0,
+            metrics: Vec::new(),
+        }
+    }
+
+    /// A checkpoint directory that passes the completeness check (its records are not real).
+    fn fake_checkpoint(root: &Path, step: usize) -> PathBuf {
+        let dir = root.join(format!("step-{step:06}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join(STATE_FILE),
+            serde_json::to_vec(&state(step)).unwrap(),
+        )
+        .unwrap();
+        for file in [MODEL_RECORD, OPTIMIZER_RECORD, WEIGHTS_FILE, CONFIG_FILE] {
+            fs::write(dir.join(file), b"x").unwrap();
+        }
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn prune_sorts_steps_as_numbers() {
+        let root = tempfile::tempdir().unwrap();
+        for step in [5, 999_999, 1_000_000] {
+            fake_checkpoint(root.path(), step);
+        }
+        let newest = root.path().join("step-1000000");
+        prune(root.path(), 1, &newest);
+        // As strings, "step-999999" > "step-1000000" and the newest would go.
+        assert_eq!(names(root.path()), ["step-1000000"]);
+    }
+
+    #[test]
+    fn prune_never_removes_the_checkpoint_latest_names() {
+        let root = tempfile::tempdir().unwrap();
+        for step in [2, 4, 6, 8] {
+            fake_checkpoint(root.path(), step);
+        }
+        // A run resumed from step 4 of an abandoned longer one just saved step 4 again.
+        let named = root.path().join("step-000004");
+        prune(root.path(), 2, &named);
+        assert_eq!(
+            names(root.path()),
+            ["step-000004", "step-000006", "step-000008"]
+        );
+    }
+
+    #[test]
+    fn latest_prefers_the_named_checkpoint_when_it_is_complete() {
+        let run = tempfile::tempdir().unwrap();
+        let root = checkpoint_root(run.path());
+        let four = fake_checkpoint(&root, 4);
+        fake_checkpoint(&root, 6);
+        fs::write(root.join(LATEST_FILE), "step-000004").unwrap();
+        let found = find_latest(run.path()).unwrap();
+        assert_eq!(
+            found,
+            Latest {
+                dir: four,
+                fallback: None
+            }
+        );
+    }
+
+    #[test]
+    fn latest_falls_back_to_the_newest_complete_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        let root = checkpoint_root(run.path());
+        let two = fake_checkpoint(&root, 2);
+        let four = fake_checkpoint(&root, 4);
+        let six = fake_checkpoint(&root, 6);
+        fs::write(root.join(LATEST_FILE), "step-000006").unwrap();
+        // A crash after a rename the disk had not yet made durable: an empty record.
+        fs::write(six.join(OPTIMIZER_RECORD), b"").unwrap();
+        let found = find_latest(run.path()).unwrap();
+        assert_eq!(found.dir, four);
+        let why = found.fallback.unwrap();
+        assert!(
+            why.contains("step-000006") && why.contains("optimizer.mpk is empty"),
+            "{why}"
+        );
+        assert_eq!(latest(run.path()).unwrap(), four);
+
+        // Step 4 unusable too: step 2, and both problems are named.
+        fs::remove_file(four.join(WEIGHTS_FILE)).unwrap();
+        let found = find_latest(run.path()).unwrap();
+        assert_eq!(found.dir, two);
+        let why = found.fallback.unwrap();
+        assert!(why.contains("model.safetensors is missing"), "{why}");
+
+        // No `latest` file at all: the newest complete checkpoint still.
+        fs::remove_file(root.join(LATEST_FILE)).unwrap();
+        let found = find_latest(run.path()).unwrap();
+        assert_eq!(found.dir, two);
+        assert!(found.fallback.unwrap().contains("no latest file"));
+
+        // Nothing complete: an error that names what is wrong.
+        fs::write(two.join(STATE_FILE), b"{ not json").unwrap();
+        let err = find_latest(run.path()).unwrap_err();
+        assert!(matches!(err, TrainError::NoCheckpoint { .. }), "{err}");
+        assert!(err.to_string().contains("trainer_state.json"), "{err}");
+    }
+
+    #[test]
+    fn temporary_names_are_recognised() {
+        assert_eq!(temporary_owner(".step-000004.tmp-123"), Some(123));
+        assert_eq!(temporary_owner(".model.safetensors.tmp-77-3"), Some(77));
+        assert_eq!(temporary_owner(".step-000004.old-9"), Some(9));
+        for other in [
+            "step-000004",
+            ".lock",
+            ".notes.tmp-",
+            ".a.tmp-12x",
+            "a.tmp-1",
+            ".a.tmp-1-",
+        ] {
+            assert_eq!(temporary_owner(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn taking_the_lock_removes_stale_temporaries() {
+        let run = tempfile::tempdir().unwrap();
+        let root = checkpoint_root(run.path());
+        fake_checkpoint(&root, 4);
+        let half_saved = root.join(format!(".step-000006.tmp-{DEAD_PID}"));
+        fs::create_dir_all(&half_saved).unwrap();
+        fs::write(half_saved.join(MODEL_RECORD), b"partial").unwrap();
+        let stale = [
+            half_saved,
+            root.join(format!(".step-000004.old-{DEAD_PID}")),
+            root.join(format!(".latest.tmp-{DEAD_PID}-0")),
+            run.path().join(format!(".metrics.csv.tmp-{DEAD_PID}-3")),
+        ];
+        for path in &stale[1..] {
+            fs::write(path, b"x").unwrap();
+        }
+        fs::write(run.path().join(".notes"), b"mine").unwrap();
+        let _lock = RunLock::acquire(run.path()).unwrap();
+        for path in &stale {
+            assert!(!path.exists(), "{} left", path.display());
+        }
+        assert_eq!(names(&root), ["step-000004"]);
+        assert_eq!(names(run.path()), [".lock", ".notes", "checkpoints"]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn taking_the_lock_keeps_temporaries_of_live_processes() {
+        let run = tempfile::tempdir().unwrap();
+        // Process 1 is always alive: perhaps an `export` writing into the run directory.
+        let live = run.path().join(".model.packed.safetensors.tmp-1-0");
+        fs::write(&live, b"x").unwrap();
+        let _lock = RunLock::acquire(run.path()).unwrap();
+        assert!(live.exists());
+    }
+
+    #[test]
+    fn a_second_trainer_is_refused_while_the_lock_is_held() {
+        let run = tempfile::tempdir().unwrap();
+        let first = RunLock::acquire(run.path()).unwrap();
+        let err = RunLock::acquire(run.path()).unwrap_err();
+        assert!(matches!(err, TrainError::RunLocked { .. }), "{err}");
+        assert!(err.to_string().contains("another trainer"), "{err}");
+        drop(first);
+        RunLock::acquire(run.path()).unwrap();
+    }
+
+    /// A tiny model after one AdamW step, so the optimizer has moments to save.
+    fn trained() -> (BitLlama<B>, impl Optimizer<BitLlama<B>, B>) {
+        let device = Default::default();
+        let model = BitLlamaConfig::tiny(50).init::<B>(&device);
+        let mut optim = AdamWConfig::new().init::<B, BitLlama<B>>();
+        let tokens = Tensor::<B, 2, Int>::from_ints([[1, 2, 3, 4, 5, 6, 7, 8, 9]], &device);
+        let grads = GradientsParams::from_grads(lm_loss(&model, tokens).backward(), &model);
+        let model = optim.step(1e-3, model, grads);
+        (model, optim)
+    }
+
+    /// The encoded size of an optimizer's record: the moments' order in it varies, their
+    /// size does not.
+    fn optim_size(optim: &impl Optimizer<BitLlama<B>, B>) -> usize {
+        Rec::new().record(optim.to_record(), ()).unwrap().len()
+    }
+
+    fn model_bytes(model: &BitLlama<B>) -> Vec<u8> {
+        Rec::new().record(model.clone().into_record(), ()).unwrap()
+    }
+
+    #[test]
+    fn save_twice_at_one_step_replaces_it_and_loads_back() {
+        let run = tempfile::tempdir().unwrap();
+        let (model, optim) = trained();
+        save(run.path(), &model, &optim, &state(3), 2).unwrap();
+        let dir = save(run.path(), &model, &optim, &state(3), 2).unwrap();
+        let root = checkpoint_root(run.path());
+        // No temporary or set-aside copy is left.
+        assert_eq!(names(&root), [LATEST_FILE, "step-000003"]);
+        assert_eq!(
+            find_latest(run.path()).unwrap(),
+            Latest {
+                dir: dir.clone(),
+                fallback: None
+            }
+        );
+        let (fresh, fresh_optim) = trained();
+        let (loaded, loaded_optim) =
+            load_tensors(&dir, fresh, fresh_optim, &Default::default()).unwrap();
+        assert_eq!(model_bytes(&loaded), model_bytes(&model));
+        assert_eq!(optim_size(&loaded_optim), optim_size(&optim));
+    }
+
+    #[test]
+    fn checkpoints_written_by_the_file_recorder_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, optim) = trained();
+        // How checkpoints were written before: the file recorder adds `.mpk`.
+        let file = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        file.record(model.clone().into_record(), dir.path().join("model"))
+            .unwrap();
+        file.record(optim.to_record(), dir.path().join("optimizer"))
+            .unwrap();
+        let (fresh, fresh_optim) = trained();
+        let (loaded, loaded_optim) =
+            load_tensors(dir.path(), fresh, fresh_optim, &Default::default()).unwrap();
+        assert_eq!(model_bytes(&loaded), model_bytes(&model));
+        // The step left moments to restore: more than an unused optimizer holds.
+        assert!(optim_size(&optim) > optim_size(&AdamWConfig::new().init::<B, BitLlama<B>>()));
+        assert_eq!(optim_size(&loaded_optim), optim_size(&optim));
+    }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use bit_ttt_burn::BitTttError;
 use thiserror::Error;
 
+use crate::train::SettingChange;
+
 /// Everything that can go wrong while preparing data, training, or evaluating.
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -68,6 +70,22 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// Another trainer holds the run directory's lock (see
+    /// [`RunLock`](crate::checkpoint::RunLock)).
+    #[error("another trainer is using {} (it holds {}); wait for it to finish, or choose another --out", dir.display(), dir.join(crate::checkpoint::LOCK_FILE).display())]
+    RunLocked {
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// A resumed run was given settings or a model shape that differ from the run's own, and
+    /// resuming would silently ignore them or cannot apply them.
+    #[error("cannot resume {}: {}", run_dir.display(), describe_changes(changes))]
+    ResumeMismatch {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// The differences that stop the resume.
+        changes: Vec<SettingChange>,
+    },
     /// The loss or the weights became NaN or infinite; training stopped before saving them.
     #[error("training diverged at step {step}: {what}; stopped without saving it. {}", match last_checkpoint { Some(p) => format!("The last good checkpoint is {}", p.display()), None => "No checkpoint had been written yet".to_string() })]
     Diverged {
@@ -88,4 +106,34 @@ impl TrainError {
             source,
         }
     }
+}
+
+/// "--lr 0.001 differs from the run's 0.003; pass --extend to apply it", for all `changes`:
+/// the ones `--extend` could apply first, then those no resume can.
+fn describe_changes(changes: &[SettingChange]) -> String {
+    let list = |extendable: bool| -> Vec<String> {
+        changes
+            .iter()
+            .filter(|c| c.extendable == extendable)
+            .map(|c| format!("{} {} differs from the run's {}", c.flag, c.given, c.run))
+            .collect()
+    };
+    let mut parts = Vec::new();
+    let schedule = list(true);
+    if !schedule.is_empty() {
+        let them = if schedule.len() == 1 { "it" } else { "them" };
+        parts.push(format!(
+            "{}; pass --extend to apply {them}",
+            schedule.join("; ")
+        ));
+    }
+    let fixed = list(false);
+    if !fixed.is_empty() {
+        let what = if fixed.len() == 1 { "this" } else { "these" };
+        parts.push(format!(
+            "{}; a resumed run cannot change {what} (start a new run with another --out)",
+            fixed.join("; ")
+        ));
+    }
+    parts.join("; ")
 }

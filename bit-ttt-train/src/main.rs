@@ -4,7 +4,7 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use commands::{
     bench::BenchArgs, demo::DemoArgs, eval::EvalArgs, export::ExportArgs, generate::GenerateArgs,
@@ -43,11 +43,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Parsed in two steps to keep the matches: `train --resume` needs to know which flags
+    // were typed, as opposed to defaulted.
+    let matches = Cli::command().get_matches();
+    let cli =
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
+    let sub_matches = matches.subcommand().map(|(_, m)| m);
     let result = match cli.command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Tokenizer(args) => commands::tokenizer::run(args),
-        Command::Train(args) => commands::train::run(*args),
+        Command::Train(args) => commands::train::run(*args, sub_matches),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Export(args) => commands::export::run(args),

@@ -117,6 +117,104 @@ impl TrainSettings {
         Ok(())
     }
 
+    /// The settings of `self` (given to a resumed run) that differ from `run` (the run's
+    /// own), each named by its command-line flag.
+    pub fn changes_from(&self, run: &TrainSettings) -> Vec<SettingChange> {
+        // Destructured, so that a new setting cannot be forgotten here.
+        let TrainSettings {
+            seq_len,
+            batch_size,
+            steps,
+            lr,
+            min_lr,
+            warmup_steps,
+            beta1,
+            beta2,
+            weight_decay,
+            grad_clip,
+            eval_every,
+            eval_batches,
+            checkpoint_every,
+            keep_checkpoints,
+            seed,
+        } = self;
+        let clip = |c: &Option<f64>| c.unwrap_or(0.0);
+        let mut changes = Vec::new();
+        let mut check = |flag, given: String, had: String, extendable| {
+            if given != had {
+                changes.push(SettingChange {
+                    flag,
+                    given,
+                    run: had,
+                    extendable,
+                });
+            }
+        };
+        // The schedule, the optimizer's hyper-parameters and the cadence can change mid-run.
+        check("--steps", steps.to_string(), run.steps.to_string(), true);
+        check("--lr", lr.to_string(), run.lr.to_string(), true);
+        check("--min-lr", min_lr.to_string(), run.min_lr.to_string(), true);
+        check(
+            "--warmup-steps",
+            warmup_steps.to_string(),
+            run.warmup_steps.to_string(),
+            true,
+        );
+        check("--beta1", beta1.to_string(), run.beta1.to_string(), true);
+        check("--beta2", beta2.to_string(), run.beta2.to_string(), true);
+        check(
+            "--weight-decay",
+            weight_decay.to_string(),
+            run.weight_decay.to_string(),
+            true,
+        );
+        check(
+            "--grad-clip",
+            clip(grad_clip).to_string(),
+            clip(&run.grad_clip).to_string(),
+            true,
+        );
+        check(
+            "--eval-every",
+            eval_every.to_string(),
+            run.eval_every.to_string(),
+            true,
+        );
+        check(
+            "--eval-batches",
+            eval_batches.to_string(),
+            run.eval_batches.to_string(),
+            true,
+        );
+        check(
+            "--checkpoint-every",
+            checkpoint_every.to_string(),
+            run.checkpoint_every.to_string(),
+            true,
+        );
+        check(
+            "--keep-checkpoints",
+            keep_checkpoints.to_string(),
+            run.keep_checkpoints.to_string(),
+            true,
+        );
+        // These shape the batches and the data order that the saved RNG continues.
+        check(
+            "--seq-len",
+            seq_len.to_string(),
+            run.seq_len.to_string(),
+            false,
+        );
+        check(
+            "--batch-size",
+            batch_size.to_string(),
+            run.batch_size.to_string(),
+            false,
+        );
+        check("--seed", seed.to_string(), run.seed.to_string(), false);
+        changes
+    }
+
     /// The learning-rate schedule.
     pub fn schedule(&self) -> Schedule {
         Schedule {
@@ -126,6 +224,94 @@ impl TrainSettings {
             total_steps: self.steps,
         }
     }
+}
+
+/// A setting given to a resumed run that differs from the run's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingChange {
+    /// The command-line flag of the setting, e.g. `--lr`.
+    pub flag: &'static str,
+    /// The value given now.
+    pub given: String,
+    /// The run's value.
+    pub run: String,
+    /// Whether [`TrainJob::extend`] applies it (schedule, optimizer, cadence); the others
+    /// (model shape, batch shape, seed) no resume can change.
+    pub extendable: bool,
+}
+
+/// The fields of `given` (a model shape given to a resumed run) that differ from `run`, named
+/// by the command-line flag that sets them. None of them can change on resume.
+pub fn model_changes(given: &BitLlamaConfig, run: &BitLlamaConfig) -> Vec<SettingChange> {
+    // Destructured, so that a new field cannot be forgotten here.
+    let BitLlamaConfig {
+        vocab_size,
+        d_model,
+        n_layers,
+        n_heads,
+        d_ffn,
+        mixer,
+        ternary,
+        ternary_head,
+        mini_batch_size,
+        ttt_base_lr,
+        rope_theta,
+        norm_eps,
+    } = given;
+    let fields: [(&'static str, String, String); 12] = [
+        // The vocabulary comes from the tokenizer.
+        (
+            "--vocab-size",
+            vocab_size.to_string(),
+            run.vocab_size.to_string(),
+        ),
+        ("--d-model", d_model.to_string(), run.d_model.to_string()),
+        ("--n-layers", n_layers.to_string(), run.n_layers.to_string()),
+        ("--n-heads", n_heads.to_string(), run.n_heads.to_string()),
+        ("--d-ffn", d_ffn.to_string(), run.d_ffn.to_string()),
+        (
+            "--mixer",
+            mixer.name().to_string(),
+            run.mixer.name().to_string(),
+        ),
+        ("--ternary", ternary.to_string(), run.ternary.to_string()),
+        (
+            "--mini-batch-size",
+            mini_batch_size.to_string(),
+            run.mini_batch_size.to_string(),
+        ),
+        // Only a --config file sets these.
+        (
+            "--config ternary_head",
+            ternary_head.to_string(),
+            run.ternary_head.to_string(),
+        ),
+        (
+            "--config ttt_base_lr",
+            format!("{ttt_base_lr:?}"),
+            format!("{:?}", run.ttt_base_lr),
+        ),
+        (
+            "--config rope_theta",
+            rope_theta.to_string(),
+            run.rope_theta.to_string(),
+        ),
+        (
+            "--config norm_eps",
+            norm_eps.to_string(),
+            run.norm_eps.to_string(),
+        ),
+    ];
+    fields
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(flag, given, run)| SettingChange {
+            flag,
+            given,
+            run,
+            extendable: false,
+        })
+        .collect()
 }
 
 /// How to show progress.
@@ -144,14 +330,20 @@ pub enum ProgressMode {
 pub struct TrainJob<'a> {
     /// The run directory (checkpoints, metrics, plot, final model).
     pub run_dir: &'a Path,
-    /// The model's shape (ignored on resume: the checkpoint's is used).
+    /// The model's shape. On resume it must be the checkpoint's.
     pub model: BitLlamaConfig,
-    /// The settings (ignored on resume: the checkpoint's are used).
+    /// The settings. On resume they must be the checkpoint's, except that with
+    /// [`extend`](Self::extend) the schedule, optimizer and cadence settings may differ.
     pub settings: TrainSettings,
     /// The tokens.
     pub data: &'a Split,
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
+    /// On resume, apply the settings that differ from the run's and that a run can change
+    /// midway (steps, learning rates, warm-up, AdamW's betas and weight decay, clipping,
+    /// evaluation and checkpoint cadence, checkpoints kept). Without it any difference is a
+    /// [`TrainError::ResumeMismatch`], so that nothing given is silently ignored.
+    pub extend: bool,
     /// Stop after this update, with a checkpoint, as Ctrl-C would (for time-boxed runs).
     pub stop_at: Option<usize>,
     /// Set from outside (Ctrl-C) to stop after the current update, with a checkpoint.
@@ -355,17 +547,41 @@ where
 {
     let run_dir = job.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    // Held until the run returns: checkpoints and outputs have one writer.
+    let _lock = checkpoint::RunLock::acquire(run_dir)?;
     let data_fingerprint = fingerprint(job.data);
 
     // A fresh start or the state of the latest checkpoint.
     let (resume_from, mut state) = if job.resume {
         let dir = checkpoint::latest(run_dir)?;
-        let state = checkpoint::load_state(&dir)?;
+        let mut state = checkpoint::load_state(&dir)?;
         if state.data_fingerprint != data_fingerprint {
             return Err(TrainError::InvalidSetting(format!(
                 "cannot resume {}: the data (files or tokenizer) differ from the run's",
                 run_dir.display()
             )));
+        }
+        let mut changes = model_changes(&job.model, &state.model);
+        changes.extend(job.settings.changes_from(&state.settings));
+        let (applied, refused): (Vec<_>, Vec<_>) = changes
+            .into_iter()
+            .partition(|c| job.extend && c.extendable);
+        if !refused.is_empty() {
+            return Err(TrainError::ResumeMismatch {
+                run_dir: run_dir.to_path_buf(),
+                changes: refused,
+            });
+        }
+        if !applied.is_empty() {
+            job.settings.validate()?;
+            if job.settings.steps < state.step {
+                return Err(TrainError::InvalidSetting(format!(
+                    "--steps {} is fewer than the {} steps the run has done",
+                    job.settings.steps, state.step
+                )));
+            }
+            // Saved with the next checkpoint, so a later resume continues the extended run.
+            state.settings = job.settings.clone();
         }
         (Some(dir), state)
     } else {

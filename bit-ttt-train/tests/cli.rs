@@ -418,6 +418,48 @@ fn train_stop_resume_eval_generate() {
     }
 }
 
+#[test]
+fn resume_refuses_changed_settings_unless_extended() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path()).to_string_lossy().into_owned();
+    let out = dir.path().join("run").to_string_lossy().into_owned();
+    let mut args = vec!["train", "--out", &out, "--data", &data];
+    args.extend(TINY);
+    args.extend(["--steps", "4", "--stop-at", "2"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let resume = ["train", "--out", &out, "--resume", "--progress", "quiet"];
+    let with = |extra: &[&'static str]| [&resume[..], extra].concat();
+    fails_with(
+        &with(&["--lr", "0.001"]),
+        "--lr 0.001 differs from the run's 0.003; pass --extend to apply it",
+    );
+    // A typed value counts even when it is the default: the run was not started with it.
+    fails_with(
+        &with(&["--steps", "1000"]),
+        "--steps 1000 differs from the run's 4",
+    );
+    fails_with(
+        &with(&["--extend", "--seq-len", "32", "--d-model", "32"]),
+        "--d-model 32 differs from the run's 64; --seq-len 32 differs from the run's 16; a resumed run cannot change these",
+    );
+    fails_with(&["train", "--out", &out, "--extend"], "--resume");
+
+    // The original command again, with --resume --extend and more steps: the flags typed with
+    // their old values are no change, --steps is applied.
+    let mut again = args[..args.len() - 4].to_vec();
+    again.extend(["--resume", "--extend", "--steps", "5"]);
+    let o = run(&again);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("done: 5 steps"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("--vocab-size is ignored"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// The cross-entropy `eval` prints (`cross-entropy X nats/token`).
 fn cross_entropy(o: &Output) -> f64 {
     let out = stdout(o);

@@ -70,6 +70,7 @@ fn job<'a>(dir: &'a std::path::Path, data: &'a Split) -> TrainJob<'a> {
         settings: settings(),
         data,
         resume: false,
+        extend: false,
         stop_at: None,
         stop_flag: None,
         progress: ProgressMode::Quiet,
@@ -119,14 +120,28 @@ fn resume_repeats(mixer: MixerKind) {
     assert!(checkpoint::latest(split_dir.path())
         .unwrap()
         .ends_with("step-000003"));
-    // The resumed run takes everything from the checkpoint, even if other settings are passed.
-    let resumed = train::<B>(
+    // Another setting given to the resume is refused, not silently ignored.
+    let err = train::<B>(
         TrainJob {
             resume: true,
             settings: TrainSettings {
                 lr: 123.0,
                 ..settings()
             },
+            ..job_with(split_dir.path(), &data, mixer)
+        },
+        &device,
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::ResumeMismatch { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("--lr 123 differs from the run's 0.01; pass --extend to apply it"),
+        "{err}"
+    );
+    let resumed = train::<B>(
+        TrainJob {
+            resume: true,
             ..job_with(split_dir.path(), &data, mixer)
         },
         &device,
@@ -160,6 +175,110 @@ fn resume_repeats(mixer: MixerKind) {
         "{:?}",
         losses(&straight)
     );
+}
+
+#[test]
+fn extend_applies_schedule_changes_on_resume_but_never_shape_changes() {
+    let _serial = serial();
+    let data = data();
+    let device = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    let first = train::<B>(
+        TrainJob {
+            stop_at: Some(3),
+            ..job(dir.path(), &data)
+        },
+        &device,
+    )
+    .unwrap();
+    let extended = TrainSettings {
+        steps: 8,
+        lr: 5e-3,
+        ..settings()
+    };
+    let resume = |settings: TrainSettings, model: BitLlamaConfig| {
+        train::<B>(
+            TrainJob {
+                resume: true,
+                extend: true,
+                settings,
+                model,
+                ..job(dir.path(), &data)
+            },
+            &device,
+        )
+    };
+
+    // The batch shape and the model cannot change, --extend or not; each is named.
+    let err = resume(
+        TrainSettings {
+            seq_len: 8,
+            ..extended.clone()
+        },
+        BitLlamaConfig {
+            d_model: 32,
+            ..tiny()
+        },
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, TrainError::ResumeMismatch { .. }), "{text}");
+    assert!(
+        text.contains("--seq-len 8 differs from the run's 16"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--d-model 32 differs from the run's 64"),
+        "{text}"
+    );
+    assert!(!text.contains("--steps"), "{text}");
+    // Fewer steps than done is an error too.
+    let err = resume(
+        TrainSettings {
+            steps: 2,
+            ..settings()
+        },
+        tiny(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--steps 2 is fewer"), "{err}");
+
+    let report = resume(extended.clone(), tiny()).unwrap();
+    assert_eq!(report.outcome, Outcome::Finished);
+    assert_eq!(report.state.step, 8);
+    assert_eq!(report.state.settings, extended);
+    // The first steps are the stopped run's (the timing fields went through JSON).
+    let losses = |rows: &[bit_ttt_train::metrics::MetricRow]| {
+        rows.iter()
+            .map(|m| (m.step, m.lr, m.train_loss, m.val_loss))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        losses(&report.state.metrics[..3]),
+        losses(&first.state.metrics)
+    );
+    // Steps 4.. follow the new schedule.
+    for row in &report.state.metrics[3..] {
+        assert_eq!(
+            row.lr,
+            extended.schedule().lr(row.step - 1),
+            "step {}",
+            row.step
+        );
+    }
+    let saved = checkpoint::load_state(&checkpoint::latest(dir.path()).unwrap()).unwrap();
+    assert_eq!(saved.settings, extended);
+}
+
+#[test]
+fn a_run_directory_in_use_is_refused() {
+    let _serial = serial();
+    let data = data();
+    let dir = tempfile::tempdir().unwrap();
+    let _held = checkpoint::RunLock::acquire(dir.path()).unwrap();
+    let err = train::<B>(job(dir.path(), &data), &Default::default()).unwrap_err();
+    assert!(matches!(err, TrainError::RunLocked { .. }), "{err}");
+    assert!(!checkpoint::checkpoint_root(dir.path()).exists());
 }
 
 #[test]

@@ -187,6 +187,7 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
         settings,
         data: &split,
         resume: args.resume,
+        extend: false,
         stop_at: None,
         stop_flag: Some(ctrl_c_flag()),
         progress: progress_mode(None),

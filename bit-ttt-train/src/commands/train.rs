@@ -11,7 +11,8 @@ use bit_ttt_train::tokenizer::Tokenizer;
 use bit_ttt_train::train::{self, Outcome, TrainJob, TrainSettings};
 use bit_ttt_train::{checkpoint, with_backend, TrainError};
 use burn::backend::Autodiff;
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -107,9 +108,16 @@ pub struct TrainArgs {
     /// Checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
-    /// Continue from the latest checkpoint in --out (model, optimizer, schedule, data position, RNG).
+    /// Continue from the latest checkpoint in --out (model, optimizer, schedule, data position,
+    /// RNG). Settings given with it must equal the run's, unless --extend is given too.
     #[arg(long)]
     resume: bool,
+    /// With --resume: apply the schedule settings given that differ from the run's (--steps,
+    /// --lr, --min-lr, --warmup-steps, --beta1, --beta2, --weight-decay, --grad-clip,
+    /// --eval-every, --eval-batches, --checkpoint-every, --keep-checkpoints). The model, batch
+    /// shape and seed never change on resume.
+    #[arg(long, requires = "resume")]
+    extend: bool,
     /// Stop after this step with a checkpoint, as Ctrl-C would (resume later with --resume).
     #[arg(long)]
     stop_at: Option<usize>,
@@ -152,6 +160,84 @@ fn settings_of(args: &TrainArgs) -> TrainSettings {
     }
 }
 
+/// The settings of a resumed run: the run's own, with the flags typed on the command line
+/// (not their defaults) put over them. `train` then refuses the differences, or applies them
+/// with `--extend`.
+fn resume_settings(
+    args: &TrainArgs,
+    given: &dyn Fn(&str) -> bool,
+    run: &TrainSettings,
+) -> TrainSettings {
+    let typed = settings_of(args);
+    let mut settings = run.clone();
+    // The clap ids are the field names of both `TrainArgs` and `TrainSettings`.
+    macro_rules! take {
+        ($($field:ident),*) => {$(
+            if given(stringify!($field)) {
+                settings.$field = typed.$field;
+            }
+        )*};
+    }
+    take!(
+        seq_len,
+        batch_size,
+        steps,
+        lr,
+        min_lr,
+        warmup_steps,
+        beta1,
+        beta2,
+        weight_decay,
+        grad_clip,
+        eval_every,
+        eval_batches,
+        checkpoint_every,
+        keep_checkpoints,
+        seed
+    );
+    settings
+}
+
+/// The model shape of a resumed run: the run's own, with the model flags typed on the command
+/// line put over it (a typed --preset or --config rebuilds it as a fresh run would).
+fn resume_model(
+    args: &TrainArgs,
+    given: &dyn Fn(&str) -> bool,
+    run: &BitLlamaConfig,
+) -> Result<BitLlamaConfig> {
+    if given("preset") || given("config") {
+        let mut config = model_config(args, run.vocab_size)?;
+        // Defaulted, not typed: keep the run's.
+        if !given("mixer") {
+            config.mixer = run.mixer;
+        }
+        if !given("ternary") {
+            config.ternary = run.ternary;
+        }
+        return Ok(config);
+    }
+    let mut config = run.clone();
+    if given("mixer") {
+        config.mixer = args.mixer;
+    }
+    if given("ternary") {
+        config.ternary = args.ternary;
+    }
+    // These have no default: set only when typed.
+    for (value, field) in [
+        (args.d_model, &mut config.d_model),
+        (args.n_layers, &mut config.n_layers),
+        (args.n_heads, &mut config.n_heads),
+        (args.d_ffn, &mut config.d_ffn),
+        (args.mini_batch_size, &mut config.mini_batch_size),
+    ] {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    Ok(config)
+}
+
 fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
     let mut config = match &args.config {
         Some(path) => BitLlamaConfig::load_json(path)?,
@@ -181,19 +267,39 @@ fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
     Ok(config)
 }
 
-/// `train`: trains (or resumes) a model in a run directory.
-pub fn run(args: TrainArgs) -> Result<Exit> {
+/// `train`: trains (or resumes) a model in a run directory. `matches` are the subcommand's
+/// parsed arguments, which tell the flags typed from the defaulted ones.
+pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> Result<Exit> {
+    let given =
+        |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
     let device = args.device.device.check()?;
     let run_dir = args.out.clone();
+    if run_dir.is_dir() {
+        // Refuse before touching anything if another trainer is at work here; `train` takes
+        // the lock again for the run itself.
+        drop(checkpoint::RunLock::acquire(&run_dir)?);
+    }
     let tokenizer_path = run_dir.join(TOKENIZER_FILE);
     let (data_paths, valid_fraction, tokenizer) = if args.resume {
         // Fail early, before reading data, when there is nothing to resume.
-        checkpoint::latest(&run_dir)?;
+        checkpoint::find_latest(&run_dir)?;
+        for (id, flag) in [("tokenizer", "--tokenizer"), ("vocab_size", "--vocab-size")] {
+            if given(id) {
+                eprintln!("warning: {flag} is ignored with --resume: the run keeps its own {TOKENIZER_FILE}");
+            }
+        }
         let info: RunInfo = serde_json::from_slice(
             &std::fs::read(run_dir.join(RUN_FILE))
                 .with_context(|| format!("reading {}", run_dir.join(RUN_FILE).display()))?,
         )
         .with_context(|| format!("parsing {}", run_dir.join(RUN_FILE).display()))?;
+        if given("valid_fraction") && args.valid_fraction != info.valid_fraction {
+            bail!(
+                "--valid-fraction {} differs from the run's {}; a resumed run cannot change its validation split",
+                args.valid_fraction,
+                info.valid_fraction
+            );
+        }
         let paths = if args.data.is_empty() {
             info.data
         } else {
@@ -208,7 +314,7 @@ pub fn run(args: TrainArgs) -> Result<Exit> {
         // Check the settings before the (slower) tokenizer training.
         settings_of(&args).validate()?;
         model_config(&args, bit_ttt_train::tokenizer::MIN_VOCAB_SIZE)?;
-        if checkpoint::latest(&run_dir).is_ok() {
+        if checkpoint::find_latest(&run_dir).is_ok() {
             bail!(
                 "{} already holds a training run; continue it with --resume, or choose another --out",
                 run_dir.display()
@@ -242,15 +348,17 @@ pub fn run(args: TrainArgs) -> Result<Exit> {
     let texts = data::read_texts(&data_paths)?;
     let split = data::tokenize_and_split(&tokenizer, &texts, valid_fraction)?;
     let (config, settings) = if args.resume {
-        // The run's own model and settings, from its latest checkpoint.
-        let state = checkpoint::load_state(&checkpoint::latest(&run_dir)?)?;
+        // The run's own model and settings, from its latest checkpoint, with what was typed;
+        // `train` refuses differences unless --extend allows them.
+        let state = checkpoint::load_state(&checkpoint::find_latest(&run_dir)?.dir)?;
+        let settings = resume_settings(&args, &given, &state.settings);
         eprintln!(
             "resuming {} at step {} of {}",
             run_dir.display(),
             state.step,
-            state.settings.steps
+            settings.steps
         );
-        (state.model, state.settings)
+        (resume_model(&args, &given, &state.model)?, settings)
     } else {
         (
             model_config(&args, tokenizer.vocab_size())?,
@@ -277,6 +385,7 @@ pub fn run(args: TrainArgs) -> Result<Exit> {
         settings,
         data: &split,
         resume: args.resume,
+        extend: args.extend,
         stop_at: args.stop_at,
         stop_flag: Some(ctrl_c_flag()),
         progress: progress_mode(args.progress),
