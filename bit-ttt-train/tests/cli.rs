@@ -271,6 +271,33 @@ fn demo_validates_first_and_runs_on_a_small_budget() {
     ] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
+
+    // A resume takes the run's own step count; another one needs --extend.
+    let resume = |extra: &[&str]| {
+        let mut a = vec![
+            "demo",
+            "--out",
+            &out_s,
+            "--data",
+            &good,
+            "--resume",
+            "--sample-tokens",
+            "3",
+        ];
+        a.extend(extra);
+        run(&a)
+    };
+    let o = resume(&[]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    fails_with(
+        &[
+            "demo", "--out", &out_s, "--data", &good, "--resume", "--steps", "4",
+        ],
+        "--extend",
+    );
+    let o = resume(&["--steps", "4", "--extend"]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(out.join("checkpoints").join("step-000004").is_dir());
 }
 
 #[test]

@@ -421,10 +421,7 @@ fn check_header_fits(file: &mut std::fs::File, path: &Path) -> Result<(), BitTtt
         path: path.to_path_buf(),
         reason,
     };
-    let len = file
-        .metadata()
-        .map_err(|e| BitTttError::io(path, e))?
-        .len();
+    let len = file.metadata().map_err(|e| BitTttError::io(path, e))?.len();
     let mut prefix = [0u8; 8];
     if len < 8 || file.read_exact(&mut prefix).is_err() {
         return Err(corrupt(format!(

@@ -42,12 +42,16 @@ pub struct DemoArgs {
     /// Tokenizer vocabulary size.
     #[arg(long, default_value_t = DEMO_VOCAB)]
     vocab_size: usize,
-    /// Training steps.
-    #[arg(long, default_value_t = DEMO_STEPS)]
-    steps: usize,
+    /// Training steps [default: 600; with --resume, the run's own].
+    #[arg(long)]
+    steps: Option<usize>,
     /// Continue an interrupted demo from its latest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// With --resume: apply a --steps that differs from the run's (without it, that is an
+    /// error).
+    #[arg(long, requires = "resume")]
+    extend: bool,
     /// Tokens to generate after the prompt.
     #[arg(long, default_value_t = 200)]
     sample_tokens: usize,
@@ -105,8 +109,19 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
         args.mixer.name(),
         device.name()
     );
-    // Everything is checked before anything in --out is deleted or written.
-    let settings = demo_settings(args.steps);
+    // Everything is checked before anything in --out is deleted or written. A resume needs a
+    // checkpoint: say so before complaining about a missing tokenizer.
+    let latest = if args.resume {
+        Some(checkpoint::latest(&run_dir)?)
+    } else {
+        None
+    };
+    let steps = match (args.steps, &latest) {
+        (Some(steps), _) => steps,
+        (None, Some(dir)) => checkpoint::load_state(dir)?.settings.steps,
+        (None, None) => DEMO_STEPS,
+    };
+    let settings = demo_settings(steps);
     settings.validate()?;
     if args.prompt.is_empty() {
         anyhow::bail!("--prompt must not be empty");
@@ -114,8 +129,6 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
     let started = Instant::now();
     let tokenizer_path = run_dir.join(TOKENIZER_FILE);
     let tokenizer = if args.resume {
-        // A resume needs a checkpoint; say so before complaining about a missing tokenizer.
-        checkpoint::latest(&run_dir)?;
         Tokenizer::load(&tokenizer_path)?
     } else {
         Tokenizer::train(&texts, args.vocab_size)?
@@ -187,7 +200,7 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
         settings,
         data: &split,
         resume: args.resume,
-        extend: false,
+        extend: args.extend,
         stop_at: None,
         stop_flag: Some(ctrl_c_flag()),
         progress: progress_mode(None),
