@@ -695,3 +695,134 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert!(out.join("checkpoints/latest").is_file());
     assert!(!stderr(&o).contains("panicked"));
 }
+
+/// Training stopped at step 3 and resumed in another process ends where an uninterrupted run
+/// ends, bit for bit: the same losses at every step and the same final weights, for every mixer.
+#[test]
+fn a_resume_in_another_process_repeats_an_uninterrupted_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path()).to_string_lossy().into_owned();
+    let tok = dir.path().join("tok.json").to_string_lossy().into_owned();
+    let o = run(&[
+        "tokenizer",
+        "--data",
+        &data,
+        "--vocab-size",
+        "300",
+        "--out",
+        &tok,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // TINY without its mixer.
+    let tiny: Vec<&str> = TINY
+        .chunks(2)
+        .filter(|pair| pair[0] != "--mixer")
+        .flatten()
+        .copied()
+        .collect();
+    // (step, train_loss, val_loss) of every step, as the final checkpoint records them.
+    let losses = |out: &Path| -> Vec<(u64, f64, Option<f64>)> {
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("checkpoints/step-000006/trainer_state.json")).unwrap(),
+        )
+        .unwrap();
+        state["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["step"].as_u64().unwrap(),
+                    m["train_loss"].as_f64().unwrap(),
+                    m["val_loss"].as_f64(),
+                )
+            })
+            .collect()
+    };
+    for mixer in ["ttt_linear", "ttt_mlp", "attention"] {
+        let train = |out: &Path, extra: &[&str]| {
+            let out_s = out.to_string_lossy().into_owned();
+            let mut args = vec![
+                "train",
+                "--out",
+                &out_s,
+                "--data",
+                &data,
+                "--tokenizer",
+                &tok,
+            ];
+            args.extend(&tiny);
+            args.extend(["--mixer", mixer, "--steps", "6", "--checkpoint-every", "2"]);
+            args.extend(extra);
+            let o = run(&args);
+            assert!(o.status.success(), "{mixer}: {}", stderr(&o));
+        };
+        let straight = dir.path().join(format!("{mixer}-straight"));
+        train(&straight, &[]);
+        let resumed = dir.path().join(format!("{mixer}-resumed"));
+        train(&resumed, &["--stop-at", "3"]);
+        let out_s = resumed.to_string_lossy().into_owned();
+        let o = run(&["train", "--out", &out_s, "--resume", "--progress", "quiet"]);
+        assert!(o.status.success(), "{mixer}: {}", stderr(&o));
+
+        let (a, b) = (losses(&straight), losses(&resumed));
+        assert_eq!(a.len(), 6, "{mixer}: {a:?}");
+        // Evaluated at steps 2 and 4; step 6's evaluation comes after its checkpoint.
+        assert_eq!(
+            a.iter().filter(|r| r.2.is_some()).count(),
+            2,
+            "{mixer}: {a:?}"
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.0, y.0);
+            if x.0 > 3 {
+                // Computed after the resume, in the second process: exactly equal.
+                assert_eq!(x.1.to_bits(), y.1.to_bits(), "{mixer} step {}", x.0);
+                assert_eq!(
+                    x.2.map(f64::to_bits),
+                    y.2.map(f64::to_bits),
+                    "{mixer} step {}",
+                    x.0
+                );
+            } else {
+                // Computed before the stop and read back from the checkpoint's JSON: equal
+                // to JSON's decimal round trip.
+                assert!(
+                    (x.1 - y.1).abs() <= 1e-15 * x.1.abs(),
+                    "{mixer} step {}",
+                    x.0
+                );
+            }
+        }
+        // The final weights, tensor by tensor (the safetensors header's metadata map is
+        // written in hash order, so the files' bytes may differ where the values do not).
+        let final_weights = tensors(&straight.join("model.safetensors"));
+        assert!(final_weights.len() > 10, "{mixer}: {final_weights:?}");
+        assert!(
+            final_weights == tensors(&resumed.join("model.safetensors")),
+            "{mixer}: the final weights differ"
+        );
+    }
+}
+
+/// The tensors of a safetensors file: name → (header entry, bytes), metadata left out.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, (serde_json::Value, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, entry)| {
+            let offsets = &entry["data_offsets"];
+            let (start, end) = (
+                offsets[0].as_u64().unwrap() as usize,
+                offsets[1].as_u64().unwrap() as usize,
+            );
+            let values = data[start..end].to_vec();
+            (name, (entry, values))
+        })
+        .collect()
+}
