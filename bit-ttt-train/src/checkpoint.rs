@@ -327,14 +327,68 @@ pub fn load_tensors<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
     device: &B::Device,
 ) -> Result<(BitLlama<B>, O), TrainError> {
     let bytes = read_file(&dir.join(MODEL_RECORD)).map_err(|e| bad(dir, e))?;
-    let record = Rec::new()
-        .load(bytes, device)
+    // Burn panics on some corrupt records (tensor data that does not fit its shape) instead
+    // of returning an error (found by the loader fuzzer): such a panic is this file's error.
+    let panicked = |what: &'static str| move |e: String| bad(dir, format!("{what}: {e}"));
+    let record = crate::catch::catch_quietly(|| Rec::new().load(bytes, device))
+        .map_err(panicked("model record"))?
         .map_err(|e| bad(dir, format!("model record: {e}")))?;
     let bytes = read_file(&dir.join(OPTIMIZER_RECORD)).map_err(|e| bad(dir, e))?;
-    let optim_record = Rec::new()
-        .load(bytes, device)
+    let optim_record = crate::catch::catch_quietly(|| Rec::new().load(bytes, device))
+        .map_err(panicked("optimizer record"))?
         .map_err(|e| bad(dir, format!("optimizer record: {e}")))?;
-    Ok((model.load_record(record), optim.load_record(optim_record)))
+    // Burn loads a parameter of any shape: one that differs from the model's would panic in
+    // the first forward pass instead.
+    let expected = parameter_shapes(&model);
+    let model = model.load_record(record);
+    let loaded = parameter_shapes(&model);
+    if let Some((name, shape)) = expected
+        .iter()
+        .find(|(name, shape)| loaded.get(*name) != Some(shape))
+    {
+        return Err(bad(
+            dir,
+            format!(
+                "model record: {name} has shape {}, the model {shape:?}",
+                loaded
+                    .get(name)
+                    .map_or("none".to_string(), |s| format!("{s:?}"))
+            ),
+        ));
+    }
+    let optim = crate::catch::catch_quietly(|| optim.load_record(optim_record))
+        .map_err(panicked("optimizer record"))?;
+    Ok((model, optim))
+}
+
+/// The shape of every parameter of `model`, by its path (read without drawing the initial
+/// values of a fresh model).
+fn parameter_shapes<B: burn::tensor::backend::Backend>(
+    model: &BitLlama<B>,
+) -> std::collections::BTreeMap<String, Vec<usize>> {
+    #[derive(Default)]
+    struct Shapes {
+        path: Vec<String>,
+        shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    }
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Shapes {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(
+            &mut self,
+            param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) {
+            self.shapes
+                .insert(self.path.join("."), param.lazy_shape().to_vec());
+        }
+    }
+    let mut shapes = Shapes::default();
+    model.visit(&mut shapes);
+    shapes.shapes
 }
 
 /// Exclusive right to train in a run directory, held for the whole run and released when
@@ -678,6 +732,35 @@ mod tests {
             load_tensors(&dir, fresh, fresh_optim, &Default::default()).unwrap();
         assert_eq!(model_bytes(&loaded), model_bytes(&model));
         assert_eq!(optim_size(&loaded_optim), optim_size(&optim));
+    }
+
+    #[test]
+    fn records_of_another_shape_are_an_error_not_a_later_panic() {
+        let run = tempfile::tempdir().unwrap();
+        let (model, optim) = trained();
+        let dir = save(run.path(), &model, &optim, &state(1), 2).unwrap();
+        // A model with a larger vocabulary: the embedding and the head differ in shape.
+        let device = Default::default();
+        let other = BitLlamaConfig::tiny(60).init::<B>(&device);
+        let fresh_optim = AdamWConfig::new().init::<B, BitLlama<B>>();
+        let Err(err) = load_tensors(&dir, other, fresh_optim, &device) else {
+            panic!("a record of another shape loaded");
+        };
+        assert!(
+            matches!(&err, TrainError::BadCheckpoint { reason, .. } if reason.contains("has shape [50, 64], the model [60, 64]")),
+            "{err}"
+        );
+        // A record whose bytes were cut: an error whatever Burn does with it.
+        let record = dir.join(MODEL_RECORD);
+        let bytes = fs::read(&record).unwrap();
+        for cut in [0, 1, bytes.len() / 3, bytes.len() - 1] {
+            fs::write(&record, &bytes[..cut]).unwrap();
+            let (fresh, fresh_optim) = trained();
+            let Err(err) = load_tensors(&dir, fresh, fresh_optim, &device) else {
+                panic!("a record cut at {cut} loaded");
+            };
+            assert!(matches!(err, TrainError::BadCheckpoint { .. }), "{err}");
+        }
     }
 
     #[test]

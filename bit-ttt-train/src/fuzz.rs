@@ -6,7 +6,7 @@
 //! length prefix or a JSON number replaced by an extreme value such as a huge shape, NaN or
 //! infinity written over float data, cut or duplicated chunks), loads the result the way the
 //! command line does, and, where loading succeeds, uses what it loaded once (a forward pass, a
-//! decode step, an encode and decode). Panics are caught and counted with the case number,
+//! decode step, an encode and decode, a training step). Panics are caught and counted with the case number,
 //! which reproduces the case with the same seed. `cargo test` runs a bounded number of cases
 //! per target (`tests/fuzz.rs`); `cargo run --release -p bit-ttt-train --example fuzz_loaders
 //! -- --cases 1000000` is the long run.
@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 use bit_ttt_burn::cpu_decode::CpuDecoder;
 use bit_ttt_burn::model::files::{CONFIG_FILE, WEIGHTS_FILE};
 use bit_ttt_burn::{BitLlama, BitLlamaConfig, BitTttError, MixerKind};
-use burn::backend::NdArray;
+use burn::backend::{Autodiff, NdArray};
 
+use crate::data::Split;
 use crate::rng::SplitMix64;
 use crate::tokenizer::Tokenizer;
+use crate::train::{self, ProgressMode, TrainJob, TrainSettings};
 use crate::TrainError;
 
 type B = NdArray;
@@ -40,16 +42,20 @@ pub enum Target {
     Soul,
     /// A `tokenizer.json`.
     Tokenizer,
+    /// A run's checkpoints (`latest`, `trainer_state.json`, the `.mpk` records, the model
+    /// directory), resumed for one training step.
+    Checkpoint,
 }
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Config,
         Target::Model,
         Target::Packed,
         Target::Soul,
         Target::Tokenizer,
+        Target::Checkpoint,
     ];
 
     /// The name on the command line and in reports.
@@ -60,6 +66,7 @@ impl Target {
             Target::Packed => "packed",
             Target::Soul => "soul",
             Target::Tokenizer => "tokenizer",
+            Target::Checkpoint => "checkpoint",
         }
     }
 }
@@ -142,6 +149,13 @@ enum Seeds {
     Souls(Vec<(BitLlama<B>, CpuDecoder, Vec<u8>, Vec<u8>)>),
     /// A tokenizer file.
     Tokenizer(Vec<u8>),
+    /// A run directory after two steps with a checkpoint at each: every file (path relative to
+    /// the run directory, bytes), and the job that made it.
+    Run {
+        files: Vec<(PathBuf, Vec<u8>)>,
+        settings: TrainSettings,
+        split: Split,
+    },
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -193,6 +207,28 @@ fn seeds(target: Target, dir: &Path) -> Result<Seeds, TrainError> {
             }
             Seeds::Souls(souls)
         }
+        Target::Checkpoint => {
+            let run_dir = dir.join("seed-run");
+            let settings = checkpoint_settings();
+            // A fixed stream of 300 tokens of the fuzz vocabulary (16).
+            let mut rng = SplitMix64::new(5);
+            let tokens: Vec<u32> = (0..300).map(|_| rng.below(16) as u32).collect();
+            let split = Split {
+                train: tokens[..240].to_vec(),
+                valid: tokens[240..].to_vec(),
+            };
+            train::train::<Autodiff<B>>(
+                checkpoint_job(&run_dir, &settings, &split, false),
+                &device,
+            )?;
+            let mut files = Vec::new();
+            collect_files(&run_dir, &run_dir, &mut files)?;
+            Seeds::Run {
+                files,
+                settings,
+                split,
+            }
+        }
         Target::Tokenizer => {
             let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little \
                 or no money in my purse, and nothing particular to interest me on shore, I thought I \
@@ -205,6 +241,67 @@ fn seeds(target: Target, dir: &Path) -> Result<Seeds, TrainError> {
     })
 }
 
+/// The checkpoint target's training: 2 steps of 2 × 8 tokens, a checkpoint after each, of 4
+/// steps in all (so a resume trains one more).
+fn checkpoint_settings() -> TrainSettings {
+    TrainSettings {
+        seq_len: 8,
+        batch_size: 2,
+        steps: 4,
+        warmup_steps: 1,
+        eval_every: 1,
+        eval_batches: 1,
+        checkpoint_every: 1,
+        keep_checkpoints: 2,
+        ..TrainSettings::default()
+    }
+}
+
+fn checkpoint_job<'a>(
+    run_dir: &'a Path,
+    settings: &TrainSettings,
+    split: &'a Split,
+    resume: bool,
+) -> TrainJob<'a> {
+    TrainJob {
+        run_dir,
+        model: fuzz_config(MixerKind::TttLinear),
+        settings: settings.clone(),
+        data: split,
+        resume,
+        extend: false,
+        // The seed run stops after 2 steps; a resume trains step 3 on what it loaded.
+        stop_at: Some(if resume { 3 } else { 2 }),
+        stop_flag: None,
+        progress: ProgressMode::Quiet,
+        references: Vec::new(),
+    }
+}
+
+/// Every file under `dir`, with its path relative to `root`.
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<(PathBuf, Vec<u8>)>,
+) -> Result<(), TrainError> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            collect_files(root, &path, files)?;
+        } else {
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let relative = path.strip_prefix(root).expect("under root").to_path_buf();
+            files.push((relative, bytes));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a file is safetensors (a length prefix and a JSON header) or JSON.
 #[derive(Debug, Clone, Copy)]
 pub enum Format {
@@ -212,6 +309,8 @@ pub enum Format {
     Safetensors,
     /// JSON text.
     Json,
+    /// Other binary data (MessagePack records, plain text like `latest`).
+    Binary,
 }
 
 /// Values that break parsers and allocators when they replace a number.
@@ -275,6 +374,14 @@ fn mutate_once(out: &mut Vec<u8>, format: Format, rng: &mut SplitMix64) {
                 };
                 out[..8].copy_from_slice(&value.to_le_bytes());
             }
+            Format::Binary => {
+                // A 4-byte field somewhere set to an extreme length.
+                if len >= 4 {
+                    let i = rng.below(len - 3);
+                    let value = [0u32, u32::MAX, 1 << 31, 0x7fff_ffff][rng.below(4)];
+                    out[i..i + 4].copy_from_slice(&value.to_be_bytes());
+                }
+            }
             _ => replace_number(out, format, rng),
         },
         // NaN or infinity over float data (4-byte aligned, anywhere past the header).
@@ -306,7 +413,7 @@ fn mutate_once(out: &mut Vec<u8>, format: Format, rng: &mut SplitMix64) {
 /// Where float data may start: after a safetensors header, anywhere in JSON.
 fn header_end(bytes: &[u8], format: Format) -> usize {
     match format {
-        Format::Json => 0,
+        Format::Json | Format::Binary => 0,
         Format::Safetensors => bytes
             .get(..8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -319,7 +426,7 @@ fn header_end(bytes: &[u8], format: Format) -> usize {
 /// an extreme value.
 fn replace_number(out: &mut Vec<u8>, format: Format, rng: &mut SplitMix64) {
     let (start, end) = match format {
-        Format::Json => (0, out.len()),
+        Format::Json | Format::Binary => (0, out.len()),
         Format::Safetensors => (8.min(out.len()), header_end(out, format)),
     };
     let runs: Vec<(usize, usize)> = {
@@ -514,6 +621,45 @@ fn one_case(
                 }
                 Ok(())
             })())
+        }
+        Seeds::Run {
+            files,
+            settings,
+            split,
+        } => {
+            let run_dir = dir.join("run");
+            if run_dir.exists() {
+                fs::remove_dir_all(&run_dir).map_err(io(&run_dir))?;
+            }
+            // The files a resume reads: `latest` and the checkpoint it names.
+            let candidates: Vec<usize> = (0..files.len())
+                .filter(|&i| {
+                    let name = files[i].0.to_string_lossy();
+                    name == "checkpoints/latest" || name.starts_with("checkpoints/step-000002/")
+                })
+                .collect();
+            let target = candidates[rng.below(candidates.len())];
+            for (i, (relative, bytes)) in files.iter().enumerate() {
+                let path = run_dir.join(relative);
+                let parent = path.parent().expect("a file in a directory");
+                fs::create_dir_all(parent).map_err(io(parent))?;
+                if i == target {
+                    let name = relative.to_string_lossy();
+                    let format = if name.ends_with(".json") {
+                        Format::Json
+                    } else if name.ends_with(".safetensors") {
+                        Format::Safetensors
+                    } else {
+                        Format::Binary
+                    };
+                    write(&path, &mutate(bytes, format, rng))?;
+                } else {
+                    write(&path, bytes)?;
+                }
+            }
+            train::train::<Autodiff<B>>(checkpoint_job(&run_dir, settings, split, true), &device)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }
         Seeds::Tokenizer(file) => {
             let bytes = mutate(file, Format::Json, rng);

@@ -7,6 +7,7 @@
 
 pub mod baselines;
 pub mod bench;
+mod catch;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
