@@ -139,6 +139,9 @@ const MIXERS: [MixerKind; 3] = [
     MixerKind::Attention,
 ];
 
+/// A model, its fused decoder, and the `.soul` files each wrote after reading 5 tokens.
+type SoulSeed = (BitLlama<B>, CpuDecoder, Vec<u8>, Vec<u8>);
+
 /// Valid files of one target to mutate, and what loading needs besides.
 enum Seeds {
     /// Per mixer: the bytes of `config.json` and of `model.safetensors`.
@@ -146,7 +149,7 @@ enum Seeds {
     /// Per mixer: a packed file.
     Packed(Vec<Vec<u8>>),
     /// Per mixer: the model, its fused decoder and a `.soul` file of each after 5 tokens.
-    Souls(Vec<(BitLlama<B>, CpuDecoder, Vec<u8>, Vec<u8>)>),
+    Souls(Vec<SoulSeed>),
     /// A tokenizer file.
     Tokenizer(Vec<u8>),
     /// A run directory after two steps with a checkpoint at each: every file (path relative to

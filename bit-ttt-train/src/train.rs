@@ -524,7 +524,7 @@ pub fn check_fits_memory(config: &BitLlamaConfig, memory: Option<u64>) -> Result
     if needed > memory {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(TrainError::InvalidSetting(format!(
-            "model: {weights} parameters; to train it needs about {:.1} GiB (f32 weights, gradients and AdamW moments), more than this machine's {:.1} GiB",
+            "model: at least {weights} parameters; to train it needs about {:.1} GiB (f32 weights, gradients and AdamW moments), more than this machine's {:.1} GiB",
             gib(needed),
             gib(memory)
         )));
