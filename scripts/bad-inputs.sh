@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the command line on bad inputs (files, flags, checkpoints, models) and prints a Markdown
 # table: the input, the exit code and the first line of what it printed on stderr. Every row
-# must exit 1 (or 2, clap's usage errors) with a message, never a panic (101) or a signal.
+# must exit 1 (or 2, clap's usage errors) with a message, never a panic (101) or a signal; the script
+# exits 1 if one does not.
 #
 #   scripts/bad-inputs.sh [path/to/bit-ttt-train]   (default: target/release/bit-ttt-train)
 set -uo pipefail
@@ -41,6 +42,7 @@ cp -r run broken-ckpt && : > broken-ckpt/checkpoints/step-000004/optimizer.mpk
 cp -r run all-broken && for d in all-broken/checkpoints/step-*; do : > "$d/model.mpk"; done
 echo '{ not json' > tok-bad.json
 
+bad=0
 echo "| input | exit | message (first line of stderr) |"
 echo "|---|---|---|"
 row() {
@@ -53,7 +55,10 @@ row() {
     # The error line (progress lines may come before it), else the first line.
     first=$(grep -m 1 '^error:' <<<"$err" | cut -c1-220)
     [ -z "$first" ] && first=$(head -n 1 <<<"$err" | cut -c1-220)
-    if grep -q panicked <<<"$err"; then first="PANIC: $first"; fi
+    if grep -q panicked <<<"$err" || [ "$code" -ge 101 ] || [ "$code" -eq 0 ]; then
+        first="UNEXPECTED: $first"
+        bad=1
+    fi
     printf '| %s | %s | %s |\n' "$label" "$code" "${first//|/\\|}"
 }
 row "train --data missing.txt" train --out x1 --data missing.txt "${tiny[@]}"
@@ -68,7 +73,7 @@ row "train --mixer lstm" train --out x1 --data corpus.txt "${tiny[@]}" --mixer l
 row "train --preset huge" train --out x1 --data corpus.txt --preset huge
 row "train --tokenizer missing.json" train --out x1 --data corpus.txt "${tiny[@]}" --tokenizer missing.json
 row "train --tokenizer (not JSON)" train --out x1 --data corpus.txt "${tiny[@]}" --tokenizer tok-bad.json
-row "train on a run directory in use (no --resume)" train --out run --data corpus.txt "${tiny[@]}"
+row "train on a directory holding a run (no --resume)" train --out run --data corpus.txt "${tiny[@]}"
 row "train --resume (no run)" train --out nothing --resume
 row "train --resume --lr 0.5 (changed setting)" train --out run --resume --lr 0.5 --steps 6
 row "train --resume --preset 125m (changed model)" train --out run --resume --preset 125m --extend
@@ -100,3 +105,5 @@ row "generate --device tpu" generate --model run --prompt x --device tpu
 # A broken latest checkpoint is not an error: the resume falls back (a warning on stderr).
 err=$("$bin" train --out broken-ckpt --resume --steps 6 --extend 2>&1 >/dev/null); code=$?
 printf '| %s | %s | %s |\n' "train --resume, latest checkpoint broken (falls back)" "$code" "$(grep -m 1 '^warning:' <<<"$err" | cut -c1-220)"
+if grep -q panicked <<<"$err" || [ "$code" -ne 0 ]; then bad=1; fi
+exit $bad

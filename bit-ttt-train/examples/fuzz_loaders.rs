@@ -41,7 +41,7 @@ fn run() -> Result<bool> {
                     .collect::<Result<_, String>>()
                     .map_err(anyhow::Error::msg)?
             }
-            other => bail!("unknown argument {other:?}: expected --cases N, --seed N, --target {{config,model,packed,soul,tokenizer}}"),
+            other => bail!("unknown argument {other:?}: expected --cases N, --seed N, --target {{config,model,packed,soul,tokenizer,checkpoint}}"),
         }
     }
     let dir = tempfile::tempdir().context("a scratch directory")?;

@@ -91,17 +91,20 @@ impl Counts {
 /// Fits both baselines on `train` and scores them on `valid`.
 ///
 /// # Errors
-/// [`TrainError::NotEnoughData`] if `valid` has fewer than 2 tokens or `train` none;
-/// [`TrainError::InvalidSetting`] for a token id `>= vocab`.
+/// [`TrainError::NotEnoughData`] if `valid` has fewer than 2 tokens;
+/// [`TrainError::InvalidSetting`] for an empty `train` or a token id `>= vocab`.
 pub fn compute(train: &[u32], valid: &[u32], vocab: usize) -> Result<Baselines, TrainError> {
-    for (split, tokens, needed) in [("train", train, 1), ("validation", valid, 2)] {
-        if tokens.len() < needed {
-            return Err(TrainError::NotEnoughData {
-                split,
-                tokens: tokens.len(),
-                seq_len: needed - 1,
-            });
-        }
+    if train.is_empty() {
+        return Err(TrainError::InvalidSetting(
+            "the train split is empty: no baselines can be fitted".into(),
+        ));
+    }
+    if valid.len() < 2 {
+        return Err(TrainError::NotEnoughData {
+            split: "validation",
+            tokens: valid.len(),
+            seq_len: 1,
+        });
     }
     if let Some(&bad) = train.iter().chain(valid).find(|&&t| t as usize >= vocab) {
         return Err(TrainError::InvalidSetting(format!(
@@ -173,10 +176,8 @@ mod tests {
                 ..
             })
         ));
-        assert!(matches!(
-            compute(&[], &[1, 2], 3),
-            Err(TrainError::NotEnoughData { split: "train", .. })
-        ));
+        let err = compute(&[], &[1, 2], 3).unwrap_err();
+        assert!(err.to_string().contains("train split is empty"), "{err}");
         let err = compute(&[0, 1, 5], &[1, 2], 3).unwrap_err();
         assert!(err.to_string().contains("token id 5"), "{err}");
     }

@@ -9,7 +9,9 @@
 //! `latest` file is replaced atomically. A crash (not only a kill) at any point leaves the
 //! previous checkpoint and `latest` intact. Should `latest` still name a broken or missing
 //! checkpoint (a disk that lied about syncing, a hand-deleted file), [`latest`] falls back to
-//! the newest complete one, with a warning.
+//! the newest complete one, with a warning. Complete means every file present and not empty
+//! and `trainer_state.json` parsing; a record that is present but damaged inside is found
+//! when it is loaded and reported as [`TrainError::BadCheckpoint`] naming it.
 //!
 //! A training run holds [`RunLock`] on its run directory, so two trainers never write the
 //! same run; taking it also removes the temporary files and directories that crashed runs
@@ -340,7 +342,9 @@ pub fn load_tensors<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
     // Burn loads a parameter of any shape: one that differs from the model's would panic in
     // the first forward pass instead.
     let expected = parameter_shapes(&model);
-    let model = model.load_record(record);
+    // A record of another mixer kind makes Burn's enum records panic.
+    let model = crate::catch::catch_quietly(|| model.load_record(record))
+        .map_err(panicked("model record"))?;
     let loaded = parameter_shapes(&model);
     if let Some((name, shape)) = expected
         .iter()
@@ -483,6 +487,18 @@ fn remove_stale_temporaries(dir: &Path) {
             continue;
         }
         let path = entry.path();
+        // A checkpoint set aside by `save` (`.step-N.old-PID`) whose replacement never arrived
+        // (a crash between the two renames) is the only copy of that step: put it back.
+        if let Some(original) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('.'))
+            .and_then(|n| n.rsplit_once(".old-"))
+            .map(|(original, _)| dir.join(original))
+        {
+            if !original.exists() && fs::rename(&path, &original).is_ok() {
+                continue;
+            }
+        }
         // Not following symlinks: a stale entry is removed itself, never what it points to.
         let _ = match entry.file_type() {
             Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
@@ -668,6 +684,21 @@ mod tests {
         assert_eq!(names(run.path()), [".lock", ".notes", "checkpoints"]);
     }
 
+    #[test]
+    fn a_set_aside_checkpoint_without_its_replacement_is_put_back() {
+        let run = tempfile::tempdir().unwrap();
+        let root = checkpoint_root(run.path());
+        fake_checkpoint(&root, 4);
+        // A crash between `save`'s two renames: only the set-aside copy of step 4 exists.
+        fs::rename(
+            root.join("step-000004"),
+            root.join(format!(".step-000004.old-{DEAD_PID}")),
+        )
+        .unwrap();
+        let _lock = RunLock::acquire(run.path()).unwrap();
+        assert_eq!(names(&root), ["step-000004"]);
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn taking_the_lock_keeps_temporaries_of_live_processes() {
@@ -761,6 +792,25 @@ mod tests {
             };
             assert!(matches!(err, TrainError::BadCheckpoint { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn a_record_of_another_mixer_is_an_error() {
+        let run = tempfile::tempdir().unwrap();
+        let device = Default::default();
+        let attention = BitLlamaConfig::tiny(50)
+            .with_mixer(bit_ttt_burn::MixerKind::Attention)
+            .init::<B>(&device);
+        let optim = AdamWConfig::new().init::<B, BitLlama<B>>();
+        let dir = save(run.path(), &attention, &optim, &state(1), 2).unwrap();
+        let (ttt, ttt_optim) = trained();
+        let Err(err) = load_tensors(&dir, ttt, ttt_optim, &device) else {
+            panic!("an attention record loaded into a TTT model");
+        };
+        assert!(
+            matches!(&err, TrainError::BadCheckpoint { reason, .. } if reason.starts_with("model record")),
+            "{err}"
+        );
     }
 
     #[test]

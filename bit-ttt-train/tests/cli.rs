@@ -178,10 +178,13 @@ fn bad_inputs_are_clear_errors() {
         train(&["--data", &good, "--d-model", "100000000"]),
         "weights in its matrices",
     );
-    check(
-        train(&["--data", &good, "--d-model", "65536", "--n-heads", "4"]),
-        "to train it needs about",
-    );
+    // The machine's memory is read from /proc/meminfo.
+    if cfg!(target_os = "linux") {
+        check(
+            train(&["--data", &good, "--d-model", "65536", "--n-heads", "4"]),
+            "to train it needs about",
+        );
+    }
     // A tokenizer is not a data file.
     check(
         train(&["--data", &good, "--tokenizer", &d("no-tokenizer.json")]),
@@ -309,16 +312,7 @@ fn train_stop_resume_eval_generate() {
 
     // A separate tokenizer, then a run that uses it and stops at step 3 of 6.
     let tok = dir.path().join("tok.json").to_string_lossy().into_owned();
-    let o = run(&[
-        "tokenizer",
-        "--data",
-        &data,
-        "--vocab-size",
-        "300",
-        "--out",
-        &tok,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train_tokenizer(&data, &tok);
     assert!(stdout(&o).contains("bytes/token"));
 
     let mut args = vec![
@@ -703,16 +697,7 @@ fn a_resume_in_another_process_repeats_an_uninterrupted_run_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path()).to_string_lossy().into_owned();
     let tok = dir.path().join("tok.json").to_string_lossy().into_owned();
-    let o = run(&[
-        "tokenizer",
-        "--data",
-        &data,
-        "--vocab-size",
-        "300",
-        "--out",
-        &tok,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    train_tokenizer(&data, &tok);
     // TINY without its mixer.
     let tiny: Vec<&str> = TINY
         .chunks(2)
@@ -767,6 +752,7 @@ fn a_resume_in_another_process_repeats_an_uninterrupted_run_bit_for_bit() {
 
         let (a, b) = (losses(&straight), losses(&resumed));
         assert_eq!(a.len(), 6, "{mixer}: {a:?}");
+        assert_eq!(b.len(), 6, "{mixer}: {b:?}");
         // Evaluated at steps 2 and 4; step 6's evaluation comes after its checkpoint.
         assert_eq!(
             a.iter().filter(|r| r.2.is_some()).count(),
@@ -825,4 +811,19 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, (serde_json::Value
             (name, (entry, values))
         })
         .collect()
+}
+
+/// Trains a tokenizer of 300 tokens on `data` into `out`.
+fn train_tokenizer(data: &str, out: &str) -> Output {
+    let o = run(&[
+        "tokenizer",
+        "--data",
+        data,
+        "--vocab-size",
+        "300",
+        "--out",
+        out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    o
 }

@@ -36,9 +36,9 @@ pub struct DemoArgs {
     /// Text to train on instead of the bundled Moby Dick.
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// Sequence mixer of the model.
-    #[arg(long, default_value = "ttt_linear", value_parser = parse_mixer)]
-    mixer: MixerKind,
+    /// Sequence mixer of the model [default: ttt_linear; with --resume, the run's own].
+    #[arg(long, value_parser = parse_mixer)]
+    mixer: Option<MixerKind>,
     /// Tokenizer vocabulary size.
     #[arg(long, default_value_t = DEMO_VOCAB)]
     vocab_size: usize,
@@ -104,11 +104,6 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
     } else {
         format!("{} file(s)", args.data.len())
     };
-    println!(
-        "bit-ttt demo: a ternary (BitNet b1.58) {} language model on {corpus}, {} backend",
-        args.mixer.name(),
-        device.name()
-    );
     // Everything is checked before anything in --out is deleted or written. A resume needs a
     // checkpoint: say so before complaining about a missing tokenizer.
     let latest = if args.resume {
@@ -116,11 +111,21 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
     } else {
         None
     };
-    let steps = match (args.steps, &latest) {
-        (Some(steps), _) => steps,
-        (None, Some(dir)) => checkpoint::load_state(dir)?.settings.steps,
-        (None, None) => DEMO_STEPS,
-    };
+    // On resume, what was not given again is the run's own.
+    let saved = latest.as_deref().map(checkpoint::load_state).transpose()?;
+    let steps = args
+        .steps
+        .or(saved.as_ref().map(|s| s.settings.steps))
+        .unwrap_or(DEMO_STEPS);
+    let mixer = args
+        .mixer
+        .or(saved.as_ref().map(|s| s.model.mixer))
+        .unwrap_or(MixerKind::TttLinear);
+    println!(
+        "bit-ttt demo: a ternary (BitNet b1.58) {} language model on {corpus}, {} backend",
+        mixer.name(),
+        device.name()
+    );
     let settings = demo_settings(steps);
     settings.validate()?;
     if args.prompt.is_empty() {
@@ -135,13 +140,14 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
     };
     let split = data::tokenize_and_split(&tokenizer, &texts, 0.1)?;
     data::check_length(&split, settings.seq_len)?;
-    let config = demo_model(tokenizer.vocab_size(), args.mixer);
+    let config = demo_model(tokenizer.vocab_size(), mixer);
     config
         .validate()
         .map_err(|m| TrainError::InvalidSetting(format!("model: {m}")))?;
 
     if !args.resume && run_dir.exists() {
-        // A fresh demo replaces the previous one.
+        // A fresh demo replaces the previous one, unless a trainer is using it right now.
+        let _in_use = checkpoint::RunLock::acquire(&run_dir)?;
         let old = checkpoint::checkpoint_root(&run_dir);
         if old.exists() {
             std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
@@ -228,9 +234,13 @@ fn demo_rest<B: TernaryBackend>(
     let state = &report.state;
     if report.outcome != Outcome::Finished {
         println!(
-            "stopped at step {}; checkpoint saved; continue with: bit-ttt-train demo --resume --out {}",
+            "stopped at step {}; checkpoint saved; continue with: bit-ttt-train demo --resume --out {}{}",
             state.step,
-            run_dir.display()
+            run_dir.display(),
+            args.data
+                .iter()
+                .map(|p| format!(" --data {}", p.display()))
+                .collect::<String>()
         );
         return Ok(Exit::Interrupted);
     }
