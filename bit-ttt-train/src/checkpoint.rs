@@ -426,7 +426,7 @@ impl RunLock {
                     dir: run_dir.to_path_buf(),
                 })
             }
-            Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            Err(fs::TryLockError::Error(e)) if cannot_lock_here(&e) => {
                 // Some network file systems cannot lock; training there still works, but
                 // nothing keeps a second trainer out, so leave others' temporaries alone too.
                 eprintln!(
@@ -441,6 +441,14 @@ impl RunLock {
         remove_stale_temporaries(&checkpoint_root(run_dir));
         Ok(Self { _file: file })
     }
+}
+
+/// Whether a lock error means the file system has no locks (some network file systems),
+/// rather than a failure: `Unsupported`, or Linux's `ENOLCK` (NFS without its lock daemon).
+fn cannot_lock_here(e: &std::io::Error) -> bool {
+    const ENOLCK_LINUX: i32 = 37;
+    e.kind() == std::io::ErrorKind::Unsupported
+        || (cfg!(target_os = "linux") && e.raw_os_error() == Some(ENOLCK_LINUX))
 }
 
 /// The process id in the name of a temporary entry: `.X.tmp-<pid>` (a checkpoint being

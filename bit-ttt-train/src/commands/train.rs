@@ -314,7 +314,15 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> Result<Exit> {
         // Check the settings before the (slower) tokenizer training.
         settings_of(&args).validate()?;
         model_config(&args, bit_ttt_train::tokenizer::MIN_VOCAB_SIZE)?;
-        if checkpoint::find_latest(&run_dir).is_ok() {
+        // Any trace of a run counts, a run whose checkpoints are all broken included: a fresh
+        // run must not overwrite its tokenizer or prune its checkpoints.
+        let root = checkpoint::checkpoint_root(&run_dir);
+        let has_steps = std::fs::read_dir(&root).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        });
+        if run_dir.join(RUN_FILE).exists() || has_steps {
             bail!(
                 "{} already holds a training run; continue it with --resume, or choose another --out",
                 run_dir.display()
@@ -332,17 +340,6 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> Result<Exit> {
                 Tokenizer::train(&texts, args.vocab_size)?
             }
         };
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
-        tokenizer.save(&tokenizer_path)?;
-        let info = RunInfo {
-            data: args.data.clone(),
-            valid_fraction: args.valid_fraction,
-        };
-        bit_ttt_burn::files::write_atomic(
-            &run_dir.join(RUN_FILE),
-            &serde_json::to_vec_pretty(&info)?,
-        )?;
         (args.data.clone(), args.valid_fraction, tokenizer)
     };
     let texts = data::read_texts(&data_paths)?;
@@ -368,6 +365,19 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> Result<Exit> {
     if !args.resume {
         settings.validate()?;
         data::check_length(&split, settings.seq_len)?;
+        train::check_fits_memory(&config, train::physical_memory_bytes())?;
+        // Only a run that passed every check leaves files: a failed start can be retried.
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        tokenizer.save(&tokenizer_path)?;
+        let info = RunInfo {
+            data: data_paths.clone(),
+            valid_fraction,
+        };
+        bit_ttt_burn::files::write_atomic(
+            &run_dir.join(RUN_FILE),
+            &serde_json::to_vec_pretty(&info)?,
+        )?;
     }
     eprintln!(
         "data: {} train / {} validation tokens; model: {} {} (d_model {}, {} layers), {}",
