@@ -89,6 +89,11 @@ tokens_per_step=$((seq * batch))
     timeout 150 $bin bench --device $device "${split_small[@]}" || echo "(split bench failed: exit $?)"
     step "split between $device and the CPU: ${split_large[*]}"
     timeout 240 $bin bench --device $device "${split_large[@]}" || echo "(split bench failed: exit $?)"
+    if [ "$device" = cuda ]; then
+        step "split by the free memory the driver reports: --preset 1b --n-gpu-layers auto"
+        timeout 120 $bin bench --device cuda --preset 1b --n-gpu-layers auto --decode-tokens 16 \
+            --threads 16 || echo "(split bench failed: exit $?)"
+    fi
 
     step "train $preset on $device: ternary, stopped halfway and resumed; then f32"
     # The book is the corpus.

@@ -24,7 +24,10 @@ use bit_ttt_burn::files::{read_file, write_atomic};
 use bit_ttt_burn::model::files::{CONFIG_FILE, WEIGHTS_FILE};
 use bit_ttt_burn::{BitLlama, BitLlamaConfig};
 use burn::module::Module;
-use burn::optim::Optimizer;
+use burn::module::ParamId;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
+use burn::optim::{AdamW, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -318,16 +321,23 @@ pub fn load_state(dir: &Path) -> Result<TrainerState, TrainError> {
     serde_json::from_slice(&bytes).map_err(|e| bad(dir, format!("{STATE_FILE}: {e}")))
 }
 
+/// The optimizer the trainer uses, whose record [`load_tensors`] checks.
+pub type TrainOptimizer<B> = OptimizerAdaptor<AdamW, BitLlama<B>, B>;
+
+/// The record of [`TrainOptimizer`]: AdamW's state by parameter id.
+type TrainOptimizerRecord<B> = <TrainOptimizer<B> as Optimizer<BitLlama<B>, B>>::Record;
+
 /// Restores the model and the optimizer of checkpoint `dir` into freshly built ones.
 ///
 /// # Errors
-/// [`TrainError::BadCheckpoint`].
-pub fn load_tensors<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
+/// [`TrainError::BadCheckpoint`], also for a record whose tensors do not fit the model (a
+/// parameter or an AdamW moment of another shape, a moment count beyond reason).
+pub fn load_tensors<B: AutodiffBackend>(
     dir: &Path,
     model: BitLlama<B>,
-    optim: O,
+    optim: TrainOptimizer<B>,
     device: &B::Device,
-) -> Result<(BitLlama<B>, O), TrainError> {
+) -> Result<(BitLlama<B>, TrainOptimizer<B>), TrainError> {
     let bytes = read_file(&dir.join(MODEL_RECORD)).map_err(|e| bad(dir, e))?;
     // Burn panics on some corrupt records (tensor data that does not fit its shape) instead
     // of returning an error (found by the loader fuzzer): such a panic is this file's error.
@@ -336,9 +346,10 @@ pub fn load_tensors<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
         .map_err(panicked("model record"))?
         .map_err(|e| bad(dir, format!("model record: {e}")))?;
     let bytes = read_file(&dir.join(OPTIMIZER_RECORD)).map_err(|e| bad(dir, e))?;
-    let optim_record = crate::catch::catch_quietly(|| Rec::new().load(bytes, device))
-        .map_err(panicked("optimizer record"))?
-        .map_err(|e| bad(dir, format!("optimizer record: {e}")))?;
+    let optim_record: TrainOptimizerRecord<B> =
+        crate::catch::catch_quietly(|| Rec::new().load(bytes, device))
+            .map_err(panicked("optimizer record"))?
+            .map_err(|e| bad(dir, format!("optimizer record: {e}")))?;
     // Burn loads a parameter of any shape: one that differs from the model's would panic in
     // the first forward pass instead.
     let expected = parameter_shapes(&model);
@@ -346,9 +357,9 @@ pub fn load_tensors<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
     let model = crate::catch::catch_quietly(|| model.load_record(record))
         .map_err(panicked("model record"))?;
     let loaded = parameter_shapes(&model);
-    if let Some((name, shape)) = expected
+    if let Some((name, (_, shape))) = expected
         .iter()
-        .find(|(name, shape)| loaded.get(*name) != Some(shape))
+        .find(|(name, (_, shape))| loaded.get(*name).map(|(_, s)| s) != Some(shape))
     {
         return Err(bad(
             dir,
@@ -356,24 +367,87 @@ pub fn load_tensors<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
                 "model record: {name} has shape {}, the model {shape:?}",
                 loaded
                     .get(name)
-                    .map_or("none".to_string(), |s| format!("{s:?}"))
+                    .map_or("none".to_string(), |(_, s)| format!("{s:?}"))
             ),
         ));
     }
+    // AdamW takes a moment of another shape (or rank) without a word and panics in the
+    // first step; a moment count near `usize::MAX` overflows there.
+    check_moments(&optim_record, &loaded)
+        .map_err(|e| bad(dir, format!("optimizer record: {e}")))?;
     let optim = crate::catch::catch_quietly(|| optim.load_record(optim_record))
         .map_err(panicked("optimizer record"))?;
     Ok((model, optim))
 }
 
-/// The shape of every parameter of `model`, by its path (read without drawing the initial
-/// values of a fresh model).
+/// The most AdamW steps a moment may have counted: Burn raises β to this power as an `i32`.
+const MAX_MOMENT_STEPS: usize = i32::MAX as usize - 1;
+
+/// Checks that every AdamW state of `record` belongs to a parameter of `shapes` (by id), has
+/// its rank and shape, and a step count in `1..=MAX_MOMENT_STEPS`. States of unknown ids are
+/// allowed: the optimizer never looks them up.
+fn check_moments<B: AutodiffBackend>(
+    record: &TrainOptimizerRecord<B>,
+    shapes: &std::collections::BTreeMap<String, (ParamId, Vec<usize>)>,
+) -> Result<(), String> {
+    let by_id: std::collections::HashMap<ParamId, (&String, &Vec<usize>)> = shapes
+        .iter()
+        .map(|(name, (id, shape))| (*id, (name, shape)))
+        .collect();
+    for (id, state) in record {
+        let Some((name, shape)) = by_id.get(id) else {
+            continue;
+        };
+        let AdaptorRecord::V1(state) = state;
+        // (step count, the shapes of the first, second and maximal second moments)
+        macro_rules! moments {
+            ($s:expr) => {{
+                let m = &$s.momentum;
+                (
+                    m.time,
+                    m.moment_1.dims().to_vec(),
+                    m.moment_2.dims().to_vec(),
+                    m.max_moment_2.as_ref().map(|t| t.dims().to_vec()),
+                )
+            }};
+        }
+        let (time, first, second, max_second) = match state {
+            AdaptorRecordV1::Rank0(s) => moments!(s),
+            AdaptorRecordV1::Rank1(s) => moments!(s),
+            AdaptorRecordV1::Rank2(s) => moments!(s),
+            AdaptorRecordV1::Rank3(s) => moments!(s),
+            AdaptorRecordV1::Rank4(s) => moments!(s),
+            AdaptorRecordV1::Rank5(s) => moments!(s),
+            AdaptorRecordV1::Rank6(s) => moments!(s),
+            AdaptorRecordV1::Rank7(s) => moments!(s),
+            AdaptorRecordV1::Rank8(s) => moments!(s),
+        };
+        for moment in [Some(&first), Some(&second), max_second.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if moment != *shape {
+                return Err(format!(
+                    "the moments of {name} have shape {moment:?}, the parameter {shape:?}"
+                ));
+            }
+        }
+        if !(1..=MAX_MOMENT_STEPS).contains(&time) {
+            return Err(format!("the moments of {name} count {time} steps"));
+        }
+    }
+    Ok(())
+}
+
+/// The id and shape of every parameter of `model`, by its path (read without drawing the
+/// initial values of a fresh model).
 fn parameter_shapes<B: burn::tensor::backend::Backend>(
     model: &BitLlama<B>,
-) -> std::collections::BTreeMap<String, Vec<usize>> {
+) -> std::collections::BTreeMap<String, (ParamId, Vec<usize>)> {
     #[derive(Default)]
     struct Shapes {
         path: Vec<String>,
-        shapes: std::collections::BTreeMap<String, Vec<usize>>,
+        shapes: std::collections::BTreeMap<String, (ParamId, Vec<usize>)>,
     }
     impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Shapes {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
@@ -387,7 +461,7 @@ fn parameter_shapes<B: burn::tensor::backend::Backend>(
             param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
         ) {
             self.shapes
-                .insert(self.path.join("."), param.lazy_shape().to_vec());
+                .insert(self.path.join("."), (param.id, param.lazy_shape().to_vec()));
         }
     }
     let mut shapes = Shapes::default();
@@ -730,7 +804,7 @@ mod tests {
     }
 
     /// A tiny model after one AdamW step, so the optimizer has moments to save.
-    fn trained() -> (BitLlama<B>, impl Optimizer<BitLlama<B>, B>) {
+    fn trained() -> (BitLlama<B>, TrainOptimizer<B>) {
         let device = Default::default();
         let model = BitLlamaConfig::tiny(50).init::<B>(&device);
         let mut optim = AdamWConfig::new().init::<B, BitLlama<B>>();
@@ -800,6 +874,52 @@ mod tests {
             };
             assert!(matches!(err, TrainError::BadCheckpoint { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn moments_of_another_shape_or_a_wild_step_count_are_an_error() {
+        let run = tempfile::tempdir().unwrap();
+        let device = Default::default();
+        let (model, optim) = trained();
+        let dir = save(run.path(), &model, &optim, &state(1), 2).unwrap();
+        // Rewrites one rank-2 moment state of the saved record with `change`.
+        let rewrite = |change: &dyn Fn(&mut burn::optim::AdaptiveMomentumState<_, 2>)| {
+            let mut record: TrainOptimizerRecord<B> = optim.to_record();
+            let rank2 = record
+                .values_mut()
+                .find_map(|state| match state {
+                    AdaptorRecord::V1(AdaptorRecordV1::Rank2(s)) => Some(s),
+                    _ => None,
+                })
+                .unwrap();
+            change(&mut rank2.momentum);
+            fs::write(
+                dir.join(OPTIMIZER_RECORD),
+                Rec::new().record(record, ()).unwrap(),
+            )
+            .unwrap();
+            let (fresh, fresh_optim) = trained();
+            match load_tensors(&dir, fresh, fresh_optim, &device) {
+                Ok(_) => None,
+                Err(TrainError::BadCheckpoint { reason, .. }) => Some(reason),
+                Err(other) => panic!("another error: {other}"),
+            }
+        };
+        // The record as saved loads.
+        assert_eq!(rewrite(&|_| ()), None);
+        // What the fuzzer found: a moment with no rows (it panicked in the first step).
+        let reason = rewrite(&|m| {
+            let columns = m.moment_1.dims()[1];
+            m.moment_1 = m.moment_1.clone().slice([0..0, 0..columns]);
+        });
+        assert!(reason.unwrap().contains("have shape [0, "));
+        let reason = rewrite(&|m| m.time = usize::MAX).unwrap();
+        assert!(
+            reason.contains(&format!("count {} steps", usize::MAX)),
+            "{reason}"
+        );
+        let reason = rewrite(&|m| m.time = 0).unwrap();
+        assert!(reason.contains("count 0 steps"), "{reason}");
     }
 
     #[test]

@@ -69,6 +69,50 @@ impl DeviceKind {
     }
 }
 
+/// Share of the free device memory that `--n-gpu-layers auto` plans with: the rest is left to
+/// the runtime's memory pools (which allocate in pages) and to other programs.
+pub const FREE_MEMORY_SHARE: f64 = 0.9;
+
+impl DeviceKind {
+    /// Bytes of device memory free now, as the driver reports them. Only CUDA reports them;
+    /// wgpu has no such query (Vulkan's heap size is the total, not what is free).
+    ///
+    /// # Errors
+    /// [`TrainError::InvalidSetting`] for a backend without the query, a binary without the
+    /// backend, or a driver that fails (no GPU).
+    pub fn free_memory(self) -> Result<u64, TrainError> {
+        match self {
+            DeviceKind::Cuda if self.compiled_in() => {
+                crate::catch::catch_quietly_everywhere(cuda_free_memory)
+                    .and_then(|free| free)
+                    .map_err(|why| {
+                        TrainError::InvalidSetting(format!(
+                            "cannot ask the cuda device for its free memory ({why}); give --gpu-memory (e.g. 8GiB)"
+                        ))
+                    })
+            }
+            _ => Err(TrainError::InvalidSetting(format!(
+                "device {} cannot report its free memory; give --gpu-memory (e.g. 8GiB)",
+                self.name()
+            ))),
+        }
+    }
+}
+
+/// The free memory of CUDA device 0 (the one Burn's default device opens), through the
+/// driver's primary context, which cubecl shares.
+fn cuda_free_memory() -> Result<u64, String> {
+    #[cfg(feature = "cuda")]
+    {
+        let context = cudarc::driver::CudaContext::new(0).map_err(|e| e.to_string())?;
+        context.bind_to_thread().map_err(|e| e.to_string())?;
+        let (free, _total) = cudarc::driver::result::mem_get_info().map_err(|e| e.to_string())?;
+        Ok(free as u64)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err("not compiled in".into())
+}
+
 fn use_wgpu() {
     #[cfg(feature = "wgpu")]
     {
@@ -87,37 +131,10 @@ fn use_cuda() {
     }
 }
 
-/// Name of the thread [`probe_with`] runs in; the panic hook keeps that thread's panics quiet.
-const PROBE_THREAD: &str = "bit-ttt-device-probe";
-
-/// Runs `first_use` in a thread of its own and turns a panic into a message naming `kind`,
-/// without the panic's own report on stderr.
+/// Runs `first_use` and turns a panic into a message naming `kind`, without the reports of
+/// its panic or of the GPU runtime's threads on stderr.
 fn probe_with(kind: DeviceKind, first_use: fn()) -> Result<(), String> {
-    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
-    QUIET_HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current().name() != Some(PROBE_THREAD) {
-                previous(info);
-            }
-        }));
-    });
-    let outcome = std::thread::Builder::new()
-        .name(PROBE_THREAD.into())
-        .spawn(first_use)
-        .map_err(|e| {
-            format!(
-                "cannot start a thread to open the {} device: {e}",
-                kind.name()
-            )
-        })?
-        .join();
-    outcome.map_err(|payload| {
-        let why = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown reason".into());
+    crate::catch::catch_quietly_everywhere(first_use).map_err(|why| {
         let hint = match kind {
             DeviceKind::Cuda => "an NVIDIA GPU with its driver (libcuda) and nvrtc",
             _ => "a GPU adapter (Vulkan, Metal or DX12; on Linux without a GPU: apt-get install mesa-vulkan-drivers libvulkan1)",
@@ -182,5 +199,22 @@ mod tests {
         );
         assert_eq!(probe_with(DeviceKind::Wgpu, || ()), Ok(()));
         assert_eq!(DeviceKind::Ndarray.check().unwrap(), DeviceKind::Ndarray);
+    }
+
+    #[test]
+    fn free_memory_is_an_error_that_says_what_to_give_where_it_cannot_be_asked() {
+        for kind in [DeviceKind::Ndarray, DeviceKind::Wgpu] {
+            let err = kind.free_memory().unwrap_err().to_string();
+            assert!(
+                err.contains(kind.name()) && err.contains("--gpu-memory"),
+                "{err}"
+            );
+        }
+        // With CUDA compiled in on a machine without a GPU the driver's absence is the
+        // error; with a GPU the answer is a real, positive number of bytes.
+        match DeviceKind::Cuda.free_memory() {
+            Ok(free) => assert!(free > 0),
+            Err(err) => assert!(err.to_string().contains("--gpu-memory"), "{err}"),
+        }
     }
 }

@@ -82,12 +82,15 @@ impl Tokenizer {
         }
         let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
         let bad = |e: String| TrainError::Tokenizer(format!("{}: {e}", path.display()));
-        // tokenizers 0.22 panics ("Helper") on a syntax error inside the decoder section
-        // instead of returning an error (found by the loader fuzzer): check the JSON syntax
-        // first, so what reaches it is at worst well-formed JSON of the wrong shape.
+        // tokenizers 0.22 panics ("Helper") on some bad input instead of returning an error
+        // (found by the loader fuzzer): a syntax error inside the decoder section, a `\u`
+        // escape that is no code point. JSON syntax is checked first for a clear message;
+        // a panic on what remains is this file's error too.
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| bad(format!("not JSON: {e}")))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        let inner = crate::catch::catch_quietly(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|panic| bad(format!("not a tokenizer: {panic}")))?
+            .map_err(|e| bad(e.to_string()))?;
         Ok(Self { inner })
     }
 
@@ -212,5 +215,37 @@ mod tests {
             Tokenizer::load(&bad),
             Err(TrainError::Tokenizer(_))
         ));
+    }
+
+    /// What the loader fuzzer found: well-formed JSON whose decoder section holds a `\u`
+    /// escape that is no code point made `tokenizers` panic; it is an error naming the file.
+    #[test]
+    fn an_escape_that_is_no_code_point_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        Tokenizer::train(&corpus(), 300)
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        let json = std::fs::read_to_string(&path).unwrap();
+        let (head, decoder) = json.split_once("\"decoder\"").unwrap();
+        let mut panics = 0;
+        for escape in ["\\ud800", "\\udfff", "\\udc00\\ud800"] {
+            let broken = format!(
+                "{head}\"decoder\"{}",
+                decoder.replacen("ByteLevel", escape, 1)
+            );
+            std::fs::write(&path, broken).unwrap();
+            match Tokenizer::load(&path) {
+                Err(TrainError::Tokenizer(message)) => {
+                    assert!(message.contains("tokenizer.json"), "{message}");
+                    panics += usize::from(message.contains("not a tokenizer"));
+                }
+                Err(other) => panic!("another error: {other}"),
+                Ok(_) => panic!("{escape} loaded"),
+            }
+        }
+        // The panic path itself was taken (not only the ordinary errors).
+        assert!(panics > 0);
     }
 }

@@ -200,9 +200,9 @@ fn run_split(args: BenchArgs) -> Result<Exit> {
         .map(|&arg| match (arg, args.gpu_memory) {
             (GpuLayersArg::Count(n), _) => Ok(GpuLayers::Count(n)),
             (GpuLayersArg::Auto, Some(budget_bytes)) => Ok(GpuLayers::Auto { budget_bytes }),
-            (GpuLayersArg::Auto, None) => {
-                bail!("--n-gpu-layers auto needs --gpu-memory (e.g. 8GiB)")
-            }
+            (GpuLayersArg::Auto, None) => Ok(GpuLayers::Auto {
+                budget_bytes: super::auto_budget(device)?,
+            }),
         })
         .collect::<Result<Vec<_>>>()?;
     let (model, name) = match &args.packed {

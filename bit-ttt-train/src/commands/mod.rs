@@ -51,7 +51,8 @@ pub struct SplitArgs {
     #[arg(long, value_name = "N|auto", value_parser = parse_gpu_layers)]
     pub n_gpu_layers: Option<GpuLayersArg>,
     /// Device memory the model's GPU part may take with `--n-gpu-layers auto`: e.g. 8GiB,
-    /// 512MiB, 2GB (this build cannot ask a device for its free memory).
+    /// 512MiB, 2GB. Without it, auto plans with 90% of the memory the device reports free
+    /// (CUDA; wgpu cannot report it, so give it there).
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub gpu_memory: Option<u64>,
     /// Tokens of context the GPU part keeps room for (a KV cache grows with it; a TTT
@@ -115,7 +116,8 @@ impl SplitArgs {
     /// The split asked for, if any, checked against the device.
     ///
     /// # Errors
-    /// A split on the CPU backend, or `auto` without `--gpu-memory`.
+    /// A split on the CPU backend, or `auto` without `--gpu-memory` on a device that cannot
+    /// report its free memory.
     pub fn layers(&self, device: DeviceKind) -> Result<Option<GpuLayers>> {
         let Some(arg) = self.n_gpu_layers else {
             if self.gpu_memory.is_some() {
@@ -132,11 +134,28 @@ impl SplitArgs {
                 bail!("--gpu-memory only applies with --n-gpu-layers auto")
             }
             (GpuLayersArg::Auto, Some(budget_bytes)) => GpuLayers::Auto { budget_bytes },
-            (GpuLayersArg::Auto, None) => bail!(
-                "--n-gpu-layers auto needs --gpu-memory (e.g. 8GiB): this build cannot ask the device for its free memory"
-            ),
+            (GpuLayersArg::Auto, None) => GpuLayers::Auto {
+                budget_bytes: auto_budget(device)?,
+            },
         }))
     }
+}
+
+/// The budget of `--n-gpu-layers auto` without `--gpu-memory`: a share of the memory the
+/// device reports free (said on stderr).
+///
+/// # Errors
+/// A device that cannot report it (wgpu), or no device.
+pub fn auto_budget(device: DeviceKind) -> Result<u64> {
+    let free = device.free_memory()?;
+    let budget = (free as f64 * bit_ttt_train::device::FREE_MEMORY_SHARE) as u64;
+    eprintln!(
+        "auto: {:.2} GB free on {}, planning with {:.2} GB",
+        free as f64 / 1e9,
+        device.name(),
+        budget as f64 / 1e9
+    );
+    Ok(budget)
 }
 
 /// Says on stderr where a split model runs.
