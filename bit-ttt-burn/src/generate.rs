@@ -24,6 +24,29 @@ impl<B: TernaryBackend> BitLlama<B> {
     /// # Errors
     /// [`BitTttError::InvalidInput`] if `tokens` is empty or holds an id `>= vocab_size`.
     pub fn read(&self, tokens: &[u32], state: &mut ModelState<B>) -> Result<Vec<f32>, BitTttError> {
+        self.read_rows(tokens, state, false)
+    }
+
+    /// As [`read`](Self::read), but the logits after every token of `tokens`,
+    /// `[tokens.len() · vocab_size]` (row `t` predicts the token after `tokens[t]`).
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn read_all(
+        &self,
+        tokens: &[u32],
+        state: &mut ModelState<B>,
+    ) -> Result<Vec<f32>, BitTttError> {
+        self.read_rows(tokens, state, true)
+    }
+
+    /// The logits after every token (`all`) or after the last.
+    fn read_rows(
+        &self,
+        tokens: &[u32],
+        state: &mut ModelState<B>,
+        all: bool,
+    ) -> Result<Vec<f32>, BitTttError> {
         let vocab = self.vocab_size();
         if tokens.is_empty() {
             return Err(BitTttError::InvalidInput("no tokens to read".into()));
@@ -38,8 +61,12 @@ impl<B: TernaryBackend> BitLlama<B> {
         let input =
             Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &device);
         let logits = self.forward_with_state(input, state)?; // [1, seq, vocab]
-        let last = logits.narrow(1, tokens.len() - 1, 1);
-        Ok(last.into_data().convert::<f32>().into_vec()?)
+        let rows = if all {
+            logits
+        } else {
+            logits.narrow(1, tokens.len() - 1, 1) // [1, 1, vocab]
+        };
+        Ok(rows.into_data().convert::<f32>().into_vec()?)
     }
 
     /// Generates after `prompt`, calling `on_token` with each new token as soon as it exists;
@@ -78,29 +105,103 @@ pub fn generate_with(
     mut read: impl FnMut(&[u32]) -> Result<Vec<f32>, BitTttError>,
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Vec<u32>, BitTttError> {
-    let mut sampler = Sampler::new(config.sampling.clone())?;
-    let mut logits = read(prompt)?;
+    let mut stream = TokenStream::start(prompt, config.clone(), &mut read)?;
     let mut generated = Vec::new();
-    while generated.len() < config.max_new_tokens {
+    while let Some(token) = stream.next_token(&mut read)? {
+        generated.push(token);
+        if on_token(token).is_break() {
+            break;
+        }
+    }
+    Ok(generated)
+}
+
+/// Generation one token at a time, for callers that pull tokens (an iterator in another
+/// language, a server) instead of being called back: [`generate_with`] is a loop over it.
+/// Each call is given the same `read` (a decoder and its state): a token is read only when the
+/// next one is asked for, so a stream stopped early has read every token but its last.
+#[derive(Debug, Clone)]
+pub struct TokenStream {
+    sampler: Sampler,
+    config: GenerationConfig,
+    next: Next,
+    prompt_len: usize,
+    generated: usize,
+}
+
+/// What a [`TokenStream`] does on the next call.
+#[derive(Debug, Clone)]
+enum Next {
+    /// Samples from these logits (the prompt's).
+    Sample(Vec<f32>),
+    /// Reads the last token given out, then samples.
+    Read(u32),
+    /// Nothing: the stream has ended.
+    Done,
+}
+
+impl TokenStream {
+    /// Checks the sampling settings, then reads `prompt` with `read`.
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidInput`] for bad sampling values, or what `read` returns.
+    pub fn start(
+        prompt: &[u32],
+        config: GenerationConfig,
+        read: impl FnOnce(&[u32]) -> Result<Vec<f32>, BitTttError>,
+    ) -> Result<Self, BitTttError> {
+        let sampler = Sampler::new(config.sampling.clone())?;
+        let logits = read(prompt)?;
+        Ok(Self {
+            sampler,
+            config,
+            next: Next::Sample(logits),
+            prompt_len: prompt.len(),
+            generated: 0,
+        })
+    }
+
+    /// Tokens given out so far.
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    /// The next token, or `None` at a stop token or after `max_new_tokens` (and ever after).
+    ///
+    /// # Errors
+    /// [`BitTttError::NonFinite`] when the logits hold a NaN or an infinity (a sampler would
+    /// otherwise pick some token from them silently), or what `read` returns; the stream ends
+    /// then.
+    pub fn next_token(
+        &mut self,
+        read: impl FnOnce(&[u32]) -> Result<Vec<f32>, BitTttError>,
+    ) -> Result<Option<u32>, BitTttError> {
+        // Whatever happens below, the stream has ended unless it gives out a token.
+        let next = std::mem::replace(&mut self.next, Next::Done);
+        if self.generated >= self.config.max_new_tokens {
+            return Ok(None);
+        }
+        let logits = match next {
+            Next::Sample(logits) => logits,
+            Next::Read(token) => read(&[token])?,
+            Next::Done => return Ok(None),
+        };
         if let Some(index) = logits.iter().position(|v| !v.is_finite()) {
             return Err(BitTttError::NonFinite(format!(
                 "the logits for token {} of the sequence (generation step {}) hold {} at token id {index}",
-                prompt.len() + generated.len(),
-                generated.len() + 1,
+                self.prompt_len + self.generated,
+                self.generated + 1,
                 logits[index]
             )));
         }
-        let token = sampler.sample(&logits);
-        if config.stop_tokens.contains(&token) {
-            break;
+        let token = self.sampler.sample(&logits);
+        if self.config.stop_tokens.contains(&token) {
+            return Ok(None);
         }
-        generated.push(token);
-        if on_token(token).is_break() || generated.len() == config.max_new_tokens {
-            break;
-        }
-        logits = read(&[token])?;
+        self.generated += 1;
+        self.next = Next::Read(token);
+        Ok(Some(token))
     }
-    Ok(generated)
 }
 
 #[cfg(test)]
@@ -317,6 +418,75 @@ mod tests {
             );
             assert_eq!(state.position, before);
         }
+    }
+
+    /// A stream pulled token by token gives what `generate` gives, reads nothing after its
+    /// last token, ends at `max_new_tokens` or a stop token and stays ended; an error from
+    /// `read` ends it too.
+    #[test]
+    fn a_pulled_stream_is_generate_token_by_token() {
+        let device = Default::default();
+        let model = BitLlamaConfig::tiny(40)
+            .with_mixer(MixerKind::TttLinear)
+            .init::<B>(&device)
+            .map(&mut Deterministic(5));
+        let prompt = [3u32, 17, 5];
+        let config = GenerationConfig {
+            max_new_tokens: 9,
+            sampling: SamplingConfig {
+                temperature: 0.9,
+                top_k: Some(10),
+                top_p: None,
+                seed: 3,
+            },
+            stop_tokens: vec![],
+        };
+        let expected = model
+            .generate(&prompt, &config, &mut model.new_state(), |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        let mut state = model.new_state();
+        let mut stream =
+            TokenStream::start(&prompt, config.clone(), |t| model.read(t, &mut state)).unwrap();
+        let mut pulled = Vec::new();
+        while let Some(t) = stream.next_token(|t| model.read(t, &mut state)).unwrap() {
+            pulled.push(t);
+        }
+        assert_eq!(pulled, expected);
+        assert_eq!(stream.generated(), 9);
+        // The prompt and every token but the last were read.
+        assert_eq!(state.position, prompt.len() + 8);
+        assert_eq!(stream.next_token(|_| unreachable!()).unwrap(), None);
+
+        // A stop token: the stream ends before it, for good.
+        let stop = GenerationConfig {
+            stop_tokens: vec![expected[2]],
+            ..config.clone()
+        };
+        let mut state = model.new_state();
+        let mut stream = TokenStream::start(&prompt, stop, |t| model.read(t, &mut state)).unwrap();
+        let mut pulled = Vec::new();
+        while let Some(t) = stream.next_token(|t| model.read(t, &mut state)).unwrap() {
+            pulled.push(t);
+        }
+        let before_stop: Vec<u32> = expected
+            .iter()
+            .copied()
+            .take_while(|&t| t != expected[2])
+            .collect();
+        assert_eq!(pulled, before_stop);
+        assert_eq!(stream.next_token(|_| unreachable!()).unwrap(), None);
+
+        // A failing read ends the stream with its error.
+        let mut stream =
+            TokenStream::start(&prompt, config, |t| model.read(t, &mut model.new_state())).unwrap();
+        assert!(stream.next_token(|_| unreachable!()).unwrap().is_some());
+        let err = stream
+            .next_token(|_| Err(BitTttError::InvalidInput("gone".into())))
+            .unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+        assert_eq!(stream.next_token(|_| unreachable!()).unwrap(), None);
     }
 
     #[test]

@@ -214,6 +214,24 @@ impl<B: TernaryBackend> Decoder<B> {
         }
     }
 
+    /// As [`read`](Self::read), but the logits after every token of `tokens`,
+    /// `[tokens.len() · vocab_size]` (row `t` predicts the token after `tokens[t]`).
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn read_all(
+        &self,
+        tokens: &[u32],
+        state: &mut DecoderState<B>,
+    ) -> Result<Vec<f32>, BitTttError> {
+        match (&self.engine, &mut state.inner) {
+            (Engine::Fused(d), StateInner::Fused(s)) => d.read_all(tokens, s),
+            (Engine::Burn(m), StateInner::Burn(s)) => m.read_all(tokens, s),
+            (Engine::Hybrid(h), StateInner::Hybrid(s)) => h.read_all(tokens, s),
+            _ => Err(foreign_state()),
+        }
+    }
+
     /// Generates after `prompt`, continuing `state`, as [`BitLlama::generate`] does (same
     /// sampling, same stops, each token streamed to `on_token`, which may stop early with
     /// [`ControlFlow::Break`]); returns the generated tokens.
@@ -402,6 +420,48 @@ mod tests {
                 .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(diff <= 1e-4 * scale, "{}: {diff}", mixer.name());
         }
+    }
+
+    /// `read_all` gives, on both engines, the logits after every token: its last row is what
+    /// `read` gives, and each row equals reading the prefix up to it (to the engines' 1e-4 of
+    /// the largest logit between engines; bit for bit within the fused engine).
+    #[test]
+    fn read_all_gives_every_positions_logits_on_both_engines() {
+        let (model, _) = model(MixerKind::TttLinear);
+        let fused = Decoder::new(model.clone(), DecoderChoice::Fused, 1).unwrap();
+        let burn = Decoder::new(model, DecoderChoice::Burn, 0).unwrap();
+        let prompt = [5u32, 9, 2, 33, 7, 1];
+        let rows: Vec<Vec<f32>> = [&fused, &burn]
+            .iter()
+            .map(|decoder| {
+                let all = decoder.read_all(&prompt, &mut decoder.new_state()).unwrap();
+                assert_eq!(all.len(), prompt.len() * 61);
+                let mut state = decoder.new_state();
+                for (t, row) in all.chunks_exact(61).enumerate() {
+                    let step = decoder.read(&prompt[t..t + 1], &mut state).unwrap();
+                    let diff = row
+                        .iter()
+                        .zip(&step)
+                        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                    if decoder.kind() == DecoderKind::Fused {
+                        assert_eq!(row, &step[..], "fused row {t}");
+                    } else {
+                        assert!(diff <= 1e-5, "burn row {t}: {diff}");
+                    }
+                }
+                all
+            })
+            .collect();
+        let scale = rows[1].iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = rows[0]
+            .iter()
+            .zip(&rows[1])
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-4 * scale, "{diff}");
+        assert!(matches!(
+            burn.read_all(&prompt, &mut fused.new_state()),
+            Err(BitTttError::InvalidCache(_))
+        ));
     }
 
     #[test]

@@ -184,12 +184,19 @@ pub fn save<B: AutodiffBackend, O: Optimizer<BitLlama<B>, B>>(
     Ok(target)
 }
 
-/// Removes all but the `keep` newest `step-*` directories of `root` (best effort), never
-/// `protect` (the one `latest` names, even if newer-numbered ones exist).
+/// Removes every `step-*` directory of `root` older than its `keep` newest complete ones
+/// (best effort), never `protect` (the one `latest` names, even if newer-numbered ones exist).
+/// A broken checkpoint does not count toward `keep`: a run whose newest directories are
+/// broken keeps enough complete ones to resume from.
 fn prune(root: &Path, keep: usize, protect: &Path) {
-    for (_, old) in step_dirs(root).into_iter().skip(keep.max(1)) {
-        if old != protect {
-            let _ = fs::remove_dir_all(old);
+    let mut complete = 0;
+    for (_, dir) in step_dirs(root) {
+        if complete >= keep.max(1) {
+            if dir != protect {
+                let _ = fs::remove_dir_all(dir);
+            }
+        } else if incomplete(&dir).is_none() {
+            complete += 1;
         }
     }
 }
@@ -650,6 +657,30 @@ mod tests {
         prune(root.path(), 1, &newest);
         // As strings, "step-999999" > "step-1000000" and the newest would go.
         assert_eq!(names(root.path()), ["step-1000000"]);
+    }
+
+    #[test]
+    fn prune_counts_only_complete_checkpoints() {
+        let root = tempfile::tempdir().unwrap();
+        for step in [2, 4, 6, 8] {
+            fake_checkpoint(root.path(), step);
+        }
+        // The two newest are broken: they must not push out the complete ones.
+        fs::write(root.path().join("step-000008").join(MODEL_RECORD), b"").unwrap();
+        fs::remove_file(root.path().join("step-000006").join(STATE_FILE)).unwrap();
+        let newest = root.path().join("step-000008");
+        prune(root.path(), 2, &newest);
+        assert_eq!(
+            names(root.path()),
+            ["step-000002", "step-000004", "step-000006", "step-000008"]
+        );
+        fake_checkpoint(root.path(), 10);
+        prune(root.path(), 2, &root.path().join("step-000010"));
+        // Complete: 10 and 4 kept; the broken 8 and 6 between them stay; 2 goes.
+        assert_eq!(
+            names(root.path()),
+            ["step-000004", "step-000006", "step-000008", "step-000010"]
+        );
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub enum TrainError {
     /// A tokenizer file does not exist.
     #[error("tokenizer file {} does not exist", .0.display())]
     MissingTokenizer(PathBuf),
+    /// No tokenizer was given and none lies next to the model (where it was looked for).
+    #[error("no tokenizer.json {0}; pass a tokenizer file")]
+    NoTokenizerFor(String),
     /// A data file exists but holds no text.
     #[error("data file {} is empty", .0.display())]
     EmptyFile(PathBuf),

@@ -1,6 +1,7 @@
 //! Byte-level BPE tokenizers (the HF `tokenizers` crate, pure Rust): training on text, loading
 //! and saving `tokenizer.json`, encoding and decoding.
 
+use bit_ttt_burn::model::files::TOKENIZER_FILE;
 use std::path::Path;
 
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -17,6 +18,7 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 pub const MIN_VOCAB_SIZE: usize = 257;
 
 /// A byte-level BPE tokenizer.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
@@ -92,6 +94,40 @@ impl Tokenizer {
             .map_err(|panic| bad(format!("not a tokenizer: {panic}")))?
             .map_err(|e| bad(e.to_string()))?;
         Ok(Self { inner })
+    }
+
+    /// The tokenizer of a model: `explicit` if given, else the `tokenizer.json` next to
+    /// `model` (a model directory, one of a run's checkpoints, whose run directory is then
+    /// searched too, or a packed file, whose directory is searched).
+    ///
+    /// # Errors
+    /// [`TrainError::MissingTokenizer`] naming where it was looked for; as [`load`](Self::load).
+    pub fn find(explicit: Option<&Path>, model: &Path) -> Result<Self, TrainError> {
+        if let Some(path) = explicit {
+            return Self::load(path);
+        }
+        // `export` writes the packed file into the model directory, next to the tokenizer.
+        let (model_dir, place) = if model.is_file() {
+            let place = format!("next to {} (or in its run directory)", model.display());
+            (model.parent().unwrap_or(Path::new("")), place)
+        } else {
+            let place = format!("in {} (or its run directory)", model.display());
+            (model, place)
+        };
+        // A model directory, or a checkpoint inside a run directory (run/checkpoints/step-N).
+        let candidates = [
+            Some(model_dir.join(TOKENIZER_FILE)),
+            model_dir
+                .parent()
+                .and_then(Path::parent)
+                .map(|run| run.join(TOKENIZER_FILE)),
+        ];
+        for path in candidates.into_iter().flatten() {
+            if path.is_file() {
+                return Self::load(&path);
+            }
+        }
+        Err(TrainError::NoTokenizerFor(place))
     }
 
     /// Writes `tokenizer.json` atomically.

@@ -16,4 +16,5 @@ pub use block::Block;
 pub use config::{
     BitLlamaConfig, MixerKind, MAX_LAYERS, MAX_MATRIX_WEIGHTS, MAX_MINI_BATCH_SIZE, MAX_ROPE_TABLE,
 };
+pub use packed::packed_config;
 pub(crate) use packed::PackedPart;

@@ -193,6 +193,46 @@ impl<B: Backend> BitLlama<B> {
     }
 }
 
+/// The config of a packed inference file, from its header alone (the weights are not read).
+///
+/// # Errors
+/// As [`BitLlama::load_packed`] for the file's header and config.
+pub fn packed_config(path: &Path) -> Result<BitLlamaConfig, BitTttError> {
+    Ok(map_packed(path)?.1)
+}
+
+/// Maps a packed file and checks its header: its length, its format and version, and its
+/// config (parsed and validated).
+fn map_packed(path: &Path) -> Result<(Arc<Mmap>, BitLlamaConfig), BitTttError> {
+    let mut file = std::fs::File::open(path).map_err(|e| BitTttError::io(path, e))?;
+    check_header_fits(&mut file, path)?;
+    // SAFETY: the mapping is read-only; like every memory-mapped model loader we rely on the
+    // file not being truncated or rewritten by another process while it is mapped (our own
+    // writers replace files by rename, which leaves a mapped old file intact).
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| BitTttError::io(path, e))?);
+    let corrupt = |reason: String| BitTttError::CorruptFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    if metadata.get("format").map(String::as_str) != Some(FORMAT)
+        || metadata.get("version").map(String::as_str) != Some(VERSION)
+    {
+        return Err(corrupt(format!("not a {FORMAT} version {VERSION} file")));
+    }
+    let config: BitLlamaConfig = serde_json::from_str(
+        metadata
+            .get("config")
+            .ok_or_else(|| corrupt("no config in the metadata".into()))?,
+    )
+    .map_err(|e| corrupt(format!("config: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| corrupt(format!("config: {e}")))?;
+    Ok((map, config))
+}
+
 impl<B: TernaryBackend> BitLlama<B> {
     /// Opens a packed inference file by memory-mapping it; the ternary weights are read in place
     /// on the CPU, and uploaded once to a GPU backend's device.
@@ -226,33 +266,12 @@ impl<B: TernaryBackend> BitLlama<B> {
         device: &B::Device,
         part: PackedPart,
     ) -> Result<(Self, BitLlamaConfig), BitTttError> {
-        let mut file = std::fs::File::open(path).map_err(|e| BitTttError::io(path, e))?;
-        check_header_fits(&mut file, path)?;
-        // SAFETY: the mapping is read-only; like every memory-mapped model loader we rely on the
-        // file not being truncated or rewritten by another process while it is mapped (our own
-        // writers replace files by rename, which leaves a mapped old file intact).
-        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| BitTttError::io(path, e))?);
+        let (map, config) = map_packed(path)?;
         let corrupt = |reason: String| BitTttError::CorruptFile {
             path: path.to_path_buf(),
             reason,
         };
-        let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
         let tensors = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        if metadata.get("format").map(String::as_str) != Some(FORMAT)
-            || metadata.get("version").map(String::as_str) != Some(VERSION)
-        {
-            return Err(corrupt(format!("not a {FORMAT} version {VERSION} file")));
-        }
-        let config: BitLlamaConfig = serde_json::from_str(
-            metadata
-                .get("config")
-                .ok_or_else(|| corrupt("no config in the metadata".into()))?,
-        )
-        .map_err(|e| corrupt(format!("config: {e}")))?;
-        config
-            .validate()
-            .map_err(|e| corrupt(format!("config: {e}")))?;
         // Which of the file's tensors this load takes: a part's model has only its blocks,
         // whose names are the whole model's (`blocks.{i}` for i below the count).
         let (init_config, with_head) = match part {

@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bit_ttt_burn::hybrid::{GpuLayers, HybridPlan};
-use bit_ttt_burn::model::files::TOKENIZER_FILE;
 use bit_ttt_burn::{BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig};
 use bit_ttt_train::device::DeviceKind;
 use bit_ttt_train::tokenizer::{TextStream, Tokenizer};
@@ -224,34 +223,19 @@ fn ctrl_c_flag() -> Arc<AtomicBool> {
     flag
 }
 
-/// The tokenizer: `explicit`, else the one next to `model` (a model directory, or a packed
-/// file, whose directory is then the one searched).
+/// The tokenizer: `explicit`, else the one next to `model` ([`Tokenizer::find`]).
 fn find_tokenizer(explicit: Option<&Path>, model: &Path) -> Result<Tokenizer> {
-    if let Some(path) = explicit {
-        return Ok(Tokenizer::load(path)?);
-    }
-    // `export` writes the packed file into the model directory, next to the tokenizer.
-    let (model_dir, place) = if model.is_file() {
-        let place = format!("next to {} (or in its run directory)", model.display());
-        (model.parent().unwrap_or(Path::new("")), place)
-    } else {
-        let place = format!("in {} (or its run directory)", model.display());
-        (model, place)
-    };
-    // A model directory, or a checkpoint inside a run directory (run/checkpoints/step-N).
-    let candidates = [
-        Some(model_dir.join(TOKENIZER_FILE)),
-        model_dir
-            .parent()
-            .and_then(Path::parent)
-            .map(|run| run.join(TOKENIZER_FILE)),
-    ];
-    for path in candidates.into_iter().flatten() {
-        if path.is_file() {
-            return Ok(Tokenizer::load(&path)?);
+    Tokenizer::find(explicit, model).map_err(|e| match e {
+        // The command line names its flag.
+        bit_ttt_train::TrainError::NoTokenizerFor(_) => {
+            anyhow::anyhow!(
+                "{}",
+                e.to_string()
+                    .replace("a tokenizer file", "--tokenizer FILE")
+            )
         }
-    }
-    bail!("no {TOKENIZER_FILE} {place}; pass --tokenizer FILE")
+        e => e.into(),
+    })
 }
 
 fn format_count(n: usize) -> String {
