@@ -107,3 +107,9 @@ class BitLlama:
         state: Optional[State] = None,
     ) -> Stream:
         """As `generate`, but an iterator of text pieces."""
+
+def train(**flags: Any) -> None:
+    """Trains (or resumes) a model as `bit-ttt-train train` does, with its flags as keywords
+    (underscores for dashes, True for a bare flag, a list for several values):
+    `train(out="runs/x", data=["book.txt"], steps=500)`. Ctrl-C stops after the current step
+    with a checkpoint (resume with `resume=True`) and raises KeyboardInterrupt."""

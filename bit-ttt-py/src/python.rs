@@ -4,18 +4,24 @@
 
 use std::ops::DerefMut;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bit_ttt_burn::hybrid::GpuLayers;
 use bit_ttt_burn::{BitTttError, GenerationConfig, SamplingConfig};
+use bit_ttt_train::commands::{self, Exit, StopOn};
 use bit_ttt_train::device::{DeviceKind, FREE_MEMORY_SHARE};
 use bit_ttt_train::tokenizer::Tokenizer;
 use bit_ttt_train::TrainError;
 use numpy::{
     PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
-use pyo3::types::PyString;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::engine::{EngineError, Model, OpenOptions, State, TextGeneration};
 
@@ -27,6 +33,7 @@ fn bit_ttt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyState>()?;
     m.add_class::<PyStream>()?;
     m.add_class::<PyTokenizer>()?;
+    m.add_function(wrap_pyfunction!(train, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
@@ -597,5 +604,118 @@ impl PyTokenizer {
     #[getter]
     fn end_of_text(&self) -> Option<u32> {
         self.tokenizer.end_of_text()
+    }
+}
+
+/// Trains (or resumes) a model exactly as `bit-ttt-train train` does, with the same arguments
+/// as keywords: `train(out="runs/x", data=["book.txt"], steps=500, mixer="ttt_mlp")` is
+/// `bit-ttt-train train --out runs/x --data book.txt --steps 500 --mixer ttt_mlp`
+/// (underscores for dashes; `True` for a bare flag such as `resume=True`; a list for several
+/// values). Progress goes to stderr. Ctrl-C stops after the current step with a checkpoint
+/// (continue with `resume=True`) and raises KeyboardInterrupt.
+#[pyfunction]
+#[pyo3(signature = (**kwargs))]
+fn train(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+    let argv = command_line("train", kwargs)?;
+    let (cli, matches) = match commands::parse(&argv) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return match e.kind() {
+                commands::ClapErrorKind::DisplayHelp | commands::ClapErrorKind::DisplayVersion => {
+                    println!("{e}");
+                    Ok(())
+                }
+                _ => Err(invalid(e.render().to_string().trim_end().to_string())),
+            };
+        }
+    };
+    // The trainer runs on its own thread, so that this one can look for Ctrl-C (Python's
+    // handler only sets a flag the interpreter checks) and pass it on as the stop flag.
+    let stop = Arc::new(AtomicBool::new(false));
+    let trainer = {
+        let stop = StopOn::Flag(stop.clone());
+        std::thread::spawn(move || commands::execute(cli, &matches, &stop))
+    };
+    let mut interrupted = None;
+    while !trainer.is_finished() {
+        py.detach(|| std::thread::sleep(Duration::from_millis(50)));
+        if let Err(e) = py.check_signals() {
+            if interrupted.is_none() {
+                eprintln!("\ninterrupted: stopping after this step and saving a checkpoint");
+                stop.store(true, Ordering::SeqCst);
+                interrupted = Some(e);
+            }
+        }
+    }
+    let outcome = trainer
+        .join()
+        .map_err(|_| PyRuntimeError::new_err("the trainer panicked"))?;
+    match (outcome, interrupted) {
+        (Ok(Exit::Ok), None) => Ok(()),
+        (Ok(_), Some(e)) => Err(e),
+        (Ok(Exit::Interrupted), None) => Err(PyKeyboardInterrupt::new_err(
+            "training stopped after a checkpoint",
+        )),
+        (Err(e), _) => Err(command_error(&e)),
+    }
+}
+
+/// `bit-ttt-train SUBCOMMAND` with `kwargs` as its flags.
+fn command_line(subcommand: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<String>> {
+    let mut argv = vec!["bit-ttt-train".to_string(), subcommand.to_string()];
+    let Some(kwargs) = kwargs else {
+        return Ok(argv);
+    };
+    for (key, value) in kwargs.iter() {
+        let flag = format!("--{}", key.extract::<String>()?.replace('_', "-"));
+        if value.is_none() {
+            continue;
+        }
+        if let Ok(on) = value.cast::<pyo3::types::PyBool>() {
+            if on.is_true() {
+                argv.push(flag);
+            }
+            continue;
+        }
+        argv.push(flag);
+        if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+            for item in value.try_iter()? {
+                argv.push(item?.str()?.to_string());
+            }
+        } else {
+            argv.push(value.str()?.to_string());
+        }
+    }
+    Ok(argv)
+}
+
+/// A command's error as the Python exception of the typed error inside it, with the whole
+/// message (its context included). The command line's own checks of its arguments carry no
+/// typed error: they are `ValueError`s.
+fn command_error(e: &anyhow::Error) -> PyErr {
+    let message = format!("{e:#}");
+    if let Some(model_error) = e.downcast_ref::<BitTttError>() {
+        return match model_error {
+            BitTttError::MissingFile(_) | BitTttError::NotAModel(_) => {
+                PyFileNotFoundError::new_err(message)
+            }
+            BitTttError::Io { .. } => PyOSError::new_err(message),
+            _ => PyRuntimeError::new_err(message),
+        };
+    }
+    match e.downcast_ref::<TrainError>() {
+        Some(
+            TrainError::MissingFile(_)
+            | TrainError::MissingTokenizer(_)
+            | TrainError::NoTokenizerFor(_),
+        ) => PyFileNotFoundError::new_err(message),
+        Some(TrainError::Io { .. }) => PyOSError::new_err(message),
+        Some(
+            TrainError::Diverged { .. }
+            | TrainError::RunLocked { .. }
+            | TrainError::BadCheckpoint { .. }
+            | TrainError::Model(_),
+        ) => PyRuntimeError::new_err(message),
+        _ => PyValueError::new_err(message),
     }
 }

@@ -8,6 +8,7 @@ skips, when there is none). Run: `pytest bit-ttt-py/tests` after `maturin develo
 import math
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -49,12 +50,14 @@ def run_dir(tmp_path_factory) -> Path:
     text = tmp / "train.txt"
     text.write_text(BOOK.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     out = tmp / "run"
-    cli(
-        "train", "--out", str(out), "--data", str(text), "--mixer", "ttt_linear",
-        "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300",
-        "--steps", "6", "--eval-every", "3", "--progress", "quiet",
-    )
+    cli("train", "--out", str(out), "--data", str(text), *TINY_ARGS)
     return out
+
+
+# The tiny run's settings, as command-line flags and as `bit_ttt.train` keywords.
+TINY = dict(mixer="ttt_linear", preset="tiny", seq_len=32, batch_size=4, vocab_size=300,
+            steps=6, eval_every=3, progress="quiet")
+TINY_ARGS = [a for k, v in TINY.items() for a in ("--" + k.replace("_", "-"), str(v))]
 
 
 @pytest.fixture(scope="session")
@@ -275,3 +278,47 @@ def test_wgpu_forward_agrees_with_the_cpu(model, run_dir):
     assert split.engine == "hybrid"
     c = split.forward(ids)
     assert np.abs(a - c).max() <= 5e-2 * max(np.abs(a).max(), 1.0)
+
+
+def test_train_is_the_cli_trainer_with_the_same_arguments(model, run_dir, tmp_path):
+    """`bit_ttt.train(**flags)` trains the model `bit-ttt-train train --flags` trains."""
+    text = tmp_path / "train.txt"
+    text.write_text(BOOK.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    out = tmp_path / "py-run"
+    assert bit_ttt.train(out=out, data=[text], **TINY) is None
+    ours = bit_ttt.BitLlama.load(out)
+    ids = model.tokenizer.encode("Call me Ishmael. Some years ago")
+    np.testing.assert_array_equal(ours.forward(ids), model.forward(ids))
+    assert (out / "metrics.csv").is_file() and (out / "loss.png").is_file()
+
+
+def test_train_arguments_are_checked_like_the_cli(tmp_path):
+    with pytest.raises(ValueError, match="unknown mixer"):
+        bit_ttt.train(out=tmp_path / "a", data=[BOOK], mixer="lstm")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bit_ttt.train(out=tmp_path / "b", data=[tmp_path / "missing.txt"])
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        bit_ttt.train(out=tmp_path / "c", resume=True)
+    with pytest.raises(ValueError, match="unexpected argument"):
+        bit_ttt.train(out=tmp_path / "d", no_such_flag=1)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_ctrl_c_stops_training_with_a_checkpoint_that_resumes(tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text(BOOK.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    out = tmp_path / "long"
+    settings = dict(TINY, steps=100_000, checkpoint_every=100_000)
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        bit_ttt.train(out=out, data=[text], **settings)
+    timer.cancel()
+    assert time.perf_counter() - started < 60
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("-")[1])
+    assert 0 < step < 100_000
+    # It continues from there (to a nearby stop, to keep the test short).
+    bit_ttt.train(out=out, resume=True, stop_at=step + 2, progress="quiet")
+    assert (out / "checkpoints" / f"step-{step + 2:06}").is_dir()

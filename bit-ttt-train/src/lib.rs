@@ -1,6 +1,6 @@
 //! The library behind the `bit-ttt-train` command line: tokenizer training, data preparation,
 //! count-based baselines, the training loop with checkpoints and exact resume, evaluation,
-//! metrics and plots, and backend selection.
+//! metrics and plots, backend selection, and the command line itself ([`commands`]).
 //!
 //! Everything here returns the typed [`TrainError`]; the binary adds context with `anyhow`.
 #![warn(missing_docs)]
@@ -9,6 +9,10 @@ pub mod baselines;
 pub mod bench;
 mod catch;
 pub mod checkpoint;
+// The subcommands' argument structs carry their help text on their fields (clap shows a doc
+// comment on the type in place of the subcommand's own).
+#[allow(missing_docs)]
+pub mod commands;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -1,12 +1,12 @@
-//! `bench`: see [`bit_ttt_train::bench`].
+//! `bench`: see [`crate::bench`].
 
 use std::path::PathBuf;
 
+use crate::device::DeviceKind;
+use crate::with_backend;
 use anyhow::{bail, Context, Result};
 use bit_ttt_burn::hybrid::GpuLayers;
 use bit_ttt_burn::{BitLlamaConfig, MixerKind};
-use bit_ttt_train::device::DeviceKind;
-use bit_ttt_train::with_backend;
 use clap::Args;
 
 use super::{parse_bytes, parse_gpu_layers, parse_mixer, preset, DeviceArgs, Exit, GpuLayersArg};
@@ -73,9 +73,9 @@ fn bench_preset(name: &str, vocab: Option<usize>) -> Result<BitLlamaConfig> {
     })
 }
 
-/// `bench`: see [`bit_ttt_train::bench`].
+/// `bench`: see [`crate::bench`].
 pub fn run(args: BenchArgs) -> Result<Exit> {
-    use bit_ttt_train::bench::{self, BenchModel, BenchSettings};
+    use crate::bench::{self, BenchModel, BenchSettings};
     if !args.n_gpu_layers.is_empty() {
         return run_split(args);
     }
@@ -181,9 +181,9 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// `bench --n-gpu-layers`: see [`bit_ttt_train::hybrid_bench`].
+/// `bench --n-gpu-layers`: see [`crate::hybrid_bench`].
 fn run_split(args: BenchArgs) -> Result<Exit> {
-    use bit_ttt_train::hybrid_bench::{self, SplitBenchSettings, SplitModel};
+    use crate::hybrid_bench::{self, SplitBenchSettings, SplitModel};
     let device = args.device.device.check()?;
     if device == DeviceKind::Ndarray {
         bail!("--n-gpu-layers splits a model between a GPU and the CPU: add --device wgpu or --device cuda");

@@ -3,20 +3,20 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::baselines::{self, Baselines};
+use crate::data::{self, Split};
+use crate::metrics::{METRICS_FILE, PLOT_FILE};
+use crate::tokenizer::Tokenizer;
+use crate::train::{self, Outcome, TrainJob, TrainSettings};
+use crate::{checkpoint, with_backend, TrainError};
 use anyhow::{Context, Result};
 use bit_ttt_burn::model::files::TOKENIZER_FILE;
 use bit_ttt_burn::{BitLlamaConfig, MixerKind, SamplingConfig, TernaryBackend};
-use bit_ttt_train::baselines::{self, Baselines};
-use bit_ttt_train::data::{self, Split};
-use bit_ttt_train::metrics::{METRICS_FILE, PLOT_FILE};
-use bit_ttt_train::tokenizer::Tokenizer;
-use bit_ttt_train::train::{self, Outcome, TrainJob, TrainSettings};
-use bit_ttt_train::{checkpoint, with_backend, TrainError};
 use burn::backend::Autodiff;
 use clap::Args;
 
 use super::{
-    ctrl_c_flag, format_count, generate_text, parse_mixer, progress_mode, DeviceArgs, Exit,
+    format_count, generate_text, parse_mixer, progress_mode, stop_flag, DeviceArgs, Exit, StopOn,
 };
 
 /// Vocabulary of the demo's tokenizer.
@@ -90,7 +90,7 @@ fn demo_settings(steps: usize) -> TrainSettings {
 }
 
 /// `demo`: the main job (tokenizer, baselines, training, evaluation, sample, plot).
-pub fn run(args: DemoArgs) -> Result<Exit> {
+pub fn run(args: DemoArgs, stop: &StopOn) -> Result<Exit> {
     let total = Instant::now();
     let device = args.device.device.check()?;
     let run_dir = args.out.clone();
@@ -208,7 +208,7 @@ pub fn run(args: DemoArgs) -> Result<Exit> {
         resume: args.resume,
         extend: args.extend,
         stop_at: None,
-        stop_flag: Some(ctrl_c_flag()),
+        stop_flag: Some(stop_flag(stop)),
         progress: progress_mode(None),
         references: vec![
             ("unigram".into(), base.unigram),

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::{data, train, with_backend};
 use anyhow::{bail, Result};
 use bit_ttt_burn::hybrid::HybridDecoder;
 use bit_ttt_burn::BitLlama;
-use bit_ttt_train::{data, train, with_backend};
 use clap::Args;
 
 use super::{find_tokenizer, format_count, report_split, DeviceArgs, Exit, SplitArgs};

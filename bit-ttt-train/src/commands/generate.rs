@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
+use crate::with_backend;
 use anyhow::Result;
 use bit_ttt_burn::hybrid::HybridDecoder;
 use bit_ttt_burn::inference::{Decoder, DecoderChoice};
 use bit_ttt_burn::BitLlama;
-use bit_ttt_train::with_backend;
 use clap::Args;
 
 use super::{find_tokenizer, generate_text, report_split, sampling, DeviceArgs, Exit, SplitArgs};

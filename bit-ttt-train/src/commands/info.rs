@@ -1,6 +1,6 @@
 //! `info`: the compiled-in backends and versions.
 
-use bit_ttt_train::device::DeviceKind;
+use crate::device::DeviceKind;
 
 /// Prints the compiled-in backends and versions.
 pub fn run() {

@@ -1,6 +1,11 @@
-//! The subcommands, one file each (its clap arguments and its `run`), and what they share:
-//! how a command ends, progress and Ctrl-C handling, finding a tokenizer, sampling settings
-//! and streaming generated text.
+//! The command line: its subcommands, one file each (its clap arguments and its `run`), and
+//! what they share: how a command ends, progress and Ctrl-C handling, finding a tokenizer,
+//! sampling settings and streaming generated text.
+//!
+//! It is part of the library so that other front ends run the same code with the same
+//! arguments: the binary calls [`main`], the Python module's `train()` calls [`parse`] and
+//! [`execute`] with its own stop flag. Like a binary's code, it reports errors with `anyhow`
+//! (with the typed [`TrainError`](crate::TrainError) inside where there is one).
 
 pub mod bench;
 pub mod demo;
@@ -17,13 +22,117 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::device::DeviceKind;
+use crate::tokenizer::{TextStream, Tokenizer};
+use crate::train::ProgressMode;
 use anyhow::{bail, Context, Result};
 use bit_ttt_burn::hybrid::{GpuLayers, HybridPlan};
 use bit_ttt_burn::{BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig};
-use bit_ttt_train::device::DeviceKind;
-use bit_ttt_train::tokenizer::{TextStream, Tokenizer};
-use bit_ttt_train::train::ProgressMode;
-use clap::Args;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use bench::BenchArgs;
+use demo::DemoArgs;
+use eval::EvalArgs;
+use export::ExportArgs;
+use generate::GenerateArgs;
+use tokenizer::TokenizerArgs;
+use train::TrainArgs;
+
+/// Train, evaluate and run ternary (BitNet b1.58) language models with Test-Time-Training
+/// mixers. Start with `bit-ttt-train demo`.
+#[derive(Parser, Debug)]
+#[command(name = "bit-ttt-train", version, args_override_self = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The main job: tokenizer, training of a small ternary TTT model on the bundled Moby Dick,
+    /// evaluation against unigram and bigram baselines, a generated sample and a loss plot.
+    Demo(DemoArgs),
+    /// Train a byte-level BPE tokenizer on text files and write tokenizer.json.
+    Tokenizer(TokenizerArgs),
+    /// Train a model on text files (writes checkpoints, metrics.csv, loss.png and the model).
+    Train(Box<TrainArgs>),
+    /// Cross-entropy and perplexity of a model on text files.
+    Eval(EvalArgs),
+    /// Generate text from a prompt (on ndarray with the fused CPU decoder).
+    Generate(GenerateArgs),
+    /// Write the packed inference file: ternary weights 2 bits each, memory-mapped at load.
+    Export(ExportArgs),
+    /// Measure CPU decode (fused and through Burn ops) and prefill of a packed random-weight
+    /// model against the machine's read bandwidth.
+    Bench(BenchArgs),
+    /// Print the compiled-in backends and versions.
+    Info,
+}
+
+/// Parses a command line (`argv[0]` is the program's name) into the command and the matches
+/// (which `train --resume` needs to tell typed flags from defaults).
+///
+/// # Errors
+/// clap's error for a bad command line (and for `--help` and `--version`, whose text it
+/// holds): `e.exit()` prints it as the binary does.
+pub fn parse<I, T>(argv: I) -> Result<(Cli, clap::ArgMatches), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(argv)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    Ok((cli, matches))
+}
+
+/// The kinds of [`parse`]'s errors (to tell `--help` from a mistake).
+pub use clap::error::ErrorKind as ClapErrorKind;
+
+/// What stops training early (after the current step, with a checkpoint).
+#[derive(Debug, Clone)]
+pub enum StopOn {
+    /// Ctrl-C (the process's SIGINT handler is taken over; a second Ctrl-C quits at once).
+    CtrlC,
+    /// This flag, set by the caller (e.g. from its own signal handling).
+    Flag(Arc<AtomicBool>),
+}
+
+/// Runs a parsed command.
+///
+/// # Errors
+/// The command's error, with its context.
+pub fn execute(cli: Cli, matches: &clap::ArgMatches, stop: &StopOn) -> Result<Exit> {
+    let sub_matches = matches.subcommand().map(|(_, m)| m);
+    match cli.command {
+        Command::Demo(args) => demo::run(args, stop),
+        Command::Tokenizer(args) => tokenizer::run(args),
+        Command::Train(args) => train::run(*args, sub_matches, stop),
+        Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Info => {
+            info::run();
+            Ok(Exit::Ok)
+        }
+    }
+}
+
+/// The binary's `main`: parses the process's arguments, runs the command, prints an error
+/// as `error: …` and returns the exit code (1 for errors, 130 after Ctrl-C, 2 for a bad
+/// command line).
+pub fn main() -> std::process::ExitCode {
+    let (cli, matches) = parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    match execute(cli, &matches, &StopOn::CtrlC) {
+        Ok(Exit::Ok) => std::process::ExitCode::SUCCESS,
+        Ok(Exit::Interrupted) => std::process::ExitCode::from(130),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 /// How a command ended, besides errors.
 pub enum Exit {
@@ -147,7 +256,7 @@ impl SplitArgs {
 /// A device that cannot report it (wgpu), or no device.
 pub fn auto_budget(device: DeviceKind) -> Result<u64> {
     let free = device.free_memory()?;
-    let budget = (free as f64 * bit_ttt_train::device::FREE_MEMORY_SHARE) as u64;
+    let budget = (free as f64 * crate::device::FREE_MEMORY_SHARE) as u64;
     eprintln!(
         "auto: {:.2} GB free on {}, planning with {:.2} GB",
         free as f64 / 1e9,
@@ -203,9 +312,12 @@ fn progress_mode(arg: Option<ProgressArg>) -> ProgressMode {
     }
 }
 
-/// A flag Ctrl-C sets: training stops after the current step and saves a checkpoint. A second
-/// Ctrl-C quits at once.
-fn ctrl_c_flag() -> Arc<AtomicBool> {
+/// The flag that stops training after the current step (with a checkpoint): the caller's, or
+/// one Ctrl-C sets (a second Ctrl-C quits at once).
+fn stop_flag(stop: &StopOn) -> Arc<AtomicBool> {
+    if let StopOn::Flag(flag) = stop {
+        return flag.clone();
+    }
     let flag = Arc::new(AtomicBool::new(false));
     let handler_flag = flag.clone();
     let installed = ctrlc::set_handler(move || {
@@ -227,7 +339,7 @@ fn ctrl_c_flag() -> Arc<AtomicBool> {
 fn find_tokenizer(explicit: Option<&Path>, model: &Path) -> Result<Tokenizer> {
     Tokenizer::find(explicit, model).map_err(|e| match e {
         // The command line names its flag.
-        bit_ttt_train::TrainError::NoTokenizerFor(_) => {
+        crate::TrainError::NoTokenizerFor(_) => {
             anyhow::anyhow!(
                 "{}",
                 e.to_string()

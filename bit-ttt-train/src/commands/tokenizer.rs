@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::data;
+use crate::tokenizer::Tokenizer;
 use anyhow::Result;
-use bit_ttt_train::data;
-use bit_ttt_train::tokenizer::Tokenizer;
 use clap::Args;
 
 use super::{format_count, Exit};

@@ -2,21 +2,22 @@
 
 use std::path::PathBuf;
 
+use crate::data;
+use crate::metrics::{METRICS_FILE, PLOT_FILE};
+use crate::tokenizer::Tokenizer;
+use crate::train::{self, Outcome, TrainJob, TrainSettings};
+use crate::{checkpoint, with_backend, TrainError};
 use anyhow::{bail, Context, Result};
 use bit_ttt_burn::model::files::TOKENIZER_FILE;
 use bit_ttt_burn::{BitLlamaConfig, MixerKind, TernaryBackend};
-use bit_ttt_train::data;
-use bit_ttt_train::metrics::{METRICS_FILE, PLOT_FILE};
-use bit_ttt_train::tokenizer::Tokenizer;
-use bit_ttt_train::train::{self, Outcome, TrainJob, TrainSettings};
-use bit_ttt_train::{checkpoint, with_backend, TrainError};
 use burn::backend::Autodiff;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ctrl_c_flag, format_count, parse_mixer, preset, progress_mode, DeviceArgs, Exit, ProgressArg,
+    format_count, parse_mixer, preset, progress_mode, stop_flag, DeviceArgs, Exit, ProgressArg,
+    StopOn,
 };
 
 // No doc comment: clap would show it in place of the subcommand's own (in main.rs).
@@ -269,7 +270,7 @@ fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
 
 /// `train`: trains (or resumes) a model in a run directory. `matches` are the subcommand's
 /// parsed arguments, which tell the flags typed from the defaulted ones.
-pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> Result<Exit> {
+pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Result<Exit> {
     let given =
         |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
     let device = args.device.device.check()?;
@@ -313,7 +314,7 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> Result<Exit> {
     } else {
         // Check the settings before the (slower) tokenizer training.
         settings_of(&args).validate()?;
-        model_config(&args, bit_ttt_train::tokenizer::MIN_VOCAB_SIZE)?;
+        model_config(&args, crate::tokenizer::MIN_VOCAB_SIZE)?;
         // Any trace of a run counts, a run whose checkpoints are all broken included: a fresh
         // run must not overwrite its tokenizer or prune its checkpoints.
         let root = checkpoint::checkpoint_root(&run_dir);
@@ -397,7 +398,7 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> Result<Exit> {
         resume: args.resume,
         extend: args.extend,
         stop_at: args.stop_at,
-        stop_flag: Some(ctrl_c_flag()),
+        stop_flag: Some(stop_flag(stop)),
         progress: progress_mode(args.progress),
         references: vec![],
     };
