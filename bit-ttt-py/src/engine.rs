@@ -463,18 +463,17 @@ impl TextGeneration {
                 }
             };
             let Some(token) = token else {
-                // The end: whatever is held is no stop string.
+                // The end: a character the last token left unfinished comes out too.
                 self.finished = true;
+                self.held.push_str(&self.pieces.finish(tokenizer)?);
+                if let Some(at) = self.first_stop() {
+                    self.held.truncate(at);
+                }
                 let rest = std::mem::take(&mut self.held);
                 return Ok((!rest.is_empty()).then_some(rest));
             };
             self.held.push_str(&self.pieces.push(tokenizer, token)?);
-            if let Some(at) = self
-                .stop
-                .iter()
-                .filter_map(|s| self.held.find(s.as_str()))
-                .min()
-            {
+            if let Some(at) = self.first_stop() {
                 self.finished = true;
                 self.held.truncate(at);
                 let rest = std::mem::take(&mut self.held);
@@ -486,6 +485,16 @@ impl TextGeneration {
                 return Ok(Some(std::mem::replace(&mut self.held, rest)));
             }
         }
+    }
+}
+
+impl TextGeneration {
+    /// Where the first stop string begins in the held text.
+    fn first_stop(&self) -> Option<usize> {
+        self.stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
     }
 }
 

@@ -195,6 +195,19 @@ impl TextStream {
         self.printed = text.len();
         Ok(new)
     }
+
+    /// The text not handed out yet, at the end of the stream: what a last token that ended
+    /// inside a character left held back (it shows as U+FFFD, as decoding all the ids shows
+    /// it), so that the pieces add up to the decoded ids.
+    ///
+    /// # Errors
+    /// [`TrainError::Tokenizer`].
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String, TrainError> {
+        let text = tokenizer.decode(&self.ids)?;
+        let rest = text.get(self.printed..).unwrap_or_default().to_string();
+        self.printed = self.printed.max(text.len());
+        Ok(rest)
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +216,27 @@ mod tests {
 
     fn corpus() -> Vec<String> {
         vec!["the cat sat on the mat. the cat ate the rat.\nthe whale, the whale!\n".repeat(20)]
+    }
+
+    /// A stream whose last token ends inside a character holds it back, and `finish` hands
+    /// it out, so that the pieces add up to the decoded ids (as `generate` prints them).
+    #[test]
+    fn a_stream_ending_inside_a_character_hands_out_the_rest_at_finish() {
+        let tokenizer = Tokenizer::train(&corpus(), 300).unwrap();
+        let a = tokenizer.encode("a").unwrap();
+        // Byte 0xE2 (shown as 'â' by the byte-level alphabet): the first of three bytes.
+        let lead = tokenizer.inner.token_to_id("â").unwrap();
+        let ids = [a.as_slice(), &[lead]].concat();
+        let mut stream = TextStream::default();
+        let pieces: String = ids
+            .iter()
+            .map(|&id| stream.push(&tokenizer, id).unwrap())
+            .collect();
+        assert_eq!(pieces, "a");
+        let rest = stream.finish(&tokenizer).unwrap();
+        assert_eq!(rest, "\u{FFFD}");
+        assert_eq!(pieces + &rest, tokenizer.decode(&ids).unwrap());
+        assert_eq!(stream.finish(&tokenizer).unwrap(), "");
     }
 
     #[test]

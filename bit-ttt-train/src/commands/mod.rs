@@ -429,10 +429,14 @@ fn generate_text(
             ControlFlow::Break(())
         }
     })?;
-    writeln!(out)?;
     if let Some(e) = failure {
+        writeln!(out)?;
         return Err(e.into());
     }
+    // A last token that ended inside a character.
+    let rest = stream.finish(tokenizer)?;
+    text.push_str(&rest);
+    writeln!(out, "{}", rest.replace('\n', &format!("\n{indent}")))?;
     Ok(text)
 }
 
