@@ -24,6 +24,14 @@ pub enum BitTttError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// A checkpoint of another architecture, or one using a feature this engine does not run.
+    #[error("unsupported checkpoint {}: {reason}", path.display())]
+    UnsupportedCheckpoint {
+        /// The file that says so.
+        path: PathBuf,
+        /// What is not supported.
+        reason: String,
+    },
     /// A configuration file does not parse or describes an impossible model.
     #[error("invalid config {}: {reason}", path.display())]
     InvalidConfig {

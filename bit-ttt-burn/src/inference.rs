@@ -159,6 +159,24 @@ impl<B: TernaryBackend> Decoder<B> {
         Ok(Self { engine })
     }
 
+    /// This decoder with its f32 head stored 8 bits a weight (see
+    /// [`CpuDecoder::with_int8_head`]).
+    ///
+    /// # Errors
+    /// [`BitTttError::InvalidInput`] unless the engine is the fused CPU decoder (the int8 head
+    /// is one of its products); as [`CpuDecoder::with_int8_head`].
+    pub fn with_int8_head(self) -> Result<Self, BitTttError> {
+        match self.engine {
+            Engine::Fused(d) => Ok(Self {
+                engine: Engine::Fused(d.with_int8_head()?),
+            }),
+            _ => Err(BitTttError::InvalidInput(
+                "the 8-bit head runs on the fused CPU decoder (--device ndarray, no --n-gpu-layers)"
+                    .into(),
+            )),
+        }
+    }
+
     /// A decoder that runs `hybrid`: the model split between `B`'s device and the CPU.
     pub fn hybrid(hybrid: HybridDecoder<B>) -> Self {
         Self {

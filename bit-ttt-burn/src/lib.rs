@@ -11,6 +11,7 @@ pub mod decode;
 pub mod error;
 pub mod files;
 pub mod generate;
+pub mod hf_bitnet;
 pub mod hybrid;
 pub mod inference;
 pub mod logit_check;

@@ -55,6 +55,26 @@ pub struct BenchSettings {
     pub contexts: Vec<usize>,
     /// Size of the array the read-bandwidth test sums.
     pub bandwidth_bytes: usize,
+    /// Also decode with the f32 head stored 8 bits a weight
+    /// ([`CpuDecoder::with_int8_head`]), its rounds alternating with the f32 head's.
+    pub int8_head: bool,
+}
+
+/// The fused decoder with its head 8 bits a weight, measured in rounds alternating with the
+/// f32 head's.
+#[derive(Clone, Debug, Serialize)]
+pub struct Int8HeadResult {
+    /// Tokens per second decoding one token at a time.
+    pub decode_tokens_per_s: f64,
+    /// Its tokens per second over the f32 head's, both measured in alternating rounds.
+    pub speedup: f64,
+    /// Bytes of parameters one step reads.
+    pub bytes_per_token: usize,
+    /// `tokens/s × bytes_per_token / read bandwidth`, the median over the rounds.
+    pub bandwidth_share: f64,
+    /// Largest difference between its logits and the f32 head's after the same tokens,
+    /// relative to the largest logit: the effect of the head's rounding.
+    pub logit_diff: f64,
 }
 
 /// One prefill length of one thread count.
@@ -138,6 +158,9 @@ pub struct BenchResult {
     pub bandwidth_share_with_state: f64,
     /// Every round's fused decode tokens/s and read bandwidth (GB/s), in order.
     pub rounds: Vec<(f64, f64)>,
+    /// With [`BenchSettings::int8_head`] and an f32 head: the same decode with the head 8
+    /// bits a weight.
+    pub int8_head: Option<Int8HeadResult>,
 }
 
 /// The most rounds a fused decode measurement is split into (at least 8 tokens each).
@@ -244,6 +267,14 @@ pub fn run(
     let mut results = Vec::new();
     for &threads in &settings.threads {
         let decoder = CpuDecoder::new(&model, threads)?;
+        let int8 = if settings.int8_head && !config.ternary_head {
+            let int8 = CpuDecoder::new(&model, threads)?.with_int8_head()?;
+            let state = int8.new_state();
+            Some((int8, state))
+        } else {
+            None
+        };
+        let mut int8 = int8;
         let bytes_per_token = decoder.weight_bytes_per_token();
         // The state bytes each measured step reads, by its position after the warm-up.
         let state_bytes: Vec<f64> = (0..settings.decode_tokens)
@@ -253,8 +284,12 @@ pub fn run(
         // The first pass faults the array's pages in.
         black_box(bandwidth::read_pass(&read_array, threads));
         decoder.read(&warm_up, &mut fused_state)?;
+        if let Some((int8, state)) = int8.as_mut() {
+            int8.read(&warm_up, state)?;
+        }
         let mut rounds = Vec::with_capacity(n_rounds);
         let (mut fused_s, mut fused_logits) = (0.0, Vec::new());
+        let (mut int8_rounds, mut int8_s, mut int8_logits) = (Vec::new(), 0.0, Vec::new());
         for tokens in decode.chunks(round_tokens) {
             // The best of two passes, right before the round: the ceiling in these minutes.
             let read = bandwidth::best_read_bytes_per_second(&read_array, threads, 2);
@@ -266,7 +301,38 @@ pub fn run(
             let round_s = started.elapsed().as_secs_f64();
             fused_s += round_s;
             rounds.push((tokens.len() as f64 / round_s, read / 1e9));
+            // The int8 head's round right after, against the same read pass.
+            if let Some((int8, state)) = int8.as_mut() {
+                let started = Instant::now();
+                for &t in tokens {
+                    int8_logits = int8.step(t, state)?;
+                }
+                let round_s = started.elapsed().as_secs_f64();
+                int8_s += round_s;
+                int8_rounds.push((tokens.len() as f64 / round_s, read / 1e9));
+            }
         }
+        let int8_head = int8.as_ref().map(|(int8, _)| {
+            let largest = fused_logits.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+            let diff = fused_logits
+                .iter()
+                .zip(&int8_logits)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let bytes = int8.weight_bytes_per_token();
+            let tps = settings.decode_tokens as f64 / int8_s;
+            Int8HeadResult {
+                decode_tokens_per_s: tps,
+                speedup: tps / (settings.decode_tokens as f64 / fused_s),
+                bytes_per_token: bytes,
+                bandwidth_share: median(
+                    int8_rounds
+                        .iter()
+                        .map(|&(tps, read)| tps * bytes as f64 / (read * 1e9))
+                        .collect(),
+                ),
+                logit_diff: f64::from(diff / largest),
+            }
+        });
 
         // Burn inside the kernels' pool, as its docs advise: small products split too.
         let (burn_logits, burn_s, prefill_s) = cpu::install(threads, || {
@@ -348,12 +414,13 @@ pub fn run(
             bandwidth_share,
             bandwidth_share_with_state,
             rounds,
+            int8_head,
         };
         progress(&format!(
             "{threads} thread(s): decode {:.1} tokens/s fused ({:.2} of the read bandwidth for \
              {:.1} MB of parameters per token, {:.2} with the {:.1} MB of state a step reads; \
              rounds {}), {:.1} through Burn ops, {:.1} the kernels alone; prefill {} (Burn: {:.1} tokens/s); {}read \
-             bandwidth {:.1} GB/s; fused vs Burn logits differ by {:.1e} of the largest",
+             bandwidth {:.1} GB/s; fused vs Burn logits differ by {:.1e} of the largest{}",
             result.decode_tokens_per_s,
             result.bandwidth_share,
             result.bytes_per_token as f64 / 1e6,
@@ -386,7 +453,17 @@ pub fn run(
                 ))
                 .collect::<String>(),
             result.read_gbytes_per_s,
-            result.fused_vs_burn_logit_diff
+            result.fused_vs_burn_logit_diff,
+            result.int8_head.as_ref().map_or(String::new(), |h| format!(
+                "; int8 head: decode {:.1} tokens/s ({:.2}× the f32 head's, {:.2} of the read \
+                 bandwidth for {:.1} MB per token), logits differ from the f32 head's by {:.1e} \
+                 of the largest",
+                h.decode_tokens_per_s,
+                h.speedup,
+                h.bandwidth_share,
+                h.bytes_per_token as f64 / 1e6,
+                h.logit_diff
+            ))
         ));
         results.push(result);
     }
@@ -504,6 +581,7 @@ mod tests {
             prefill_tokens: vec![5, 9],
             contexts: vec![0, 11],
             bandwidth_bytes: 1 << 20,
+            int8_head: true,
         };
         let mut lines = 0;
         let results = run(&settings, dir.path(), |_| lines += 1).unwrap();
@@ -545,6 +623,7 @@ mod tests {
         ];
         let mean_state = state_bytes.iter().sum::<f64>() / 17.0;
         for r in &results {
+            assert!(r.int8_head.is_none(), "a ternary head stays ternary");
             assert_eq!(r.bytes_per_token, expected);
             assert!((r.state_bytes_per_token - mean_state).abs() < 1e-6 * mean_state);
             assert!(r.decode_tokens_per_s.is_finite() && r.decode_tokens_per_s > 0.0);
@@ -633,6 +712,37 @@ mod tests {
         assert!(median(Vec::new()).is_nan());
     }
 
+    /// An f32 head measured also 8 bits a weight: a quarter of its bytes (plus a scale per
+    /// row), its logits within the rounding of the f32 head's.
+    #[test]
+    fn the_int8_head_reads_a_quarter_of_the_head_and_moves_the_logits_a_little() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = BenchSettings {
+            model: BenchModel::Random(BitLlamaConfig::tiny(64).with_ternary_head(false)),
+            name: "tiny".into(),
+            threads: vec![1],
+            decode_tokens: 9,
+            prefill_tokens: vec![5],
+            contexts: vec![],
+            bandwidth_bytes: 1 << 20,
+            int8_head: true,
+        };
+        let results = run(&settings, dir.path(), |_| ()).unwrap();
+        let r = &results[0];
+        let h = r
+            .int8_head
+            .as_ref()
+            .expect("an f32 head is measured 8 bits a weight too");
+        // The head is [64 vocabulary rows, 64]: 64 · 64 · 4 f32 bytes become 64 · 64 codes and
+        // 64 f32 scales.
+        assert_eq!(
+            r.bytes_per_token - h.bytes_per_token,
+            64 * 64 * 4 - (64 * 64 + 64 * 4)
+        );
+        assert!(h.decode_tokens_per_s > 0.0 && h.speedup > 0.0, "{h:?}");
+        assert!(h.logit_diff > 0.0 && h.logit_diff < 3e-2, "{h:?}");
+    }
+
     #[test]
     fn zero_threads_or_tokens_are_errors() {
         let dir = tempfile::tempdir().unwrap();
@@ -644,6 +754,7 @@ mod tests {
             prefill_tokens: vec![5],
             contexts: vec![],
             bandwidth_bytes: 1 << 20,
+            int8_head: false,
         };
         assert!(matches!(
             run(&settings, dir.path(), |_| ()),

@@ -257,8 +257,13 @@ pub fn model_changes(given: &BitLlamaConfig, run: &BitLlamaConfig) -> Vec<Settin
         ttt_base_lr,
         rope_theta,
         norm_eps,
+        n_kv_heads,
+        ffn_activation,
+        sub_norms,
+        bos_token_id,
+        eos_token_id,
     } = given;
-    let fields: [(&'static str, String, String); 12] = [
+    let fields: [(&'static str, String, String); 17] = [
         // The vocabulary comes from the tokenizer.
         (
             "--vocab-size",
@@ -300,6 +305,31 @@ pub fn model_changes(given: &BitLlamaConfig, run: &BitLlamaConfig) -> Vec<Settin
             "--config norm_eps",
             norm_eps.to_string(),
             run.norm_eps.to_string(),
+        ),
+        (
+            "--config n_kv_heads",
+            format!("{n_kv_heads:?}"),
+            format!("{:?}", run.n_kv_heads),
+        ),
+        (
+            "--config ffn_activation",
+            format!("{ffn_activation:?}"),
+            format!("{:?}", run.ffn_activation),
+        ),
+        (
+            "--config sub_norms",
+            format!("{sub_norms:?}"),
+            format!("{:?}", run.sub_norms),
+        ),
+        (
+            "--config bos_token_id",
+            format!("{bos_token_id:?}"),
+            format!("{:?}", run.bos_token_id),
+        ),
+        (
+            "--config eos_token_id",
+            format!("{eos_token_id:?}"),
+            format!("{:?}", run.eos_token_id),
         ),
     ];
     fields

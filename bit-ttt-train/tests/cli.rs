@@ -827,3 +827,83 @@ fn train_tokenizer(data: &str, out: &str) -> Output {
     assert!(o.status.success(), "{}", stderr(&o));
     o
 }
+
+/// `convert` of the tiny Hugging Face BitNet fixture (`tests/fixtures/bitnet-tiny`, whose
+/// logits `tests/hf_bitnet.rs` checks against transformers'): it writes the packed file and
+/// copies the tokenizer beside it, `generate` then runs it; broken checkpoints are clear
+/// errors.
+#[test]
+fn convert_writes_a_packed_file_that_generate_runs() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bitnet-tiny/packed");
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(name), hf.join(name)).unwrap();
+    }
+    // The fixture has no tokenizer: any of at most 300 tokens (its vocabulary) will do.
+    let data = corpus(dir.path()).to_string_lossy().into_owned();
+    train_tokenizer(&data, &hf.join("tokenizer.json").to_string_lossy());
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("model.packed.safetensors");
+    let (hf_s, out_s) = (hf.to_string_lossy(), out.to_string_lossy());
+
+    let o = run(&["convert", "--hf", &hf_s, "--out", &out_s]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = stdout(&o);
+    assert!(
+        printed.contains("2 key/value") && printed.contains("multiplying (autobitlinear)"),
+        "{printed}"
+    );
+    assert!(printed.contains("reloaded by memory map"), "{printed}");
+    assert_eq!(
+        std::fs::read(out_dir.join("tokenizer.json")).unwrap(),
+        std::fs::read(hf.join("tokenizer.json")).unwrap()
+    );
+
+    let o = run(&[
+        "generate",
+        "--model",
+        &out_s,
+        "--prompt",
+        "the whale",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("the whale"), "{}", stdout(&o));
+
+    // Another tokenizer already beside the output: refused before anything is written.
+    std::fs::write(out_dir.join("tokenizer.json"), "{}").unwrap();
+    let other = out_dir.join("other.packed.safetensors");
+    fails_with(
+        &["convert", "--hf", &hf_s, "--out", &other.to_string_lossy()],
+        "holds another tokenizer",
+    );
+    assert!(!other.exists());
+
+    fails_with(
+        &[
+            "convert",
+            "--hf",
+            &dir.path().join("nothing").to_string_lossy(),
+            "--out",
+            &out_s,
+        ],
+        "not a directory",
+    );
+    let config = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        config.replace("\"model_type\": \"bitnet\"", "\"model_type\": \"llama\""),
+    )
+    .unwrap();
+    fails_with(
+        &["convert", "--hf", &hf_s, "--out", &out_s],
+        "unsupported checkpoint",
+    );
+}

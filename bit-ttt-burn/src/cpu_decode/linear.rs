@@ -1,11 +1,12 @@
 //! The parts every block of the fused decoder is made of: its projections, packed ternary (the
 //! CPU kernels, reading the weights where they lie) or f32; parameters copied out of Burn
-//! tensors; heads spread over the kernels' threads. The mixers' CPU forms
+//! tensors; RMSNorms; heads and rows spread over the kernels' threads. The mixers' CPU forms
 //! (`mixer/*/decode.rs`) build on these, as [`CpuBlock`](super::CpuBlock) does.
 
 use std::cell::OnceCell;
+use std::mem::size_of;
 
-use bit_ttt_kernels::cpu::{self, CpuOptions, QuantizedActivations};
+use bit_ttt_kernels::cpu::{self, rms_norm, CpuOptions, Int8Rows, QuantizedActivations};
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
@@ -28,6 +29,69 @@ pub(crate) fn for_each_head<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T
     }
 }
 
+/// An RMSNorm's scale and epsilon.
+#[derive(Debug)]
+pub(crate) struct Norm {
+    gamma: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    pub(crate) fn new<B: Backend>(norm: &burn::nn::RmsNorm<B>) -> Result<Self, BitTttError> {
+        Ok(Self {
+            gamma: values(norm.gamma.val())?,
+            eps: norm.epsilon as f32,
+        })
+    }
+
+    /// Bytes of its scale.
+    pub(crate) fn size_bytes(&self) -> usize {
+        self.gamma.len() * size_of::<f32>()
+    }
+
+    pub(crate) fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; x.len()];
+        rms_norm(x, &self.gamma, self.eps, &mut out);
+        out
+    }
+
+    /// The norm of every row of `x` (`[tokens, d]`), rows spread over `threads` threads (see
+    /// [`for_each_row`]).
+    pub(crate) fn forward_rows(&self, x: &[f32], threads: usize) -> Vec<f32> {
+        let d = self.gamma.len();
+        let mut out = vec![0.0; x.len()];
+        for_each_row(x, &mut out, d, threads, |x, o| {
+            rms_norm(x, &self.gamma, self.eps, o)
+        });
+        out
+    }
+}
+
+/// `f(x[t], out[t])` for every row `t` of `x` and `out` (`[tokens, d]` each): with several
+/// rows and `threads > 1` on the current rayon pool (the kernels' inside `cpu::install`), else
+/// in order. Each row's result is its own, so it is the same either way.
+pub(crate) fn for_each_row(
+    x: &[f32],
+    out: &mut [f32],
+    d: usize,
+    threads: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if d == 0 {
+        return;
+    }
+    if x.len() > d && threads > 1 {
+        x.par_chunks_exact(d)
+            .zip(out.par_chunks_exact_mut(d))
+            .for_each(|(x, o)| f(x, o));
+    } else {
+        for (x, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            f(x, o);
+        }
+    }
+}
+
 /// One projection of a token, `y = x Wᵀ (+ b)`.
 #[derive(Debug)]
 pub(crate) enum DecodeLinear {
@@ -46,6 +110,14 @@ pub(crate) enum DecodeLinear {
         weight: Vec<f32>,
         /// Output features.
         d_output: usize,
+        /// `[d_output]`.
+        bias: Option<Vec<f32>>,
+    },
+    /// Full-precision weights stored 8 bits each with a scale per output row (see
+    /// [`Int8Rows`]), made from a [`Float`](Self::Float) one by [`to_int8`](Self::to_int8).
+    Int8 {
+        /// `[d_output, d_input]` codes and `[d_output]` scales.
+        weight: Int8Rows,
         /// `[d_output]`.
         bias: Option<Vec<f32>>,
     },
@@ -131,10 +203,31 @@ impl DecodeLinear {
         })
     }
 
+    /// This projection with 8-bit weights if it is a full-precision one (`None` otherwise).
+    ///
+    /// # Errors
+    /// [`BitTttError::Kernel`] if a weight is not finite.
+    pub fn to_int8(&self) -> Result<Option<Self>, BitTttError> {
+        let DecodeLinear::Float {
+            weight,
+            d_output,
+            bias,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let d_input = weight.len() / d_output.max(&1);
+        Ok(Some(DecodeLinear::Int8 {
+            weight: Int8Rows::quantize_columns(weight, d_input, *d_output)?,
+            bias: bias.clone(),
+        }))
+    }
+
     /// Input features.
     pub fn d_input(&self) -> usize {
         match self {
             DecodeLinear::Ternary { weights, .. } => weights.view().cols(),
+            DecodeLinear::Int8 { weight, .. } => weight.cols(),
             DecodeLinear::Float {
                 weight, d_output, ..
             } => weight.len() / d_output.max(&1),
@@ -152,7 +245,9 @@ impl DecodeLinear {
         what: &str,
     ) -> Result<(), BitTttError> {
         let bias = match self {
-            DecodeLinear::Ternary { bias, .. } | DecodeLinear::Float { bias, .. } => bias,
+            DecodeLinear::Ternary { bias, .. }
+            | DecodeLinear::Float { bias, .. }
+            | DecodeLinear::Int8 { bias, .. } => bias,
         };
         if let Some(b) = bias.as_ref().filter(|b| b.len() != self.d_output()) {
             return Err(BitTttError::InvalidInput(format!(
@@ -182,6 +277,9 @@ impl DecodeLinear {
             DecodeLinear::Float { weight, bias, .. } => {
                 f32_bytes(weight.len() + bias.as_ref().map_or(0, Vec::len))
             }
+            DecodeLinear::Int8 { weight, bias } => {
+                weight.size_in_bytes() + f32_bytes(bias.as_ref().map_or(0, Vec::len))
+            }
         }
     }
 
@@ -190,6 +288,7 @@ impl DecodeLinear {
         match self {
             DecodeLinear::Ternary { weights, .. } => weights.view().rows(),
             DecodeLinear::Float { d_output, .. } => *d_output,
+            DecodeLinear::Int8 { weight, .. } => weight.rows(),
         }
     }
 
@@ -297,6 +396,16 @@ impl DecodeLinear {
                     .zip(out.chunks_exact_mut((*d_output).max(1)))
                 {
                     cpu::gemv_f32_dense(x, weight, y, threads);
+                }
+                bias
+            }
+            DecodeLinear::Int8 { weight, bias } => {
+                for (x, y) in input
+                    .x
+                    .chunks_exact(weight.cols().max(1))
+                    .zip(out.chunks_exact_mut(weight.rows().max(1)))
+                {
+                    weight.gemv(x, y, threads);
                 }
                 bias
             }

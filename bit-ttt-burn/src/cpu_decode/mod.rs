@@ -40,49 +40,17 @@ use std::mem::size_of;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use bit_ttt_kernels::cpu::{axpy, rms_norm, silu_mul};
+use bit_ttt_kernels::cpu::{axpy, relu2_mul, silu_mul};
 use burn::tensor::backend::Backend;
 
+pub(crate) use self::linear::{for_each_row, Norm};
 use self::linear::{values, DecodeLinear, Input};
 use crate::decode::BlockStep;
 use crate::generate::{generate_with, GenerationConfig};
 use crate::mixer::{MixerDecode, MixerDecodeState};
-use crate::model::{BitLlama, Block, ModelState};
+use crate::model::{BitLlama, Block, FfnActivation, ModelState};
 use crate::soul::{as_file_error, LayerSoul, Soul};
 use crate::BitTttError;
-
-/// An RMSNorm's scale and epsilon.
-#[derive(Debug)]
-struct Norm {
-    gamma: Vec<f32>,
-    eps: f32,
-}
-
-impl Norm {
-    fn new<B: Backend>(norm: &burn::nn::RmsNorm<B>) -> Result<Self, BitTttError> {
-        Ok(Self {
-            gamma: values(norm.gamma.val())?,
-            eps: norm.epsilon as f32,
-        })
-    }
-
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0; x.len()];
-        rms_norm(x, &self.gamma, self.eps, &mut out);
-        out
-    }
-
-    /// The norm of every row of `x` (`[tokens, d]`), rows spread over `threads` threads (see
-    /// [`for_each_row`]).
-    fn forward_rows(&self, x: &[f32], threads: usize) -> Vec<f32> {
-        let d = self.gamma.len();
-        let mut out = vec![0.0; x.len()];
-        for_each_row(x, &mut out, d, threads, |x, o| {
-            rms_norm(x, &self.gamma, self.eps, o)
-        });
-        out
-    }
-}
 
 /// One residual block in the fused CPU form: `x += mixer(RMSNorm(x))`, `x += SwiGLU(RMSNorm(x))`
 /// on plain slices. Its [`BlockStep`] keeps the hidden state on the host.
@@ -93,7 +61,10 @@ pub struct CpuBlock {
     ffn_norm: Norm,
     gate_proj: DecodeLinear,
     up_proj: DecodeLinear,
+    /// The FFN hidden's RMSNorm before `down_proj` (BitNet's `ffn_sub_norm`).
+    ffn_sub_norm: Option<Norm>,
     down_proj: DecodeLinear,
+    activation: FfnActivation,
     d_model: usize,
     threads: usize,
 }
@@ -117,13 +88,15 @@ impl CpuBlock {
             ffn_norm: Norm::new(&block.ffn_norm)?,
             gate_proj: DecodeLinear::from_projection(&block.ffn.gate_proj)?,
             up_proj: DecodeLinear::from_projection(&block.ffn.up_proj)?,
+            ffn_sub_norm: block.ffn.sub_norm.as_ref().map(Norm::new).transpose()?,
             down_proj: DecodeLinear::from_projection(&block.ffn.down_proj)?,
+            activation: block.ffn.activation,
             d_model,
             threads: resolve_threads(threads),
         };
         // The Burn forward would panic on a block whose projections do not chain; say so here.
-        for p in cpu.mixer.projections() {
-            p.check_shape(d_model, d_model, &format!("a projection of {what}'s mixer"))?;
+        for (p, d_in, d_out) in cpu.mixer.projection_shapes(d_model) {
+            p.check_shape(d_in, d_out, &format!("a projection of {what}'s mixer"))?;
         }
         let d_ffn = cpu.gate_proj.d_output();
         cpu.gate_proj
@@ -138,7 +111,9 @@ impl CpuBlock {
     /// Bytes of parameters one step reads (see [`CpuDecoder::weight_bytes_per_token`]).
     pub fn weight_bytes(&self) -> usize {
         self.mixer.weight_bytes()
-            + (self.mixer_norm.gamma.len() + self.ffn_norm.gamma.len()) * size_of::<f32>()
+            + self.mixer_norm.size_bytes()
+            + self.ffn_norm.size_bytes()
+            + self.ffn_sub_norm.as_ref().map_or(0, Norm::size_bytes)
             + [&self.gate_proj, &self.up_proj, &self.down_proj]
                 .into_iter()
                 .map(DecodeLinear::weight_bytes)
@@ -162,7 +137,7 @@ impl CpuBlock {
         self.mixer.read(&normed, &mut state.0, threads, &mut mixed);
         axpy(1.0, &mixed, x);
 
-        // SwiGLU: down(silu(gate(h)) ⊙ up(h)).
+        // down(act(gate(h)) ⊙ up(h)), the hidden normed first where the model says so.
         let normed = self.ffn_norm.forward_rows(x, threads);
         let input = Input::tokens(&normed, d_model);
         let tokens = x.len() / d_model;
@@ -175,7 +150,10 @@ impl CpuBlock {
             &mut [&mut gate, &mut up],
             threads,
         );
-        silu_mul_rows(&mut gate, &up, d_ffn, threads);
+        gate_rows(self.activation, &mut gate, &up, d_ffn, threads);
+        if let Some(norm) = &self.ffn_sub_norm {
+            gate = norm.forward_rows(&gate, threads);
+        }
         self.down_proj
             .forward(&Input::tokens(&gate, d_ffn), &mut mixed, threads);
         axpy(1.0, &mixed, x);
@@ -218,7 +196,10 @@ impl CpuBlock {
         let h = &h[..tokens * d_ffn];
         let mut out = vec![0.0; tokens * self.d_model];
         let (inputs, output) = self.mixer.input_and_output_projections();
-        let mut qkv = vec![vec![0.0; tokens * self.d_model]; inputs.len()];
+        let mut qkv: Vec<Vec<f32>> = inputs
+            .iter()
+            .map(|p| vec![0.0; tokens * p.d_output()])
+            .collect();
         let mut outs: Vec<&mut [f32]> = qkv.iter_mut().map(|o| &mut o[..]).collect();
         // A fresh input per group, as `read` quantizes four inputs a block.
         let input = || Input::tokens(x, self.d_model);
@@ -237,37 +218,15 @@ impl CpuBlock {
     }
 }
 
-/// `f(x[t], out[t])` for every row `t` of `x` and `out` (`[tokens, d]` each): with several
-/// rows and `threads > 1` on the current rayon pool (the kernels' inside `cpu::install`), else
-/// in order. Each row's result is its own, so it is the same either way.
-pub(crate) fn for_each_row(
-    x: &[f32],
-    out: &mut [f32],
-    d: usize,
-    threads: usize,
-    f: impl Fn(&[f32], &mut [f32]) + Sync + Send,
-) {
-    use rayon::prelude::*;
-    if d == 0 {
-        return;
-    }
-    if x.len() > d && threads > 1 {
-        x.par_chunks_exact(d)
-            .zip(out.par_chunks_exact_mut(d))
-            .for_each(|(x, o)| f(x, o));
-    } else {
-        for (x, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            f(x, o);
-        }
-    }
-}
-
-/// `gate[t] = silu(gate[t]) ⊙ up[t]` for every token's row (`[tokens, d_ffn]`), one call per
+/// `gate[t] = act(gate[t]) ⊙ up[t]` for every token's row (`[tokens, d_ffn]`), one call per
 /// row: the vectorized SiLU does a row's last `d_ffn % 8` values in scalar code (within 4 ulp
 /// of the vector code), so row by row a token gets the same bits alone or in a prefill. Rows
 /// spread over `threads` threads when there are several.
-fn silu_mul_rows(gate: &mut [f32], up: &[f32], d_ffn: usize, threads: usize) {
-    for_each_row(up, gate, d_ffn, threads, |u, g| silu_mul(g, u));
+fn gate_rows(act: FfnActivation, gate: &mut [f32], up: &[f32], d_ffn: usize, threads: usize) {
+    match act {
+        FfnActivation::Silu => for_each_row(up, gate, d_ffn, threads, |u, g| silu_mul(g, u)),
+        FfnActivation::Relu2 => for_each_row(up, gate, d_ffn, threads, |u, g| relu2_mul(g, u)),
+    }
 }
 
 /// What one [`CpuBlock`] remembers of one sequence: its mixer's TTT fast weights (with room
@@ -441,7 +400,7 @@ impl CpuDecoder {
 
     /// Bytes of parameters the final norm and the head hold (and one step reads).
     pub fn head_bytes(&self) -> usize {
-        self.norm.gamma.len() * size_of::<f32>() + self.lm_head.weight_bytes()
+        self.norm.size_bytes() + self.lm_head.weight_bytes()
     }
 
     /// The blocks, in order: each a [`BlockStep`], for drivers that run them (or some of
@@ -450,13 +409,36 @@ impl CpuDecoder {
         &self.blocks
     }
 
+    /// This decoder with its f32 LM head stored 8 bits a weight, one scale per vocabulary row
+    /// ([`Int8Rows`](bit_ttt_kernels::cpu::Int8Rows)): a quarter of the bytes the head reads
+    /// per token, for one rounding per weight (at most half of `max|row| / 127`) and one of the
+    /// head's input, quantized to int8 per token as the ternary projections' inputs are. A
+    /// ternary head is left as it is. Where the head is most of a step's bytes (a large vocabulary, as
+    /// BitNet b1.58 2B-4T's 128,256 tokens) decode speeds up by close to that factor; the
+    /// logits move by the rounding (the tests and `bench --int8-head` report how much).
+    ///
+    /// # Errors
+    /// [`BitTttError::Kernel`] if a head weight is not finite.
+    pub fn with_int8_head(mut self) -> Result<Self, BitTttError> {
+        if let Some(int8) = self.lm_head.to_int8()? {
+            self.lm_head = int8;
+        }
+        Ok(self)
+    }
+
+    /// Whether the head is stored 8 bits a weight ([`with_int8_head`](Self::with_int8_head)).
+    pub fn has_int8_head(&self) -> bool {
+        matches!(self.lm_head, DecodeLinear::Int8 { .. })
+    }
+
     /// Bytes of parameters one step reads: every projection (packed blocks and scale, or f32
     /// weights) with its bias, every norm, the TTT layers' own parameters, and one row of the
     /// embedding. What a memory-bound step must stream from memory at the least.
     pub fn weight_bytes_per_token(&self) -> usize {
         let blocks: usize = self.blocks.iter().map(CpuBlock::weight_bytes).sum();
         blocks
-            + (self.d_model + self.norm.gamma.len()) * size_of::<f32>()
+            + self.d_model * size_of::<f32>()
+            + self.norm.size_bytes()
             + self.lm_head.weight_bytes()
     }
 

@@ -18,10 +18,23 @@ const MIXERS: [MixerKind; 3] = [
 /// mini-batch boundaries). Ternary models are packed first, so that both paths multiply by
 /// the same packed weights.
 fn model(mixer: MixerKind, ternary: bool) -> BitLlama<B> {
-    let device = Default::default();
-    let model = BitLlamaConfig::new(61, 32, 2, 4, 48)
+    model_of(config(mixer), ternary)
+}
+
+fn config(mixer: MixerKind) -> BitLlamaConfig {
+    BitLlamaConfig::new(61, 32, 2, 4, 48)
         .with_mini_batch_size(4)
         .with_mixer(mixer)
+}
+
+/// Every mixer's config, and BitNet b1.58's block (see `model::test_util::variants`).
+fn variants() -> Vec<(String, BitLlamaConfig)> {
+    crate::model::test_util::variants(config)
+}
+
+fn model_of(config: BitLlamaConfig, ternary: bool) -> BitLlama<B> {
+    let device = Default::default();
+    let model = config
         .with_ternary(ternary)
         .with_ternary_head(ternary)
         .init::<B>(&device)
@@ -61,11 +74,11 @@ fn assert_decoders_agree(model: &BitLlama<B>, threads: usize, n: usize, what: &s
 // on every run, not now and then; none does on these inputs.
 #[test]
 fn fused_decode_matches_burn_token_by_token() {
-    for mixer in MIXERS {
+    for (name, config) in variants() {
         for ternary in [false, true] {
-            let model = model(mixer, ternary);
+            let model = model_of(config.clone(), ternary);
             for threads in [1, 2] {
-                let what = format!("{} ternary={ternary} threads={threads}", mixer.name());
+                let what = format!("{name} ternary={ternary} threads={threads}");
                 assert_decoders_agree(&model, threads, 11, &what);
             }
         }
@@ -348,8 +361,9 @@ fn simd_and_generic_ttt_heads_are_bit_identical() {
 #[test]
 fn a_fused_state_saved_to_soul_continues_in_burn_and_in_the_fused_decoder() {
     let dir = tempfile::tempdir().unwrap();
-    for mixer in MIXERS {
-        let model = model(mixer, false);
+    for (name, config) in variants() {
+        let mixer = config.mixer;
+        let model = model_of(config, false);
         let decoder = CpuDecoder::new(&model, 1).unwrap();
         let all = tokens(11);
         // 6 tokens end inside a mini-batch of 4 (unfinished gradient terms), 8 on a boundary.
@@ -358,7 +372,7 @@ fn a_fused_state_saved_to_soul_continues_in_burn_and_in_the_fused_decoder() {
             let mut fused = decoder.new_state();
             decoder.read(&all[..split], &mut fused).unwrap();
             model.read(&all[..split], &mut uninterrupted).unwrap();
-            let path = dir.path().join(format!("{}-{split}.soul", mixer.name()));
+            let path = dir.path().join(format!("{name}-{split}.soul"));
             decoder.save_state(&fused, &path).unwrap();
 
             let mut in_burn = model.load_state(&path).unwrap();
@@ -368,7 +382,7 @@ fn a_fused_state_saved_to_soul_continues_in_burn_and_in_the_fused_decoder() {
             let mut kept = fused.clone();
             for &token in &all[split..] {
                 let expected = model.read(&[token], &mut uninterrupted).unwrap();
-                let what = format!("{} split {split}", mixer.name());
+                let what = format!("{name} split {split}");
                 let burn = model.read(&[token], &mut in_burn).unwrap();
                 assert_close(
                     &burn,
@@ -517,16 +531,13 @@ fn a_chain_of_burn_and_fused_blocks_decodes_like_either() {
 /// and 2 threads. `read_all` gives every position's logits, again bit for bit.
 #[test]
 fn fused_prefill_equals_token_by_token_decode_and_burn() {
-    for mixer in MIXERS {
+    for (name, config) in variants() {
         for ternary in [false, true] {
-            let model = model(mixer, ternary);
+            let model = model_of(config.clone(), ternary);
             for threads in [1, 2] {
                 let decoder = CpuDecoder::new(&model, threads).unwrap();
                 for len in [1, 15, 16, 17, 100] {
-                    let what = format!(
-                        "{} ternary={ternary} threads={threads} prompt {len}",
-                        mixer.name()
-                    );
+                    let what = format!("{name} ternary={ternary} threads={threads} prompt {len}");
                     let all = tokens(len + 5);
                     let (prompt, rest) = all.split_at(len);
                     let mut stepped = decoder.new_state();

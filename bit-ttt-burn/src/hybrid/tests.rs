@@ -19,12 +19,27 @@ const MIXERS: [MixerKind; 3] = [
 
 /// A seeded ternary model of 3 blocks (4 heads of 8, mini-batch 4) saved as a packed file.
 fn packed_model(mixer: MixerKind, ternary_head: bool) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.packed.safetensors");
-    let config = BitLlamaConfig::new(61, 32, 3, 4, 48)
+    packed_model_of(config(mixer), ternary_head)
+}
+
+fn config(mixer: MixerKind) -> BitLlamaConfig {
+    BitLlamaConfig::new(61, 32, 3, 4, 48)
         .with_mini_batch_size(4)
         .with_mixer(mixer)
-        .with_ternary_head(ternary_head);
+}
+
+/// Every mixer's config, and BitNet b1.58's block (see `model::test_util::variants`).
+fn variants() -> Vec<(String, BitLlamaConfig)> {
+    crate::model::test_util::variants(config)
+}
+
+fn packed_model_of(
+    config: BitLlamaConfig,
+    ternary_head: bool,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.packed.safetensors");
+    let config = config.with_ternary_head(ternary_head);
     config
         .init::<G>(&Default::default())
         .map(&mut Deterministic(23))
@@ -46,13 +61,13 @@ fn open(path: &std::path::Path, n: usize) -> HybridDecoder<G> {
 #[test]
 fn every_split_of_every_mixer_decodes_like_the_fused_decoder() {
     let all = tokens(13);
-    for mixer in MIXERS {
+    for (name, config) in variants() {
         for ternary_head in [false, true] {
-            let (_dir, path) = packed_model(mixer, ternary_head);
+            let (_dir, path) = packed_model_of(config.clone(), ternary_head);
             let (model, _) = BitLlama::<G>::load_packed(&path, &Default::default()).unwrap();
             let fused = CpuDecoder::new(&model, 1).unwrap();
             for n in 0..=3 {
-                let what = format!("{} head {ternary_head} N={n}", mixer.name());
+                let what = format!("{name} head {ternary_head} N={n}");
                 let hybrid = open(&path, n);
                 assert_eq!(hybrid.plan().n_gpu_layers, n, "{what}");
                 assert_eq!(hybrid.plan().head_on_gpu, n == 3, "{what}");

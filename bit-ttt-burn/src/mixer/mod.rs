@@ -70,8 +70,11 @@ impl<B: Backend> Mixer<B> {
             MixerKind::TttMlp => ttt(TttInner::Mlp),
             MixerKind::Attention => Mixer::Attention(
                 AttentionConfig::new(config.d_model, config.n_heads)
+                    .with_num_kv_heads(config.n_kv_heads)
                     .with_ternary(config.ternary)
                     .with_rope_theta(config.rope_theta)
+                    .with_sub_norm(config.has_sub_norms())
+                    .with_norm_eps(config.norm_eps)
                     .init(device),
             ),
         }
@@ -145,11 +148,14 @@ impl<B: Backend> Mixer<B> {
                     && dims(cache.grads()) == expected
             }
             (Mixer::Attention(attention), MixerState::Attention(kv)) => {
-                let heads = attention.num_heads;
+                let (heads, kv_heads) = (attention.num_heads, attention.num_kv_heads);
                 let fits = |t: &Option<Tensor<B, 4>>| {
                     t.as_ref().is_none_or(|t| {
                         let [b, h, len, head_dim] = t.dims();
-                        b == batch && h == heads && head_dim * heads == d_model && len == kv.len()
+                        b == batch
+                            && h == kv_heads
+                            && head_dim * heads == d_model
+                            && len == kv.len()
                     })
                 };
                 kv.keys.is_some() == kv.values.is_some() && fits(&kv.keys) && fits(&kv.values)
@@ -251,11 +257,12 @@ impl MixerDecode {
         })
     }
 
-    /// The projections, for checking their shapes.
-    pub fn projections(&self) -> Vec<&DecodeLinear> {
+    /// The projections with the `(d_input, d_output)` a model of width `d_model` needs of
+    /// them, for checking their shapes.
+    pub fn projection_shapes(&self, d_model: usize) -> Vec<(&DecodeLinear, usize, usize)> {
         match self {
-            MixerDecode::Ttt(t) => t.projections().collect(),
-            MixerDecode::Attention(a) => a.projections().collect(),
+            MixerDecode::Ttt(t) => t.projections().map(|p| (p, d_model, d_model)).collect(),
+            MixerDecode::Attention(a) => a.projection_shapes(d_model),
         }
     }
 

@@ -36,6 +36,9 @@ impl<B: Backend> Block<B> {
             ffn_norm: norm(),
             ffn: SwiGluConfig::new(config.d_model, config.d_ffn)
                 .with_ternary(config.ternary)
+                .with_activation(config.ffn_activation())
+                .with_sub_norm(config.has_sub_norms())
+                .with_norm_eps(config.norm_eps)
                 .init(device),
         }
     }

@@ -52,6 +52,16 @@ impl std::str::FromStr for MixerKind {
     }
 }
 
+/// The activation that gates the feed-forward network: `down(act(gate(x)) ⊙ up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnActivation {
+    /// SiLU (SwiGLU, Llama).
+    Silu,
+    /// Squared ReLU, `relu(x)²` (BitNet b1.58 2B-4T).
+    Relu2,
+}
+
 /// Configuration of a [`BitLlama`](super::BitLlama) model.
 ///
 /// Presets: [`tiny`](Self::tiny) for tests and the sizes of the TTT paper
@@ -103,6 +113,26 @@ pub struct BitLlamaConfig {
     /// RMSNorm epsilon.
     #[config(default = 1e-6)]
     pub norm_eps: f64,
+    /// Key/value heads of the attention mixer (grouped-query attention: each serves
+    /// `n_heads / n_kv_heads` query heads); `None`: one per query head.
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    /// The activation that gates the feed-forward network; `None`: SiLU. (The fields added
+    /// after the first release are `Option`s, so that a `config.json` written before them
+    /// still reads: Burn's `Config` fills in only an absent `Option`.)
+    #[config(default = "None")]
+    pub ffn_activation: Option<FfnActivation>,
+    /// BitNet b1.58's sub-norms: an RMSNorm on the attention output before `o_proj` and one on
+    /// the feed-forward hidden `act(gate) ⊙ up` before `down_proj` (attention mixer only);
+    /// `None`: none.
+    #[config(default = "None")]
+    pub sub_norms: Option<bool>,
+    /// The token a text starts with (BOS), for models trained with one (imported ones).
+    #[config(default = "None")]
+    pub bos_token_id: Option<u32>,
+    /// The token that ends a text (EOS), where the model says which.
+    #[config(default = "None")]
+    pub eos_token_id: Option<u32>,
 }
 
 impl BitLlamaConfig {
@@ -138,7 +168,22 @@ impl BitLlamaConfig {
         Self::new(vocab_size, 2048, 24, 32, 5632).with_ternary_head(true)
     }
 
-    /// A preset by name: `tiny`, `125m`, `350m`, `760m`, `1.3b`, `1b` ([`ternary_1b`](Self::ternary_1b)).
+    /// The shape of `microsoft/bitnet-b1.58-2B-4T`: d_model 2560, 30 blocks, 20 query heads
+    /// sharing 5 key/value heads (head_dim 128), FFN 6912 gated by squared ReLU, sub-norms,
+    /// RoPE θ 500,000, f32 head (the checkpoint ties it to the embedding). Its vocabulary is
+    /// 128,256; `vocab_size` is the caller's, as for the other presets.
+    pub fn bitnet_2b(vocab_size: usize) -> Self {
+        Self::new(vocab_size, 2560, 30, 20, 6912)
+            .with_mixer(MixerKind::Attention)
+            .with_n_kv_heads(Some(5))
+            .with_ffn_activation(Some(FfnActivation::Relu2))
+            .with_sub_norms(Some(true))
+            .with_rope_theta(500_000.0)
+            .with_norm_eps(1e-5)
+    }
+
+    /// A preset by name: `tiny`, `125m`, `350m`, `760m`, `1.3b`, `1b` ([`ternary_1b`](Self::ternary_1b)),
+    /// `bitnet-2b` ([`bitnet_2b`](Self::bitnet_2b)).
     pub fn preset(name: &str, vocab_size: usize) -> Option<Self> {
         Some(match name {
             "tiny" => Self::tiny(vocab_size),
@@ -147,6 +192,7 @@ impl BitLlamaConfig {
             "760m" => Self::ttt_760m(vocab_size),
             "1.3b" => Self::ttt_1_3b(vocab_size),
             "1b" => Self::ternary_1b(vocab_size),
+            "bitnet-2b" => Self::bitnet_2b(vocab_size),
             _ => return None,
         })
     }
@@ -154,6 +200,21 @@ impl BitLlamaConfig {
     /// Width of one head.
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
+    }
+
+    /// Key/value heads of the attention mixer.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// The feed-forward network's activation.
+    pub fn ffn_activation(&self) -> FfnActivation {
+        self.ffn_activation.unwrap_or(FfnActivation::Silu)
+    }
+
+    /// Whether the blocks have BitNet's sub-norms.
+    pub fn has_sub_norms(&self) -> bool {
+        self.sub_norms.unwrap_or(false)
     }
 
     /// Checks the shape parameters fit together.
@@ -238,6 +299,40 @@ impl BitLlamaConfig {
         if let Some(lr) = self.ttt_base_lr {
             positive_finite("ttt_base_lr", lr)?;
         }
+        if let Some(kv) = self.n_kv_heads {
+            if self.mixer != MixerKind::Attention && kv != self.n_heads {
+                return Err(format!(
+                    "n_kv_heads {kv} differs from n_heads {}: grouped-query heads are for the attention mixer, not {}",
+                    self.n_heads,
+                    self.mixer.name()
+                ));
+            }
+            if kv == 0 || !self.n_heads.is_multiple_of(kv) {
+                return Err(format!(
+                    "n_kv_heads {kv} must be > 0 and divide n_heads {}",
+                    self.n_heads
+                ));
+            }
+        }
+        if self.has_sub_norms() && self.mixer != MixerKind::Attention {
+            return Err(format!(
+                "sub_norms (BitNet b1.58's) are for the attention mixer, not {}",
+                self.mixer.name()
+            ));
+        }
+        for (name, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if let Some(id) = id {
+                if id as usize >= self.vocab_size {
+                    return Err(format!(
+                        "{name} {id} is outside the vocabulary of {}",
+                        self.vocab_size
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -246,12 +341,13 @@ impl BitLlamaConfig {
     /// TTT fast weights. A lower bound of the parameter count (norms, biases and gates are left
     /// out) computed without allocating anything; `None` if it overflows `u64`.
     pub fn matrix_weights(&self) -> Option<u64> {
-        let [v, d, l, f, h] = [
+        let [v, d, l, f, h, kv] = [
             self.vocab_size,
             self.d_model,
             self.n_layers,
             self.d_ffn,
             self.head_dim(),
+            self.kv_heads(),
         ]
         .map(|x| x as u64);
         // TTT-Linear: one head_dim² matrix per head; TTT-MLP: head_dim × 4·head_dim and back.
@@ -260,9 +356,11 @@ impl BitLlamaConfig {
             MixerKind::TttMlp => d.checked_mul(h)?.checked_mul(8)?,
             MixerKind::Attention => 0,
         };
+        // Q and O are d × d; K and V d × (kv_heads · head_dim).
         let block = d
             .checked_mul(d)?
-            .checked_mul(4)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(h)?.checked_mul(2)?)?
             .checked_add(d.checked_mul(f)?.checked_mul(3)?)?
             .checked_add(fast)?;
         v.checked_mul(d)?
@@ -379,6 +477,50 @@ mod tests {
         // A 70B shape is well inside the bound.
         let big = BitLlamaConfig::new(128_256, 8192, 80, 64, 28_672);
         assert_eq!(big.validate(), Ok(()));
+    }
+
+    #[test]
+    fn bitnet_fields_are_checked_and_default_when_absent() {
+        let ok = BitLlamaConfig::tiny(300).with_mixer(MixerKind::Attention);
+        for (field, config) in [
+            ("n_kv_heads", ok.clone().with_n_kv_heads(Some(3))),
+            ("n_kv_heads", ok.clone().with_n_kv_heads(Some(0))),
+            (
+                "n_kv_heads",
+                ok.clone()
+                    .with_mixer(MixerKind::TttLinear)
+                    .with_n_kv_heads(Some(2)),
+            ),
+            (
+                "sub_norms",
+                ok.clone()
+                    .with_mixer(MixerKind::TttMlp)
+                    .with_sub_norms(Some(true)),
+            ),
+            ("bos_token_id", ok.clone().with_bos_token_id(Some(300))),
+            ("eos_token_id", ok.clone().with_eos_token_id(Some(1000))),
+        ] {
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        assert_eq!(ok.clone().with_n_kv_heads(Some(2)).validate(), Ok(()));
+        assert_eq!(BitLlamaConfig::bitnet_2b(128_256).validate(), Ok(()));
+        // A config.json written before these fields existed reads as before.
+        let mut json = serde_json::to_value(&ok).unwrap();
+        for field in [
+            "n_kv_heads",
+            "ffn_activation",
+            "sub_norms",
+            "bos_token_id",
+            "eos_token_id",
+        ] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        let old: BitLlamaConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old, ok);
+        assert_eq!(old.kv_heads(), 4);
+        assert_eq!(old.ffn_activation(), FfnActivation::Silu);
+        assert!(!old.has_sub_norms());
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub use crate::mixer::{Mixer, MixerState};
 pub use bit_llama::{BitLlama, ModelState};
 pub use block::Block;
 pub use config::{
-    BitLlamaConfig, MixerKind, MAX_LAYERS, MAX_MATRIX_WEIGHTS, MAX_MINI_BATCH_SIZE, MAX_ROPE_TABLE,
+    BitLlamaConfig, FfnActivation, MixerKind, MAX_LAYERS, MAX_MATRIX_WEIGHTS, MAX_MINI_BATCH_SIZE,
+    MAX_ROPE_TABLE,
 };
 pub use packed::packed_config;
 pub(crate) use packed::PackedPart;

@@ -11,6 +11,31 @@ use crate::BitTttError;
 
 pub(crate) use super::random::Deterministic;
 
+/// Every mixer's config made by `config`, named by the mixer, and BitNet b1.58's block on
+/// attention ("bitnet": half as many key/value heads as query heads, sub-norms, squared
+/// ReLU), so that every test over the mixers covers it too.
+pub(crate) fn variants(
+    config: impl Fn(super::MixerKind) -> super::BitLlamaConfig,
+) -> Vec<(String, super::BitLlamaConfig)> {
+    use super::MixerKind;
+    let mut all: Vec<_> = [
+        MixerKind::TttLinear,
+        MixerKind::TttMlp,
+        MixerKind::Attention,
+    ]
+    .into_iter()
+    .map(|m| (m.name().to_string(), config(m)))
+    .collect();
+    let attention = config(MixerKind::Attention);
+    let kv_heads = attention.n_heads / 2;
+    let bitnet = attention
+        .with_n_kv_heads(Some(kv_heads))
+        .with_ffn_activation(Some(super::FfnActivation::Relu2))
+        .with_sub_norms(Some(true));
+    all.push(("bitnet".to_string(), bitnet));
+    all
+}
+
 /// Asserts that two decoders' logits agree within `1e-4` of the largest expected logit (at
 /// least 1): float summation order, not a different model.
 pub(crate) fn assert_logits_close(got: &[f32], expected: &[f32], what: &str) {

@@ -124,6 +124,25 @@ pub fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate[i] = relu(gate[i])² · up[i]`: the gated squared-ReLU of BitNet b1.58's feed-forward
+/// network. Plain arithmetic the compiler vectorizes, so there is no separate SIMD version.
+///
+/// # Panics
+/// If the slices differ in length (a programmer error).
+pub fn relu2_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "relu2_mul: gate has {} values, up {}",
+        gate.len(),
+        up.len()
+    );
+    for (g, u) in gate.iter_mut().zip(up) {
+        let r = g.max(0.0);
+        *g = r * r * u;
+    }
+}
+
 /// GELU with the tanh approximation, `½ x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
@@ -356,5 +375,12 @@ mod tests {
         let mut y = [1.0, 1.0];
         axpy(0.5, &[2.0, 4.0], &mut y);
         assert_eq!(y, [2.0, 3.0]);
+    }
+
+    #[test]
+    fn relu2_mul_squares_the_positive_part() {
+        let mut gate = [-2.0, -0.0, 0.5, 3.0];
+        relu2_mul(&mut gate, &[10.0, 10.0, 2.0, -1.0]);
+        assert_eq!(gate, [0.0, 0.0, 0.5, -9.0]);
     }
 }

@@ -51,15 +51,17 @@ mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod dense;
+pub mod int8_rows;
 pub mod math;
 pub mod reference;
 pub mod ttt_head;
 
 pub use activations::QuantizedActivations;
 pub use dense::gemv_f32_dense;
+pub use int8_rows::{dot_i8, dot_i8_scalar, Int8Rows};
 pub use math::{
-    add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd, rms_norm, rope_angles,
-    rotate_pairs, sigmoid_tanh, silu, silu_mul, silu_mul_scalar,
+    add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd, relu2_mul, rms_norm,
+    rope_angles, rotate_pairs, sigmoid_tanh, silu, silu_mul, silu_mul_scalar,
 };
 pub use ttt_head::{TttHeadInputs, TttHeadState, TttInner, TttLayerParams, TttStep};
 

@@ -15,14 +15,17 @@ use super::{parse_bytes, parse_gpu_layers, parse_mixer, preset, DeviceArgs, Exit
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Model preset: tiny, 125m, 350m, 760m, 1.3b, 1b (fully ternary: d_model 2048, 24 layers,
-    /// FFN 5632, ternary head), 7b (d_model 4096, 32 layers, FFN 11008) or 70b (d_model 8192,
-    /// 80 layers, FFN 28672, vocabulary 128,256). Random packed weights, drawn directly.
+    /// FFN 5632, ternary head), 7b (d_model 4096, 32 layers, FFN 11008), 70b (d_model 8192,
+    /// 80 layers, FFN 28672, vocabulary 128,256) or bitnet-2b (microsoft/bitnet-b1.58-2B-4T's
+    /// shape: d_model 2560, 30 layers, 20 heads on 5 key/value heads, FFN 6912, squared ReLU,
+    /// sub-norms, f32 head, vocabulary 128,256). Random packed weights, drawn directly.
     #[arg(long, default_value = "1b")]
     preset: String,
-    /// Mixer: ttt_linear, ttt_mlp or attention.
-    #[arg(long, default_value = "ttt_linear", value_parser = parse_mixer)]
-    mixer: MixerKind,
-    /// Vocabulary size of the random model (default 32,000; 128,256 for 70b).
+    /// Mixer: ttt_linear, ttt_mlp or attention (default: ttt_linear; attention, the only one
+    /// it has, for bitnet-2b).
+    #[arg(long, value_parser = parse_mixer)]
+    mixer: Option<MixerKind>,
+    /// Vocabulary size of the random model (default 32,000; 128,256 for 70b and bitnet-2b).
     #[arg(long)]
     vocab_size: Option<usize>,
     /// Kernel thread counts to measure, comma-separated (default 1,2; with --n-gpu-layers one
@@ -60,17 +63,35 @@ pub struct BenchArgs {
     /// --n-gpu-layers: one number, the tokens of context a split keeps room for (default 4096).
     #[arg(long, value_delimiter = ',')]
     context: Vec<usize>,
+    /// Also decode with the f32 head stored 8 bits a weight (a scale per vocabulary row), in
+    /// rounds alternating with the f32 head's: its speed and how far its logits move.
+    #[arg(long)]
+    int8_head: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
 
-/// A preset by name, with the benchmark's larger shapes (7b, 70b) besides the trainable ones.
-fn bench_preset(name: &str, vocab: Option<usize>) -> Result<BitLlamaConfig> {
-    Ok(match name {
+/// A preset by name, with the benchmark's larger shapes (7b, 70b, bitnet-2b) besides the
+/// trainable ones, and `mixer` if given.
+fn bench_preset(
+    name: &str,
+    vocab: Option<usize>,
+    mixer: Option<MixerKind>,
+) -> Result<BitLlamaConfig> {
+    let config = match name {
         "7b" => BitLlamaConfig::new(vocab.unwrap_or(32_000), 4096, 32, 32, 11008),
         "70b" => BitLlamaConfig::new(vocab.unwrap_or(128_256), 8192, 80, 64, 28672),
+        "bitnet-2b" => BitLlamaConfig::bitnet_2b(vocab.unwrap_or(128_256)),
         _ => preset(name, vocab.unwrap_or(32_000))?,
-    })
+    };
+    let config = match mixer {
+        Some(mixer) => config.with_mixer(mixer),
+        None => config,
+    };
+    if let Err(problem) = config.validate() {
+        bail!("--preset {name}: {problem}");
+    }
+    Ok(config)
 }
 
 /// `bench`: see [`crate::bench`].
@@ -85,7 +106,7 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
     let (model, name) = match &args.packed {
         Some(path) => (BenchModel::Packed(path.clone()), path.display().to_string()),
         None => (
-            BenchModel::Random(bench_preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer)),
+            BenchModel::Random(bench_preset(&args.preset, args.vocab_size, args.mixer)?),
             format!("random {}", args.preset),
         ),
     };
@@ -120,6 +141,7 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
         prefill_tokens: prefill.clone(),
         contexts: args.context.clone(),
         bandwidth_bytes: args.bandwidth_mib << 20,
+        int8_head: args.int8_head,
     };
     println!(
         "bench: {name}, ndarray backend, kernel {:?}",
@@ -157,6 +179,31 @@ pub fn run(args: BenchArgs) -> Result<Exit> {
                 "| {} | {} | {:.1} | {:.1} | {:.2} |",
                 r.threads, p.tokens, p.tokens_per_s, p.kernel_tokens_per_s, p.share_of_kernel
             );
+        }
+    }
+    if results.iter().any(|r| r.int8_head.is_some()) {
+        println!();
+        println!("| threads | head | decode tok/s | share of read bandwidth | MB/token | logits vs f32 head |");
+        println!("|---|---|---|---|---|---|");
+        for r in &results {
+            println!(
+                "| {} | f32 | {:.1} | {:.2} | {:.1} | - |",
+                r.threads,
+                r.decode_tokens_per_s,
+                r.bandwidth_share,
+                r.bytes_per_token as f64 / 1e6
+            );
+            if let Some(h) = &r.int8_head {
+                println!(
+                    "| {} | int8 | {:.1} ({:.2}×) | {:.2} | {:.1} | {:.1e} of the largest |",
+                    r.threads,
+                    h.decode_tokens_per_s,
+                    h.speedup,
+                    h.bandwidth_share,
+                    h.bytes_per_token as f64 / 1e6,
+                    h.logit_diff
+                );
+            }
         }
     }
     if !args.context.is_empty() {
@@ -209,7 +256,7 @@ fn run_split(args: BenchArgs) -> Result<Exit> {
         Some(path) => (SplitModel::Packed(path.clone()), path.display().to_string()),
         None => (
             SplitModel::Random {
-                config: bench_preset(&args.preset, args.vocab_size)?.with_mixer(args.mixer),
+                config: bench_preset(&args.preset, args.vocab_size, args.mixer)?,
                 seed: 0,
             },
             format!("random {}", args.preset),

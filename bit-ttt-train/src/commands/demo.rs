@@ -16,7 +16,8 @@ use burn::backend::Autodiff;
 use clap::Args;
 
 use super::{
-    format_count, generate_text, parse_mixer, progress_mode, stop_flag, DeviceArgs, Exit, StopOn,
+    format_count, generate_text, parse_mixer, progress_mode, stop_flag, DeviceArgs, Exit,
+    SpecialTokens, StopOn,
 };
 
 /// Vocabulary of the demo's tokenizer.
@@ -312,6 +313,7 @@ fn demo_rest<B: TernaryBackend>(
     generate_text(
         &mut |ids, config, on_token| model.generate(ids, config, &mut model.new_state(), on_token),
         tokenizer,
+        SpecialTokens::default(),
         &args.prompt,
         args.sample_tokens,
         sampling,

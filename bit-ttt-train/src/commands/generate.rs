@@ -9,7 +9,10 @@ use bit_ttt_burn::inference::{Decoder, DecoderChoice};
 use bit_ttt_burn::BitLlama;
 use clap::Args;
 
-use super::{find_tokenizer, generate_text, report_split, sampling, DeviceArgs, Exit, SplitArgs};
+use super::{
+    find_tokenizer, generate_text, report_split, sampling, DeviceArgs, Exit, SpecialTokens,
+    SplitArgs,
+};
 
 // No doc comment: clap would show it in place of the subcommand's own (in main.rs).
 #[derive(Args, Debug)]
@@ -40,6 +43,11 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Store the f32 head 8 bits a weight (a scale per vocabulary row) for decoding: a quarter
+    /// of its bytes per token, at the cost of one rounding per weight and of its input (fused CPU
+    /// decoder only).
+    #[arg(long)]
+    int8_head: bool,
     #[command(flatten)]
     device: DeviceArgs,
     #[command(flatten)]
@@ -54,18 +62,28 @@ pub fn run(args: GenerateArgs) -> Result<Exit> {
     let sampling = sampling(args.temperature, args.top_k, args.top_p, args.seed);
     sampling.validate()?;
     with_backend!(device, |B, dev| {
-        let decoder = match split {
+        if args.int8_head && split.is_some() {
+            anyhow::bail!("--int8-head runs on the fused CPU decoder, not with --n-gpu-layers");
+        }
+        let (decoder, special) = match split {
             Some(layers) => {
                 let hybrid =
                     HybridDecoder::<B>::open(&args.model, layers, args.split.context, &dev, 0)?;
                 report_split(&hybrid.plan(), hybrid.cpu().blocks().len(), device);
-                Decoder::hybrid(hybrid)
+                let config = bit_ttt_burn::model::packed_config(&args.model)?;
+                (Decoder::hybrid(hybrid), SpecialTokens::of(&config))
             }
             None => {
-                let (model, _) = BitLlama::<B>::open(&args.model, &dev)?;
+                let (model, config) = BitLlama::<B>::open(&args.model, &dev)?;
                 // The library picks the engine: the fused decoder where the model computes on
                 // the CPU (the same logits without Burn's per-op overhead), Burn's ops on a GPU.
-                Decoder::new(model, DecoderChoice::Auto, 0)?
+                let decoder = Decoder::new(model, DecoderChoice::Auto, 0)?;
+                let decoder = if args.int8_head {
+                    decoder.with_int8_head()?
+                } else {
+                    decoder
+                };
+                (decoder, SpecialTokens::of(&config))
             }
         };
         generate_text(
@@ -73,6 +91,7 @@ pub fn run(args: GenerateArgs) -> Result<Exit> {
                 decoder.generate(ids, config, &mut decoder.new_state(), on_token)
             },
             &tokenizer,
+            special,
             &args.prompt,
             args.max_tokens,
             sampling,

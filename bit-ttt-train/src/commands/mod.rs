@@ -8,6 +8,7 @@
 //! (with the typed [`TrainError`](crate::TrainError) inside where there is one).
 
 pub mod bench;
+pub mod convert;
 pub mod demo;
 pub mod eval;
 pub mod export;
@@ -31,6 +32,7 @@ use bit_ttt_burn::{BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use bench::BenchArgs;
+use convert::ConvertArgs;
 use demo::DemoArgs;
 use eval::EvalArgs;
 use export::ExportArgs;
@@ -63,6 +65,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Write the packed inference file: ternary weights 2 bits each, memory-mapped at load.
     Export(ExportArgs),
+    /// Convert a Hugging Face BitNet b1.58 checkpoint (BitNetForCausalLM) into a packed file.
+    Convert(ConvertArgs),
     /// Measure CPU decode (fused and through Burn ops) and prefill of a packed random-weight
     /// model against the machine's read bandwidth.
     Bench(BenchArgs),
@@ -111,6 +115,7 @@ pub fn execute(cli: Cli, matches: &clap::ArgMatches, stop: &StopOn) -> Result<Ex
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Info => {
             info::run();
@@ -365,7 +370,7 @@ fn format_count(n: usize) -> String {
 /// A model preset by name, or an error listing the names.
 fn preset(name: &str, vocab: usize) -> Result<BitLlamaConfig> {
     BitLlamaConfig::preset(name, vocab).with_context(|| {
-        format!("unknown preset {name:?}: expected tiny, 125m, 350m, 760m, 1.3b or 1b")
+        format!("unknown preset {name:?}: expected tiny, 125m, 350m, 760m, 1.3b, 1b or bitnet-2b")
     })
 }
 
@@ -389,24 +394,49 @@ type Generate<'a> = dyn FnMut(
     ) -> Result<Vec<u32>, bit_ttt_burn::BitTttError>
     + 'a;
 
+/// The tokens a model's config names around a text: BOS goes before the prompt (imported
+/// checkpoints were trained with it; ours have none), EOS ends a generation.
+#[derive(Debug, Clone, Copy, Default)]
+struct SpecialTokens {
+    bos: Option<u32>,
+    eos: Option<u32>,
+}
+
+impl SpecialTokens {
+    fn of(config: &bit_ttt_burn::BitLlamaConfig) -> Self {
+        Self {
+            bos: config.bos_token_id,
+            eos: config.eos_token_id,
+        }
+    }
+}
+
 /// Generates after `prompt` with `generate`, printing the text as it comes; returns the whole
 /// text.
 fn generate_text(
     generate: &mut Generate<'_>,
     tokenizer: &Tokenizer,
+    special: SpecialTokens,
     prompt: &str,
     max_tokens: usize,
     sampling: SamplingConfig,
     indent: &str,
 ) -> Result<String> {
-    let ids = tokenizer.encode(prompt)?;
+    let mut ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty");
+    }
+    if let Some(bos) = special.bos.filter(|&bos| ids.first() != Some(&bos)) {
+        ids.insert(0, bos);
     }
     let config = GenerationConfig {
         max_new_tokens: max_tokens,
         sampling,
-        stop_tokens: tokenizer.end_of_text().into_iter().collect(),
+        stop_tokens: tokenizer
+            .end_of_text()
+            .into_iter()
+            .chain(special.eos)
+            .collect(),
     };
     let mut out = std::io::stdout().lock();
     let mut text = prompt.to_string();

@@ -4,7 +4,7 @@ use bit_ttt_kernels::cpu::{axpy, dot, rope_angles, rotate_pairs};
 use burn::tensor::backend::Backend;
 
 use super::{state, Attention};
-use crate::cpu_decode::linear::{for_each_head, DecodeLinear, Input};
+use crate::cpu_decode::linear::{for_each_head, DecodeLinear, Input, Norm};
 use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
 
@@ -15,24 +15,30 @@ pub(crate) struct AttentionDecode {
     k_proj: DecodeLinear,
     v_proj: DecodeLinear,
     o_proj: DecodeLinear,
+    /// BitNet's `attn_sub_norm` before `o_proj`.
+    sub_norm: Option<Norm>,
     heads: usize,
+    kv_heads: usize,
     rope_theta: f64,
 }
 
-/// The keys and values of every token seen, per head `[tokens, head_dim]` flattened (RoPE
-/// already applied to the keys).
+/// The keys and values of every token seen, per key/value head `[tokens, head_dim]` flattened
+/// (RoPE already applied to the keys).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct KvHeads {
-    /// One vector per head.
+    /// One vector per key/value head.
     pub keys: Vec<Vec<f32>>,
-    /// One vector per head.
+    /// One vector per key/value head.
     pub values: Vec<Vec<f32>>,
 }
 
 impl AttentionDecode {
-    /// Bytes of parameters one step reads: the four projections.
+    /// Bytes of parameters one step reads: the four projections (and the sub-norm).
     pub fn weight_bytes(&self) -> usize {
-        self.projections().map(DecodeLinear::weight_bytes).sum()
+        self.projections()
+            .map(DecodeLinear::weight_bytes)
+            .sum::<usize>()
+            + self.sub_norm.as_ref().map_or(0, Norm::size_bytes)
     }
 
     /// Bytes of KV cache the step at sequence position `position` reads: the keys and values
@@ -48,7 +54,9 @@ impl AttentionDecode {
             k_proj: DecodeLinear::from_projection(&layer.k_proj)?,
             v_proj: DecodeLinear::from_projection(&layer.v_proj)?,
             o_proj: DecodeLinear::from_projection(&layer.o_proj)?,
+            sub_norm: layer.sub_norm.as_ref().map(Norm::new).transpose()?,
             heads: layer.num_heads,
+            kv_heads: layer.num_kv_heads,
             rope_theta: layer.rope_theta,
         })
     }
@@ -58,17 +66,30 @@ impl AttentionDecode {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter()
     }
 
+    /// The projections with the `(d_input, d_output)` a model of width `d_model` needs: K and
+    /// V map to the key/value heads only.
+    pub fn projection_shapes(&self, d_model: usize) -> Vec<(&DecodeLinear, usize, usize)> {
+        let kv_dim = self.kv_heads * (d_model / self.heads);
+        vec![
+            (&self.q_proj, d_model, d_model),
+            (&self.k_proj, d_model, kv_dim),
+            (&self.v_proj, d_model, kv_dim),
+            (&self.o_proj, d_model, d_model),
+        ]
+    }
+
     /// Q, K and V (they read the layer's input), and the output projection.
     pub fn input_and_output_projections(&self) -> (Vec<&DecodeLinear>, &DecodeLinear) {
         (vec![&self.q_proj, &self.k_proj, &self.v_proj], &self.o_proj)
     }
 
-    /// Whether `cache` has this layer's heads, whole `head_dim` rows and as many keys as values.
+    /// Whether `cache` has this layer's key/value heads, whole `head_dim` rows and as many
+    /// keys as values.
     pub fn fits(&self, cache: &KvHeads, d_model: usize) -> bool {
         let head_dim = d_model / self.heads;
         let len = cache.keys.first().map_or(0, Vec::len);
-        cache.keys.len() == self.heads
-            && cache.values.len() == self.heads
+        cache.keys.len() == self.kv_heads
+            && cache.values.len() == self.kv_heads
             && len.is_multiple_of(head_dim)
             && cache
                 .keys
@@ -85,13 +106,13 @@ impl AttentionDecode {
     /// An empty cache.
     pub fn new_state(&self) -> KvHeads {
         KvHeads {
-            keys: vec![Vec::new(); self.heads],
-            values: vec![Vec::new(); self.heads],
+            keys: vec![Vec::new(); self.kv_heads],
+            values: vec![Vec::new(); self.kv_heads],
         }
     }
 
     /// `cache` as block `index`'s part of a `.soul` file, in the form Burn's `KvCache` saves
-    /// (`[1, heads, tokens, head_dim]` keys and values).
+    /// (`[1, kv_heads, tokens, head_dim]` keys and values).
     pub fn state_to_soul(
         &self,
         cache: &KvHeads,
@@ -102,7 +123,7 @@ impl AttentionDecode {
         let len = self.len(cache, d_model);
         soul.fields.insert(state::TOKENS_READ.into(), len);
         if len > 0 {
-            let shape = vec![1, self.heads, len, d_model / self.heads];
+            let shape = vec![1, self.kv_heads, len, d_model / self.heads];
             for (name, heads) in [("keys", &cache.keys), ("values", &cache.values)] {
                 let values = heads.concat();
                 soul.tensors
@@ -133,10 +154,10 @@ impl AttentionDecode {
             return Ok(cache);
         }
         let head_dim = d_model / self.heads;
-        let expected = [1, self.heads, kv_len, head_dim];
+        let expected = [1, self.kv_heads, kv_len, head_dim];
         for (name, heads) in [("keys", &mut cache.keys), ("values", &mut cache.values)] {
             let all = soul.take_tensor(name, Some(&expected))?.values;
-            // [1, heads, tokens, head_dim]: each head's rows are contiguous.
+            // [1, kv_heads, tokens, head_dim]: each head's rows are contiguous.
             for (h, part) in all.chunks_exact(kv_len * head_dim).enumerate() {
                 heads[h] = part.to_vec();
             }
@@ -155,9 +176,17 @@ impl AttentionDecode {
         let d_model = self.q_proj.d_input();
         let tokens = x.len() / d_model;
         let head_dim = d_model / self.heads;
+        let kv_dim = self.kv_heads * head_dim;
+        // Query heads per key/value head.
+        let group = self.heads / self.kv_heads;
         let start = cache.keys[0].len() / head_dim;
-        // Q, K and V read the same input: one kernel call. Each [tokens, d_model].
-        let (mut q, mut k, mut v) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+        // Q, K and V read the same input: one kernel call. Q [tokens, d_model], K and V
+        // [tokens, kv_dim].
+        let (mut q, mut k, mut v) = (
+            vec![0.0; x.len()],
+            vec![0.0; tokens * kv_dim],
+            vec![0.0; tokens * kv_dim],
+        );
         DecodeLinear::forward_many(
             &[&self.q_proj, &self.k_proj, &self.v_proj],
             &Input::tokens(x, d_model),
@@ -167,56 +196,72 @@ impl AttentionDecode {
         let (mut cos, mut sin) = (vec![0.0; head_dim / 2], vec![0.0; head_dim / 2]);
         for (t, (qt, kt)) in q
             .chunks_exact_mut(d_model)
-            .zip(k.chunks_exact_mut(d_model))
+            .zip(k.chunks_exact_mut(kv_dim))
             .enumerate()
         {
             rope_angles(start + t, self.rope_theta, &mut cos, &mut sin);
-            for (qh, kh) in qt
+            for h in qt
                 .chunks_exact_mut(head_dim)
-                .zip(kt.chunks_exact_mut(head_dim))
+                .chain(kt.chunks_exact_mut(head_dim))
             {
-                rotate_pairs(qh, &cos, &sin);
-                rotate_pairs(kh, &cos, &sin);
+                rotate_pairs(h, &cos, &sin);
             }
         }
 
-        // Per head: its cache, and its output [tokens, head_dim].
-        let mut head_outs = vec![vec![0.0; tokens * head_dim]; self.heads];
+        // Per key/value head: its cache, and the output of its group of query heads
+        // [group, tokens, head_dim].
+        let mut group_outs = vec![vec![0.0; group * tokens * head_dim]; self.kv_heads];
         let scale = (head_dim as f32).sqrt();
         let work: Vec<_> = cache
             .keys
             .iter_mut()
             .zip(cache.values.iter_mut())
-            .zip(head_outs.iter_mut())
+            .zip(group_outs.iter_mut())
             .enumerate()
-            .map(|(h, ((keys, vals), out))| (h, keys, vals, out))
+            .map(|(g, ((keys, vals), out))| (g, keys, vals, out))
             .collect();
-        for_each_head(work, threads, |(h, keys, vals, out)| {
+        for_each_head(work, threads, |(g, keys, vals, out)| {
             let mut scores = Vec::with_capacity(start + tokens);
-            for (t, out) in out.chunks_exact_mut(head_dim).enumerate() {
-                let head = t * d_model + h * head_dim..t * d_model + (h + 1) * head_dim;
-                keys.extend_from_slice(&k[head.clone()]);
-                vals.extend_from_slice(&v[head.clone()]);
-                let qh = &q[head];
-                // softmax(q kᵀ / sqrt(head_dim)) v over every token so far.
-                scores.clear();
-                scores.extend(keys.chunks_exact(head_dim).map(|kt| dot(qh, kt) / scale));
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                }
-                let total: f32 = scores.iter().sum();
-                for (w, vt) in scores.iter().zip(vals.chunks_exact(head_dim)) {
-                    axpy(w / total, vt, out);
+            let kv_head = |t: usize| t * kv_dim + g * head_dim..t * kv_dim + (g + 1) * head_dim;
+            for t in 0..tokens {
+                keys.extend_from_slice(&k[kv_head(t)]);
+                vals.extend_from_slice(&v[kv_head(t)]);
+                // The token sees the cache up to and including itself.
+                let seen = (start + t + 1) * head_dim;
+                for (j, out) in out.chunks_exact_mut(tokens * head_dim).enumerate() {
+                    let h = g * group + j;
+                    let qh = &q[t * d_model + h * head_dim..][..head_dim];
+                    let out = &mut out[t * head_dim..][..head_dim];
+                    // softmax(q kᵀ / sqrt(head_dim)) v over every token so far.
+                    scores.clear();
+                    scores.extend(
+                        keys[..seen]
+                            .chunks_exact(head_dim)
+                            .map(|kt| dot(qh, kt) / scale),
+                    );
+                    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                    }
+                    let total: f32 = scores.iter().sum();
+                    for (w, vt) in scores.iter().zip(vals[..seen].chunks_exact(head_dim)) {
+                        axpy(w / total, vt, out);
+                    }
                 }
             }
         });
-        // [heads][tokens, head_dim] -> [tokens, d_model]
+        // [kv_heads][group, tokens, head_dim] -> [tokens, d_model], query head h = g·group + j.
         let mut mixed = vec![0.0; x.len()];
-        for (h, head_out) in head_outs.iter().enumerate() {
-            for (t, row) in head_out.chunks_exact(head_dim).enumerate() {
-                mixed[t * d_model + h * head_dim..][..head_dim].copy_from_slice(row);
+        for (g, group_out) in group_outs.iter().enumerate() {
+            for (j, head_out) in group_out.chunks_exact(tokens * head_dim).enumerate() {
+                let h = g * group + j;
+                for (t, row) in head_out.chunks_exact(head_dim).enumerate() {
+                    mixed[t * d_model + h * head_dim..][..head_dim].copy_from_slice(row);
+                }
             }
+        }
+        if let Some(norm) = &self.sub_norm {
+            mixed = norm.forward_rows(&mixed, threads);
         }
         self.o_proj
             .forward(&Input::tokens(&mixed, d_model), out, threads);

@@ -1,8 +1,10 @@
 //! Causal multi-head self-attention with RoPE and a KV cache: the baseline mixer the TTT papers
-//! compare against, and what BitNet checkpoints use.
+//! compare against, and what BitNet checkpoints use (with grouped-query heads and the
+//! sub-norm before the output projection).
 
 use burn::config::Config;
 use burn::module::Module;
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor};
 
 use crate::rope::apply_rope;
@@ -16,29 +18,43 @@ mod state;
 pub struct AttentionConfig {
     /// Model width.
     pub d_model: usize,
-    /// Number of heads; `d_model` must be a multiple of it.
+    /// Number of (query) heads; `d_model` must be a multiple of it.
     pub num_heads: usize,
+    /// Key/value heads (grouped-query attention), dividing `num_heads`; `None`: `num_heads`.
+    #[config(default = "None")]
+    pub num_kv_heads: Option<usize>,
     /// Ternary projections (BitLinear) or f32.
     #[config(default = true)]
     pub ternary: bool,
     /// RoPE base.
     #[config(default = 10000.0)]
     pub rope_theta: f64,
+    /// An RMSNorm on the attention output before `o_proj` (BitNet's `attn_sub_norm`).
+    #[config(default = false)]
+    pub sub_norm: bool,
+    /// The sub-norm's epsilon.
+    #[config(default = 1e-6)]
+    pub norm_eps: f64,
 }
 
-/// Causal multi-head self-attention with rotary position embeddings.
+/// Causal multi-head self-attention with rotary position embeddings; query head `h` reads
+/// key/value head `h / (num_heads / num_kv_heads)`.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// Query projection `d_model → d_model`.
     pub q_proj: Projection<B>,
-    /// Key projection `d_model → d_model`.
+    /// Key projection `d_model → num_kv_heads · head_dim`.
     pub k_proj: Projection<B>,
-    /// Value projection `d_model → d_model`.
+    /// Value projection `d_model → num_kv_heads · head_dim`.
     pub v_proj: Projection<B>,
     /// Output projection `d_model → d_model`.
     pub o_proj: Projection<B>,
-    /// Number of heads.
+    /// The output's RMSNorm before `o_proj` (`attn_sub_norm`), if the model has one.
+    pub sub_norm: Option<RmsNorm<B>>,
+    /// Number of query heads.
     pub num_heads: usize,
+    /// Number of key/value heads.
+    pub num_kv_heads: usize,
     /// RoPE base.
     pub rope_theta: f64,
 }
@@ -46,9 +62,9 @@ pub struct Attention<B: Backend> {
 /// Keys and values of the tokens seen so far, one entry per token: it grows with the context.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    /// `[batch, heads, seen, head_dim]`, `None` before the first token.
+    /// `[batch, kv_heads, seen, head_dim]`, `None` before the first token.
     pub keys: Option<Tensor<B, 4>>,
-    /// `[batch, heads, seen, head_dim]`.
+    /// `[batch, kv_heads, seen, head_dim]`.
     pub values: Option<Tensor<B, 4>>,
 }
 
@@ -95,26 +111,38 @@ impl AttentionConfig {
     /// Initializes a new [`Attention`] on `device`.
     ///
     /// # Panics
-    /// If `d_model` is not a multiple of `num_heads` or the head size is odd.
+    /// If `d_model` is not a multiple of `num_heads`, the head size is odd or `num_kv_heads`
+    /// does not divide `num_heads` (a [`BitLlamaConfig`](crate::model::BitLlamaConfig) checks
+    /// all three before).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+        let kv_heads = self.num_kv_heads.unwrap_or(self.num_heads);
         assert!(
             self.d_model.is_multiple_of(self.num_heads)
-                && (self.d_model / self.num_heads).is_multiple_of(2),
-            "d_model {} must split into {} heads of even size",
+                && (self.d_model / self.num_heads).is_multiple_of(2)
+                && kv_heads > 0
+                && self.num_heads.is_multiple_of(kv_heads),
+            "d_model {} must split into {} heads of even size, served by {kv_heads} key/value heads",
             self.d_model,
             self.num_heads
         );
-        let proj = || {
-            ProjectionConfig::new(self.d_model, self.d_model)
+        let kv_dim = kv_heads * (self.d_model / self.num_heads);
+        let proj = |d_out| {
+            ProjectionConfig::new(self.d_model, d_out)
                 .with_ternary(self.ternary)
                 .init(device)
         };
         Attention {
-            q_proj: proj(),
-            k_proj: proj(),
-            v_proj: proj(),
-            o_proj: proj(),
+            q_proj: proj(self.d_model),
+            k_proj: proj(kv_dim),
+            v_proj: proj(kv_dim),
+            o_proj: proj(self.d_model),
+            sub_norm: self.sub_norm.then(|| {
+                RmsNormConfig::new(self.d_model)
+                    .with_epsilon(self.norm_eps)
+                    .init(device)
+            }),
             num_heads: self.num_heads,
+            num_kv_heads: kv_heads,
             rope_theta: self.rope_theta,
         }
     }
@@ -157,22 +185,23 @@ impl<B: TernaryBackend> Attention<B> {
     /// - x: `[batch, seq, d_model]`; returns `[batch, seq, d_model]`
     pub fn forward_with_cache(&self, x: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
-        let (heads, head_dim) = (self.num_heads, d_model / self.num_heads);
+        let (heads, kv_heads) = (self.num_heads, self.num_kv_heads);
+        let head_dim = d_model / heads;
         let start = cache.len();
-        let split = |t: Tensor<B, 3>| {
+        let split = |t: Tensor<B, 3>, heads| {
             t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2) // [batch, heads, seq, head_dim]
         };
         let q = apply_rope(
-            split(self.q_proj.forward(x.clone())),
+            split(self.q_proj.forward(x.clone()), heads),
             start,
             self.rope_theta,
         );
         let k = apply_rope(
-            split(self.k_proj.forward(x.clone())),
+            split(self.k_proj.forward(x.clone()), kv_heads),
             start,
             self.rope_theta,
         );
-        let v = split(self.v_proj.forward(x));
+        let v = split(self.v_proj.forward(x), kv_heads);
 
         let (k, v) = match (cache.keys.take(), cache.values.take()) {
             (Some(k_old), Some(v_old)) => (
@@ -184,6 +213,18 @@ impl<B: TernaryBackend> Attention<B> {
         cache.keys = Some(k.clone());
         cache.values = Some(v.clone());
         let total = start + seq;
+        // Each key/value head serves `heads / kv_heads` consecutive query heads.
+        let group = heads / kv_heads;
+        let widen = |t: Tensor<B, 4>| {
+            if group == 1 {
+                t
+            } else {
+                t.unsqueeze_dim::<5>(2) // [batch, kv_heads, 1, total, head_dim]
+                    .repeat_dim(2, group)
+                    .reshape([batch, heads, total, head_dim])
+            }
+        };
+        let (k, v) = (widen(k), widen(v));
 
         let scores = q
             .matmul(k.swap_dims(2, 3))
@@ -193,6 +234,10 @@ impl<B: TernaryBackend> Attention<B> {
         let scores = scores.mask_fill(mask.reshape([1, 1, seq, total]), f32::NEG_INFINITY);
         let out = softmax(scores, 3).matmul(v); // [batch, heads, seq, head_dim]
         let out = out.swap_dims(1, 2).reshape([batch, seq, d_model]);
+        let out = match &self.sub_norm {
+            Some(norm) => norm.forward(out),
+            None => out,
+        };
         self.o_proj.forward(out)
     }
 }
@@ -246,5 +291,50 @@ mod tests {
         changed = changed.slice_assign([0..2, 8..9, 0..16], Tensor::ones([2, 1, 16], &device));
         let out = attn.forward(changed);
         assert!(max_diff(out.narrow(1, 0, 8), full.narrow(1, 0, 8)) < 1e-6);
+    }
+
+    #[test]
+    fn grouped_heads_read_their_group_key_and_value() {
+        // Two query heads share one key/value head: the same as ordinary attention whose two
+        // key (and value) heads are copies of it.
+        let device = Default::default();
+        let gqa = AttentionConfig::new(8, 2)
+            .with_num_kv_heads(Some(1))
+            .with_ternary(false)
+            .init::<B>(&device);
+        let mut mha = AttentionConfig::new(8, 2)
+            .with_ternary(false)
+            .init::<B>(&device);
+        let twice = |p: &Projection<B>| match p {
+            Projection::Float(l) => {
+                let w = l.weight.val(); // [8, 4]
+                let mut l = l.clone();
+                l.weight = burn::module::Param::from_tensor(Tensor::cat(vec![w.clone(), w], 1));
+                l.bias = None;
+                Projection::Float(l)
+            }
+            _ => unreachable!("f32 projections"),
+        };
+        let mut gqa = gqa;
+        for (_, p) in gqa.projections_mut() {
+            if let Projection::Float(l) = p {
+                // Read once: a clone of a lazily initialized parameter would draw its own.
+                l.weight = burn::module::Param::from_tensor(l.weight.val());
+                l.bias = None;
+            }
+        }
+        mha.q_proj = gqa.q_proj.clone();
+        mha.o_proj = gqa.o_proj.clone();
+        mha.k_proj = twice(&gqa.k_proj);
+        mha.v_proj = twice(&gqa.v_proj);
+        let x = Tensor::<B, 3>::random([1, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+        assert!(max_diff(gqa.forward(x.clone()), mha.forward(x)) < 1e-5);
+        let mut cache = KvCache::default();
+        gqa.forward_with_cache(Tensor::zeros([1, 3, 8], &device), &mut cache);
+        assert_eq!(
+            cache.keys.unwrap().dims(),
+            [1, 1, 3, 4],
+            "the cache holds kv heads"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! An attention layer's state in the portable form of `.soul` files ([`LayerSoul`]): Burn's
 //! [`KvCache`] to and from it. (The fused CPU decoder's form converts in `decode.rs`.)
 //!
-//! Names: `keys` and `values`, `[batch, heads, kv_len, head_dim]` each (absent while the cache
+//! Names: `keys` and `values`, `[batch, kv_heads, kv_len, head_dim]` each (absent while the cache
 //! is empty), and the counter `kv_len`.
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -59,8 +59,7 @@ impl<B: Backend> Attention<B> {
         // The next forward concatenates new keys of this shape to the cached ones along the
         // token axis: another batch, head count or head size, or values of another length than
         // the keys, would panic there.
-        let heads = self.num_heads;
-        let expected = [batch, heads, kv_len, d_model / heads];
+        let expected = [batch, self.num_kv_heads, kv_len, d_model / self.num_heads];
         let mut load = |name: &str| -> Result<Tensor<B, 4>, BitTttError> {
             let host = soul.take_tensor(name, Some(&expected))?;
             Ok(Tensor::from_data(

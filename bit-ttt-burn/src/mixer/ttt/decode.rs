@@ -13,7 +13,7 @@ use bit_ttt_kernels::cpu::{
 };
 
 use super::{state, InnerModule, TttLayer};
-use crate::cpu_decode::for_each_row;
+use crate::cpu_decode::linear::for_each_row;
 use crate::cpu_decode::linear::{for_each_head, values, DecodeLinear, Input};
 use crate::soul::{HostTensor, LayerSoul};
 use crate::BitTttError;
