@@ -119,7 +119,10 @@ fn every_weight_form_gives_transformers_logits_and_greedy_tokens() {
         assert_eq!(c.mixer, MixerKind::Attention);
         assert_eq!(c.ffn_activation(), FfnActivation::Relu2);
         assert!(c.has_sub_norms() && hf.tied);
-        assert_eq!((c.bos_token_id, c.eos_token_id), (Some(1), Some(2)));
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.clone()),
+            (Some(1), Some(vec![2]))
+        );
         assert_eq!((c.rope_theta, c.norm_eps), (500_000.0, 1e-5));
         if form != "bf16" {
             assert_eq!(hf.scale, convention, "{form}");
@@ -307,4 +310,87 @@ fn broken_checkpoints_are_typed_errors() {
         import_error(empty.path()),
         BitTttError::MissingFile(_)
     ));
+}
+
+/// What `config.json` leaves to other files or to defaults: EOS ids from
+/// `generation_config.json` join the config's; offline float weights are read as the ternary
+/// values they must be (the packed fixture unpacked gives its logits), and latent ones under
+/// an offline config are refused; layers kept in full precision are refused.
+#[test]
+fn generation_eos_offline_float_weights_and_full_precision_layers() {
+    // The packed fixture with every projection unpacked into f32 ternary values.
+    let unpacked = broken_copy(
+        |t| {
+            for (name, dtype, shape, bytes) in t.iter_mut() {
+                if *dtype != Dtype::U8 {
+                    continue;
+                }
+                let (quarter, cols) = (shape[0], shape[1]);
+                let mut values = vec![0f32; 4 * quarter * cols];
+                for (j, row) in bytes.chunks_exact(cols).enumerate() {
+                    for (c, &byte) in row.iter().enumerate() {
+                        for i in 0..4 {
+                            let code = (byte >> (2 * i)) & 3;
+                            values[(i * quarter + j) * cols + c] = f32::from(code) - 1.0;
+                        }
+                    }
+                }
+                assert!(name.ends_with(".weight"));
+                *dtype = Dtype::F32;
+                *shape = vec![4 * quarter, cols];
+                *bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            }
+        },
+        |c| c,
+    );
+    std::fs::write(
+        unpacked.path().join("generation_config.json"),
+        r#"{"eos_token_id": [2, 5]}"#,
+    )
+    .unwrap();
+    let (model, hf) = hf_bitnet::import::<B>(unpacked.path(), &Default::default()).unwrap();
+    assert!(hf.offline);
+    assert_eq!(hf.config.eos_token_ids, Some(vec![2, 5]));
+    let decoder = CpuDecoder::new(&model, 1).unwrap();
+    let expected = reference("packed");
+    let got = decoder
+        .read_all(&expected.prompts[2], &mut decoder.new_state())
+        .unwrap();
+    assert_close(
+        &got,
+        &expected.logits[2],
+        300,
+        "offline f32 ternary weights",
+    );
+
+    // Latent (non-ternary) weights under an offline config.
+    let dir = tempfile::tempdir().unwrap();
+    let weights = "model.safetensors";
+    std::fs::copy(fixture("bf16").join(weights), dir.path().join(weights)).unwrap();
+    let config = std::fs::read_to_string(fixture("bf16").join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"online\"", "\"offline\""),
+    )
+    .unwrap();
+    let err = import_error(dir.path());
+    assert!(
+        matches!(err, BitTttError::UnsupportedCheckpoint { ref reason, .. } if reason.contains("must be -1, 0 or 1")),
+        "{err}"
+    );
+
+    let kept = broken_copy(
+        |_| {},
+        |c| {
+            c.replace(
+                "\"quant_method\": \"bitnet\",",
+                "\"quant_method\": \"bitnet\", \"modules_to_not_convert\": [\"lm_head\", \"model.layers.0.mlp.up_proj\"],",
+            )
+        },
+    );
+    let err = import_error(kept.path());
+    assert!(
+        matches!(err, BitTttError::UnsupportedCheckpoint { ref reason, .. } if reason.contains("up_proj")),
+        "{err}"
+    );
 }

@@ -7,6 +7,10 @@
 //! epsilon from `config.json`, no biases, the head tied to the embedding (copied: our head is
 //! its own f32 projection).
 //!
+//! Keys missing from `config.json` take transformers' `BitNetConfig` defaults (5 key/value
+//! heads, RMSNorm ε 1e-5, RoPE θ 500,000, untied head, BOS 128000, EOS 128001); EOS ids listed
+//! in `generation_config.json` are added (2B-4T's ends chat turns with `<|eot_id|>` there).
+//!
 //! The weights come in two forms, told apart per tensor by their element type:
 //! - **packed** (`uint8 [out/4, in]`): output row `i·(out/4) + j` in bits `2i..2i+2` of packed
 //!   row `j`, the value plus one; with a per-projection `weight_scale`. Its direction depends on
@@ -15,8 +19,15 @@
 //!   older `BitLinear` (`"bitlinear"`, transformers' default) *divides* by it. Both are read
 //!   (the fixture in `tests/fixtures/bitnet-tiny` has one of each, checked against
 //!   transformers' logits);
-//! - **latent** (bf16, f16 or f32): quantized here as transformers' online `AutoBitLinear`
-//!   does, `s = 1 / max(mean|W|, 1e-5)`, `codes = clamp(round(W · s), -1, 1)`, scale `1 / s`.
+//! - **float** (bf16, f16 or f32): with `quantization_mode: "offline"` they must be the ternary
+//!   values themselves (scaled by `weight_scale` as above); otherwise (`"online"`, or no
+//!   `quantization_config`, as a training checkpoint may have) they are latent weights,
+//!   quantized here as transformers' online `AutoBitLinear` does, `s = 1 / max(mean|W|, 1e-5)`,
+//!   `codes = clamp(round(W · s), -1, 1)`, scale `1 / s`. (Transformers itself runs a config
+//!   without `quantization_config` as a float model; BitNet weights are meant ternary.)
+//!
+//! Layers that `modules_to_not_convert` keeps in full precision (other than the head) are not
+//! supported: a typed error.
 //!
 //! HF rotates query and key features in halves (`rotate_half`: feature `j` with `j + d/2`);
 //! our RoPE rotates adjacent pairs. The query and key rows of each head are reordered once at
@@ -64,6 +75,22 @@ pub struct HfBitNet {
     pub scale: ScaleConvention,
     /// Whether the head is the embedding (`tie_word_embeddings`).
     pub tied: bool,
+    /// Whether float projection weights are already ternary (`quantization_mode:
+    /// "offline"`), rather than latent weights to quantize.
+    pub offline: bool,
+}
+
+fn default_kv_heads() -> Option<usize> {
+    Some(5)
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_bos() -> Option<TokenIds> {
+    Some(TokenIds::One(128_000))
+}
+fn default_eos() -> Option<TokenIds> {
+    Some(TokenIds::One(128_001))
 }
 
 /// `config.json` of a `BitNetForCausalLM` (the fields we read; others are ignored).
@@ -75,18 +102,30 @@ struct HfConfig {
     intermediate_size: usize,
     num_hidden_layers: usize,
     num_attention_heads: usize,
+    /// Absent: transformers' default 5; `null`: one per query head.
+    #[serde(default = "default_kv_heads")]
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     hidden_act: Option<String>,
-    rms_norm_eps: Option<f64>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
     rope_theta: Option<f64>,
     rope_parameters: Option<HfRope>,
     rope_scaling: Option<serde_json::Value>,
-    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
     attention_bias: Option<bool>,
+    #[serde(default = "default_bos")]
     bos_token_id: Option<TokenIds>,
+    #[serde(default = "default_eos")]
     eos_token_id: Option<TokenIds>,
     quantization_config: Option<HfQuantization>,
+}
+
+/// `generation_config.json`: the EOS ids generation stops at.
+#[derive(Debug, Deserialize)]
+struct HfGeneration {
+    eos_token_id: Option<TokenIds>,
 }
 
 /// transformers 5 keeps RoPE's settings here.
@@ -105,9 +144,13 @@ enum TokenIds {
 
 impl TokenIds {
     fn first(&self) -> Option<u32> {
+        self.all().first().copied()
+    }
+
+    fn all(&self) -> Vec<u32> {
         match self {
-            TokenIds::One(id) => Some(*id),
-            TokenIds::Many(ids) => ids.first().copied(),
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
         }
     }
 }
@@ -116,7 +159,9 @@ impl TokenIds {
 struct HfQuantization {
     quant_method: Option<String>,
     linear_class: Option<String>,
+    quantization_mode: Option<String>,
     use_rms_norm: Option<bool>,
+    modules_to_not_convert: Option<Vec<String>>,
 }
 
 /// Reads and checks `dir/config.json`.
@@ -174,7 +219,7 @@ pub fn read_config(dir: &Path) -> Result<HfBitNet, BitTttError> {
     let rope_theta = hf
         .rope_theta
         .or(rope.and_then(|r| r.rope_theta))
-        .unwrap_or(10_000.0);
+        .unwrap_or(500_000.0);
     let heads = hf.num_attention_heads;
     if heads == 0 || !hf.hidden_size.is_multiple_of(heads) {
         return Err(invalid(format!(
@@ -183,15 +228,15 @@ pub fn read_config(dir: &Path) -> Result<HfBitNet, BitTttError> {
         )));
     }
     if let Some(head_dim) = hf.head_dim {
-        if head_dim * heads != hf.hidden_size {
+        if head_dim.checked_mul(heads) != Some(hf.hidden_size) {
             return Err(unsupported(format!(
                 "head_dim {head_dim} × {heads} heads differs from hidden_size {}",
                 hf.hidden_size
             )));
         }
     }
-    let scale = match &hf.quantization_config {
-        None => ScaleConvention::Divide,
+    let (scale, offline) = match &hf.quantization_config {
+        None => (ScaleConvention::Divide, false),
         Some(q) => {
             if let Some(method) = q.quant_method.as_deref().filter(|m| *m != "bitnet") {
                 return Err(unsupported(format!(
@@ -204,17 +249,65 @@ pub fn read_config(dir: &Path) -> Result<HfBitNet, BitTttError> {
                         .into(),
                 ));
             }
-            match q.linear_class.as_deref().unwrap_or("bitlinear") {
+            let kept: Vec<&String> = q
+                .modules_to_not_convert
+                .iter()
+                .flatten()
+                .filter(|m| m.as_str() != "lm_head")
+                .collect();
+            if !kept.is_empty() {
+                return Err(unsupported(format!(
+                    "quantization_config.modules_to_not_convert {kept:?} (full-precision layers besides the head)"
+                )));
+            }
+            let offline = match q.quantization_mode.as_deref().unwrap_or("offline") {
+                "offline" => true,
+                "online" => false,
+                other => {
+                    return Err(unsupported(format!(
+                        "quantization_config.quantization_mode {other:?} (offline or online)"
+                    )))
+                }
+            };
+            let scale = match q.linear_class.as_deref().unwrap_or("bitlinear") {
                 "autobitlinear" => ScaleConvention::Multiply,
+                // Transformers' `BitLinear` has no online mode: its weights are always packed.
                 "bitlinear" => ScaleConvention::Divide,
                 other => {
                     return Err(unsupported(format!(
                         "quantization_config.linear_class {other:?} (autobitlinear or bitlinear)"
                     )))
                 }
-            }
+            };
+            (scale, offline)
         }
     };
+    // EOS: the config's, and those generation stops at.
+    let mut eos: Vec<u32> = hf
+        .eos_token_id
+        .as_ref()
+        .map(TokenIds::all)
+        .unwrap_or_default();
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        let text =
+            std::fs::read_to_string(&generation).map_err(|e| BitTttError::io(&generation, e))?;
+        let g: HfGeneration =
+            serde_json::from_str(&text).map_err(|e| BitTttError::InvalidConfig {
+                path: generation.clone(),
+                reason: e.to_string(),
+            })?;
+        for id in g
+            .eos_token_id
+            .as_ref()
+            .map(TokenIds::all)
+            .unwrap_or_default()
+        {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
     let config = BitLlamaConfig::new(
         hf.vocab_size,
         hf.hidden_size,
@@ -229,14 +322,15 @@ pub fn read_config(dir: &Path) -> Result<HfBitNet, BitTttError> {
     .with_ffn_activation(Some(ffn_activation))
     .with_sub_norms(Some(true))
     .with_rope_theta(rope_theta)
-    .with_norm_eps(hf.rms_norm_eps.unwrap_or(1e-6))
+    .with_norm_eps(hf.rms_norm_eps)
     .with_bos_token_id(hf.bos_token_id.as_ref().and_then(TokenIds::first))
-    .with_eos_token_id(hf.eos_token_id.as_ref().and_then(TokenIds::first));
+    .with_eos_token_ids((!eos.is_empty()).then_some(eos));
     config.validate().map_err(invalid)?;
     Ok(HfBitNet {
         config,
         scale,
-        tied: hf.tie_word_embeddings.unwrap_or(true),
+        tied: hf.tie_word_embeddings,
+        offline,
     })
 }
 
@@ -271,7 +365,11 @@ impl Shards {
                 .iter()
                 .map(|f| {
                     // A shard is a file name beside the index, not a path elsewhere.
-                    if Path::new(f).components().count() != 1 {
+                    let mut parts = Path::new(f).components();
+                    if !matches!(
+                        (parts.next(), parts.next()),
+                        (Some(std::path::Component::Normal(_)), None)
+                    ) {
                         return Err(BitTttError::CorruptFile {
                             path: index_path.clone(),
                             reason: format!("shard {f:?} is not a file name"),
@@ -325,10 +423,6 @@ impl Shards {
         Ok((path, view))
     }
 
-    fn has(&self, name: &str) -> bool {
-        self.index.contains_key(name)
-    }
-
     /// The float tensor `name` of `shape` as f32 (from f32, bf16 or f16).
     fn floats(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, BitTttError> {
         let (path, view) = self.get(name)?;
@@ -336,20 +430,36 @@ impl Shards {
         to_f32(path, name, view.dtype(), view.data())
     }
 
-    /// The ternary projection `{name}.weight` of `rows × cols` (packed or latent), with its
-    /// scale, under `scale`'s convention for a packed one.
+    /// The ternary projection `{name}.weight` of `rows × cols` (packed, ternary floats or
+    /// latent, see the module docs), with its scale.
     fn ternary(
         &self,
         name: &str,
         rows: usize,
         cols: usize,
-        scale: ScaleConvention,
+        hf: &HfBitNet,
     ) -> Result<(Vec<i8>, f32), BitTttError> {
         let weight_name = format!("{name}.weight");
         let (path, view) = self.get(&weight_name)?;
         if view.dtype() != Dtype::U8 {
-            let latent = self.floats(&weight_name, &[rows, cols])?;
-            return absmean(&latent).ok_or(BitTttError::NonFinite(weight_name));
+            let floats = self.floats(&weight_name, &[rows, cols])?;
+            if !hf.offline {
+                return absmean(&floats).ok_or(BitTttError::NonFinite(weight_name));
+            }
+            let mut codes = Vec::with_capacity(floats.len());
+            for (i, &w) in floats.iter().enumerate() {
+                if !matches!(w, -1.0 | 0.0 | 1.0) {
+                    return Err(BitTttError::UnsupportedCheckpoint {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "{weight_name}[{i}] = {w}: offline (quantization_mode \"offline\") float weights must be -1, 0 or 1"
+                        ),
+                    });
+                }
+                codes.push(w as i8);
+            }
+            let gamma = self.scale(name, hf.scale)?;
+            return Ok((codes, gamma));
         }
         if !rows.is_multiple_of(4) {
             return Err(BitTttError::UnsupportedCheckpoint {
@@ -360,32 +470,7 @@ impl Shards {
         let quarter = rows / 4;
         check_shape(path, &weight_name, view.shape(), &[quarter, cols])?;
         let packed = view.data();
-        let scale_name = format!("{name}.weight_scale");
-        let (scale_path, scale_view) = self.get(&scale_name)?;
-        let stored: usize = scale_view.shape().iter().product();
-        if stored != 1 {
-            return Err(BitTttError::ShapeMismatch {
-                path: scale_path.to_path_buf(),
-                name: scale_name,
-                expected: vec![1],
-                actual: scale_view.shape().to_vec(),
-            });
-        }
-        let stored = to_f32(
-            scale_path,
-            &scale_name,
-            scale_view.dtype(),
-            scale_view.data(),
-        )?[0];
-        let gamma = match scale {
-            ScaleConvention::Multiply => stored,
-            ScaleConvention::Divide => 1.0 / stored,
-        };
-        if !(gamma.is_finite() && gamma > 0.0) {
-            return Err(BitTttError::NonFinite(format!(
-                "{scale_name} = {stored} gives no positive finite scale"
-            )));
-        }
+        let gamma = self.scale(name, hf.scale)?;
         // Packed row j, field i (bits 2i..2i+2) is output row i·quarter + j.
         let mut codes = vec![0i8; rows * cols];
         for (j, packed_row) in packed.chunks_exact(cols).enumerate() {
@@ -405,6 +490,37 @@ impl Shards {
             }
         }
         Ok((codes, gamma))
+    }
+
+    /// `{name}.weight_scale` as the factor of the product, under `convention`.
+    fn scale(&self, name: &str, convention: ScaleConvention) -> Result<f32, BitTttError> {
+        let scale_name = format!("{name}.weight_scale");
+        let (scale_path, scale_view) = self.get(&scale_name)?;
+        let stored: usize = scale_view.shape().iter().product();
+        if stored != 1 {
+            return Err(BitTttError::ShapeMismatch {
+                path: scale_path.to_path_buf(),
+                name: scale_name,
+                expected: vec![1],
+                actual: scale_view.shape().to_vec(),
+            });
+        }
+        let stored = to_f32(
+            scale_path,
+            &scale_name,
+            scale_view.dtype(),
+            scale_view.data(),
+        )?[0];
+        let gamma = match convention {
+            ScaleConvention::Multiply => stored,
+            ScaleConvention::Divide => 1.0 / stored,
+        };
+        if !(gamma.is_finite() && gamma > 0.0) {
+            return Err(BitTttError::NonFinite(format!(
+                "{scale_name} = {stored} gives no positive finite scale"
+            )));
+        }
+        Ok(gamma)
     }
 }
 
@@ -527,7 +643,8 @@ pub fn import<B: TernaryBackend>(
 
     let mut model = c.init::<B>(device);
     let embedding = shards.floats("model.embed_tokens.weight", &[c.vocab_size, d])?;
-    let head = if hf.tied && !shards.has("lm_head.weight") {
+    // Tied: the head is the embedding, whatever else the file holds (transformers ties it).
+    let head = if hf.tied {
         embedding.clone()
     } else {
         shards.floats("lm_head.weight", &[c.vocab_size, d])?
@@ -565,8 +682,7 @@ pub fn import<B: TernaryBackend>(
                           cols: usize,
                           rope: bool|
          -> Result<Projection<B>, BitTttError> {
-            let (codes, gamma) =
-                shards.ternary(&format!("{layer}.{name}"), rows, cols, hf.scale)?;
+            let (codes, gamma) = shards.ternary(&format!("{layer}.{name}"), rows, cols, &hf)?;
             let codes = if rope {
                 rotate_half_to_pairs(&codes, head_dim, cols)
             } else {

@@ -17,7 +17,7 @@
 //! read (`position`). The format is the same whichever decoder wrote it.
 //!
 //! Restoring checks that the file fits the model (layer count, kinds, shapes, element types;
-//! keys and values `[batch, n_heads, position, d_model / n_heads]` each), that it holds no
+//! keys and values `[batch, n_kv_heads, position, d_model / n_heads]` each), that it holds no
 //! tensor the model's state does not have, and that its counters agree (`position` equals every
 //! TTT layer's `seq_len_offset` and every attention layer's `kv_len`), so a restored state
 //! cannot make the next step panic. It gives exactly the state that was saved.

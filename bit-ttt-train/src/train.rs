@@ -261,7 +261,7 @@ pub fn model_changes(given: &BitLlamaConfig, run: &BitLlamaConfig) -> Vec<Settin
         ffn_activation,
         sub_norms,
         bos_token_id,
-        eos_token_id,
+        eos_token_ids,
     } = given;
     let fields: [(&'static str, String, String); 17] = [
         // The vocabulary comes from the tokenizer.
@@ -327,9 +327,9 @@ pub fn model_changes(given: &BitLlamaConfig, run: &BitLlamaConfig) -> Vec<Settin
             format!("{:?}", run.bos_token_id),
         ),
         (
-            "--config eos_token_id",
-            format!("{eos_token_id:?}"),
-            format!("{:?}", run.eos_token_id),
+            "--config eos_token_ids",
+            format!("{eos_token_ids:?}"),
+            format!("{:?}", run.eos_token_ids),
         ),
     ];
     fields

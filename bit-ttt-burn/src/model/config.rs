@@ -130,9 +130,10 @@ pub struct BitLlamaConfig {
     /// The token a text starts with (BOS), for models trained with one (imported ones).
     #[config(default = "None")]
     pub bos_token_id: Option<u32>,
-    /// The token that ends a text (EOS), where the model says which.
+    /// The tokens that end a text (EOS; a checkpoint's `config.json` and
+    /// `generation_config.json` may name several), where the model says which.
     #[config(default = "None")]
-    pub eos_token_id: Option<u32>,
+    pub eos_token_ids: Option<Vec<u32>>,
 }
 
 impl BitLlamaConfig {
@@ -320,10 +321,10 @@ impl BitLlamaConfig {
                 self.mixer.name()
             ));
         }
-        for (name, id) in [
-            ("bos_token_id", self.bos_token_id),
-            ("eos_token_id", self.eos_token_id),
-        ] {
+        let eos = self.eos_token_ids.iter().flatten().copied();
+        for (name, id) in std::iter::once(("bos_token_id", self.bos_token_id))
+            .chain(eos.map(|id| ("eos_token_ids", Some(id))))
+        {
             if let Some(id) = id {
                 if id as usize >= self.vocab_size {
                     return Err(format!(
@@ -498,7 +499,10 @@ mod tests {
                     .with_sub_norms(Some(true)),
             ),
             ("bos_token_id", ok.clone().with_bos_token_id(Some(300))),
-            ("eos_token_id", ok.clone().with_eos_token_id(Some(1000))),
+            (
+                "eos_token_ids",
+                ok.clone().with_eos_token_ids(Some(vec![2, 1000])),
+            ),
         ] {
             let err = config.validate().unwrap_err();
             assert!(err.contains(field), "{field}: {err}");
@@ -512,7 +516,7 @@ mod tests {
             "ffn_activation",
             "sub_norms",
             "bos_token_id",
-            "eos_token_id",
+            "eos_token_ids",
         ] {
             json.as_object_mut().unwrap().remove(field);
         }

@@ -668,17 +668,20 @@ pub(crate) unsafe fn gemm_f32_rows(
 /// never saturate), widened with `vpmaddwd`, the tail in scalar code. The integer sum is the
 /// scalar reference's, bit for bit.
 ///
+/// The codes must lie in -127..=127 for the result to be the scalar sum (a -128 in `b` against
+/// a negative `a` flips sign in `vpsignb`): a condition of correctness, not of safety.
+///
 /// # Safety
-/// The CPU must have AVX2 ([`available`]); `a` and `b` must be equally long and hold no -128.
+/// The CPU must have AVX2 ([`available`]); `a` and `b` must be equally long.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     assert_eq!(a.len(), b.len());
     let n = a.len();
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     let ones = _mm256_set1_epi16(1);
-    // Two accumulators, so that consecutive iterations do not wait on one add chain. Each
-    // i32 lane gains at most 4 · 16,129 per iteration: 2^31 is reached after 33,000
-    // iterations, a row of a million weights.
+    // Two accumulators, so that consecutive iterations do not wait on one add chain. The whole
+    // sum is at most n · 127², which fits the i32 up to 133,143 codes (`MAX_INT8_COLS`, kept
+    // by the callers).
     let mut acc = [_mm256_setzero_si256(); 2];
     let mut i = 0;
     // SAFETY (the loads): i + 32·k + 32 <= n for both slices, which are n long.

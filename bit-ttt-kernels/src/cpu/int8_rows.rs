@@ -18,6 +18,10 @@ use crate::KernelError;
 /// Below this many weights a product stays on one thread (splitting costs more).
 const MIN_PARALLEL: usize = 1 << 16;
 
+/// The widest row [`Int8Rows`] takes: an int8 dot product of `n` codes in -127..=127 is at
+/// most `n · 127²`, which fits an `i32` up to 133,143 codes.
+pub const MAX_INT8_COLS: usize = 1 << 17;
+
 /// A `rows × cols` matrix, `w[r][c] ≈ values[r·cols + c] · scales[r]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Int8Rows {
@@ -33,8 +37,8 @@ impl Int8Rows {
     /// Quantizes a row-major `[rows, cols]` matrix, each row with its own absmax scale.
     ///
     /// # Errors
-    /// [`KernelError::LengthMismatch`] if `w` is not `rows · cols` long;
-    /// [`KernelError::InvalidScale`] if a weight is not finite.
+    /// [`KernelError::LengthMismatch`] if `w` is not `rows · cols` long or `cols` is more than
+    /// [`MAX_INT8_COLS`]; [`KernelError::InvalidScale`] if a weight is not finite.
     pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<Self, KernelError> {
         Self::quantize_with(w, rows, cols, |r, c| w[r * cols + c])
     }
@@ -58,6 +62,13 @@ impl Int8Rows {
         cols: usize,
         at: impl Fn(usize, usize) -> f32 + Sync,
     ) -> Result<Self, KernelError> {
+        if cols > MAX_INT8_COLS {
+            return Err(KernelError::LengthMismatch {
+                what: "int8 rows: columns (at most MAX_INT8_COLS)",
+                expected: MAX_INT8_COLS,
+                actual: cols,
+            });
+        }
         let expected = rows.saturating_mul(cols);
         if w.len() != expected {
             return Err(KernelError::LengthMismatch {
@@ -153,14 +164,16 @@ impl Int8Rows {
     }
 }
 
-/// `x` as int8 codes in -127..=127 and their scale `max|x| / 127` (0 for a zero or
-/// non-finite-free empty input; a non-finite value gives non-finite outputs downstream, as
-/// the f32 product would).
+/// `x` as int8 codes in -127..=127 and their scale `max|x| / 127`: 0 for a zero (or empty)
+/// input; NaN if a value is not finite, so that the outputs are NaN as the f32 product's would
+/// be (a NaN would otherwise vanish: `f32::max` skips it and `NaN as i8` is 0).
 fn quantize_absmax(x: &[f32]) -> (Vec<i8>, f32) {
+    if x.iter().any(|v| !v.is_finite()) {
+        return (vec![0; x.len()], f32::NAN);
+    }
     let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if max == 0.0 || !max.is_finite() {
-        let scale = if max == 0.0 { 0.0 } else { f32::NAN };
-        return (vec![0; x.len()], scale);
+    if max == 0.0 {
+        return (vec![0; x.len()], 0.0);
     }
     let inv = 127.0 / max;
     let codes = x
@@ -170,11 +183,14 @@ fn quantize_absmax(x: &[f32]) -> (Vec<i8>, f32) {
     (codes, max / 127.0)
 }
 
-/// `Σ a[i] · b[i]` of int8 vectors in -127..=127, exactly: AVX2 where the CPU has it, else
-/// [`dot_i8_scalar`].
+/// `Σ a[i] · b[i]` of int8 vectors, exactly: AVX2 where the CPU has it, else
+/// [`dot_i8_scalar`]. The codes must lie in -127..=127 (the AVX2 sign trick turns a -128 in `b`
+/// against a negative `a` into the wrong sign) and the vectors hold at most
+/// [`MAX_INT8_COLS`] codes (so the sum fits an `i32`); [`Int8Rows`] keeps both.
 ///
 /// # Panics
-/// If the slices differ in length (a programmer error).
+/// If the slices differ in length (a programmer error); in debug builds, for a -128 or a
+/// longer vector.
 pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     assert_eq!(
         a.len(),
@@ -182,6 +198,10 @@ pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
         "dot_i8: {} and {} values",
         a.len(),
         b.len()
+    );
+    debug_assert!(
+        a.len() <= MAX_INT8_COLS && !a.contains(&i8::MIN) && !b.contains(&i8::MIN),
+        "dot_i8: codes must lie in -127..=127, at most MAX_INT8_COLS of them"
     );
     #[cfg(target_arch = "x86_64")]
     if super::avx2::available() {
@@ -277,9 +297,14 @@ mod tests {
                 "row {r}: {y} vs {exact} (bound {bound})"
             );
         }
-        // A zero input gives zeros.
+        // A zero input gives zeros, a NaN in the input NaNs (not a silent zero).
         let mut zeros = vec![f32::NAN; rows];
         m.gemv(&vec![0.0; cols], &mut zeros, 1);
         assert!(zeros.iter().all(|&v| v == 0.0));
+        let mut with_nan = x.clone();
+        with_nan[3] = f32::NAN;
+        m.gemv(&with_nan, &mut zeros, 1);
+        assert!(zeros.iter().all(|v| v.is_nan()));
+        assert!(Int8Rows::quantize(&[], 0, MAX_INT8_COLS + 1).is_err());
     }
 }

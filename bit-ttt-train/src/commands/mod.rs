@@ -396,17 +396,17 @@ type Generate<'a> = dyn FnMut(
 
 /// The tokens a model's config names around a text: BOS goes before the prompt (imported
 /// checkpoints were trained with it; ours have none), EOS ends a generation.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct SpecialTokens {
     bos: Option<u32>,
-    eos: Option<u32>,
+    eos: Vec<u32>,
 }
 
 impl SpecialTokens {
     fn of(config: &bit_ttt_burn::BitLlamaConfig) -> Self {
         Self {
             bos: config.bos_token_id,
-            eos: config.eos_token_id,
+            eos: config.eos_token_ids.clone().unwrap_or_default(),
         }
     }
 }
