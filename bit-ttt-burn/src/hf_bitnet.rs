@@ -656,14 +656,11 @@ pub fn import<B: TernaryBackend>(
     // [vocab, d] → Burn's Linear [d_input, d_output] = [d, vocab].
     let head =
         Tensor::<B, 2>::from_data(TensorData::new(head, [c.vocab_size, d]), device).transpose();
-    model.lm_head = match std::mem::replace(&mut model.lm_head, placeholder()) {
-        Projection::Float(mut linear) => {
-            linear.weight = Param::from_tensor(head);
-            linear.bias = None;
-            Projection::Float(linear)
-        }
-        _ => unreachable!("the config asks for an f32 head"),
+    let Projection::Float(linear) = &mut model.lm_head else {
+        unreachable!("the config asks for an f32 head")
     };
+    linear.weight = Param::from_tensor(head);
+    linear.bias = None;
     model.norm.gamma = Param::from_tensor(vector("model.norm.weight", d)?);
 
     for (i, block) in model.blocks.iter_mut().enumerate() {
@@ -711,18 +708,6 @@ pub fn import<B: TernaryBackend>(
         }
     }
     Ok((model, hf))
-}
-
-/// A projection with no weights, to move the real one out of its place.
-fn placeholder<B: TernaryBackend>() -> Projection<B> {
-    Projection::Packed(PackedBitLinear {
-        weight: TernaryParam::new(TernaryWeights::owned(
-            PackedTernary::pack(&[], 0, 0, 1.0).expect("an empty matrix packs"),
-        )),
-        bias: None,
-        quantize_activations: true,
-        eps: EPS,
-    })
 }
 
 #[cfg(test)]

@@ -267,14 +267,13 @@ pub fn run(
     let mut results = Vec::new();
     for &threads in &settings.threads {
         let decoder = CpuDecoder::new(&model, threads)?;
-        let int8 = if settings.int8_head && !config.ternary_head {
+        let mut int8 = if settings.int8_head && !config.ternary_head {
             let int8 = CpuDecoder::new(&model, threads)?.with_int8_head()?;
             let state = int8.new_state();
             Some((int8, state))
         } else {
             None
         };
-        let mut int8 = int8;
         let bytes_per_token = decoder.weight_bytes_per_token();
         // The state bytes each measured step reads, by its position after the warm-up.
         let state_bytes: Vec<f64> = (0..settings.decode_tokens)

@@ -82,17 +82,31 @@ impl Int8Rows {
         }
         let mut values = vec![0i8; expected];
         let mut scales = vec![0.0f32; rows];
+        // A tile of ROW_TILE rows at a time, each pass over its columns in order: in the
+        // `[d_input, d_output]` orientation a row is a column of `w`, and reading it alone
+        // would touch a new cache line per value (seconds for a large head); a tile reads
+        // ROW_TILE neighbouring values per line instead.
+        const ROW_TILE: usize = 64;
         values
-            .par_chunks_mut(cols.max(1))
-            .zip(scales.par_iter_mut())
+            .par_chunks_mut((ROW_TILE * cols).max(1))
+            .zip(scales.par_chunks_mut(ROW_TILE))
             .enumerate()
-            .for_each(|(r, (row, scale))| {
-                let max = (0..cols).fold(0.0f32, |m, c| m.max(at(r, c).abs()));
-                *scale = max / 127.0;
-                if max > 0.0 {
-                    let inv = 127.0 / max;
-                    for (c, q) in row.iter_mut().enumerate() {
-                        *q = (at(r, c) * inv).round().clamp(-127.0, 127.0) as i8;
+            .for_each(|(t, (tile, tile_scales))| {
+                let r0 = t * ROW_TILE;
+                let mut max = [0.0f32; ROW_TILE];
+                for c in 0..cols {
+                    for (i, m) in max[..tile_scales.len()].iter_mut().enumerate() {
+                        *m = m.max(at(r0 + i, c).abs());
+                    }
+                }
+                let mut inv = [0.0f32; ROW_TILE];
+                for ((s, v), m) in tile_scales.iter_mut().zip(&mut inv).zip(&max) {
+                    *s = m / 127.0;
+                    *v = if *m > 0.0 { 127.0 / m } else { 0.0 };
+                }
+                for c in 0..cols {
+                    for (i, v) in inv[..tile_scales.len()].iter().enumerate() {
+                        tile[i * cols + c] = (at(r0 + i, c) * v).round().clamp(-127.0, 127.0) as i8;
                     }
                 }
             });

@@ -62,30 +62,32 @@ pub fn run(args: ConvertArgs) -> Result<Exit> {
             ScaleConvention::Divide => "dividing (bitlinear)",
         }
     );
-    // The tokenizer first: a conflict must stop us before the large write.
+    // The tokenizer (read once) before the large write: a conflict must stop us first.
     let tokenizer = args.hf.join(TOKENIZER_FILE);
     let out_dir = match args.out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let tokenizer_out = out_dir.join(TOKENIZER_FILE);
-    let copy_tokenizer = tokenizer.is_file() && !same_file(&tokenizer, &tokenizer_out);
-    if copy_tokenizer && tokenizer_out.exists() {
-        let ours =
-            std::fs::read(&tokenizer_out).with_context(|| tokenizer_out.display().to_string())?;
+    let tokenizer_bytes = if tokenizer.is_file() && !same_file(&tokenizer, &tokenizer_out) {
         let theirs = std::fs::read(&tokenizer).with_context(|| tokenizer.display().to_string())?;
-        if ours != theirs {
-            bail!(
-                "{} holds another tokenizer; write the model into its own directory",
-                tokenizer_out.display()
-            );
+        if tokenizer_out.exists() {
+            let ours = std::fs::read(&tokenizer_out)
+                .with_context(|| tokenizer_out.display().to_string())?;
+            if ours != theirs {
+                bail!(
+                    "{} holds another tokenizer; write the model into its own directory",
+                    tokenizer_out.display()
+                );
+            }
         }
-    }
-
+        Some(theirs)
+    } else {
+        None
+    };
     model.save_packed(c, &args.out)?;
-    if copy_tokenizer {
-        let bytes = std::fs::read(&tokenizer).with_context(|| tokenizer.display().to_string())?;
-        bit_ttt_burn::files::write_atomic(&tokenizer_out, &bytes)?;
+    if let Some(bytes) = &tokenizer_bytes {
+        bit_ttt_burn::files::write_atomic(&tokenizer_out, bytes)?;
     }
     // Load it back by memory map, as generate and eval will, and compare the logits.
     let (packed, _) = BitLlama::<NdArray>::load_packed(&args.out, &device)?;
@@ -107,7 +109,7 @@ pub fn run(args: ConvertArgs) -> Result<Exit> {
             args.out.display()
         );
     }
-    if copy_tokenizer || tokenizer.is_file() {
+    if tokenizer.is_file() {
         println!("tokenizer: {}", tokenizer_out.display());
     } else {
         println!(
