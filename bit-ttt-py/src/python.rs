@@ -714,6 +714,7 @@ fn command_error(e: &anyhow::Error) -> PyErr {
             TrainError::Diverged { .. }
             | TrainError::RunLocked { .. }
             | TrainError::BadCheckpoint { .. }
+            | TrainError::Distributed(_)
             | TrainError::Model(_),
         ) => PyRuntimeError::new_err(message),
         _ => PyValueError::new_err(message),

@@ -73,6 +73,15 @@ pub struct TrainerState {
     pub data_fingerprint: u64,
     /// Metrics so far.
     pub metrics: Vec<MetricRow>,
+    /// Training processes the run is shared by (each with `settings.batch_size` sequences
+    /// of every step's batch); the data order depends on it.
+    #[serde(default = "one_process")]
+    pub processes: usize,
+}
+
+/// Runs saved before groups existed were trained by one process.
+fn one_process() -> usize {
+    1
 }
 
 /// The checkpoint directory of run directory `run_dir`.
@@ -620,6 +629,7 @@ mod tests {
             elapsed_s: 0.0,
             data_fingerprint: 0,
             metrics: Vec::new(),
+            processes: 1,
         }
     }
 

@@ -13,6 +13,9 @@ pub enum TrainError {
     /// An error of the model library (loading, saving, generation).
     #[error(transparent)]
     Model(#[from] BitTttError),
+    /// An error of the group of training processes.
+    #[error(transparent)]
+    Distributed(#[from] crate::distributed::DistributedError),
     /// A data file does not exist.
     #[error("data file {} does not exist", .0.display())]
     MissingFile(PathBuf),

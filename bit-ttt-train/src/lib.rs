@@ -1,6 +1,7 @@
 //! The library behind the `bit-ttt-train` command line: tokenizer training, data preparation,
-//! count-based baselines, the training loop with checkpoints and exact resume, evaluation,
-//! metrics and plots, backend selection, and the command line itself ([`commands`]).
+//! count-based baselines, the training loop with checkpoints and exact resume, data-parallel
+//! training across processes ([`distributed`]), evaluation, metrics and plots, backend
+//! selection, and the command line itself ([`commands`]).
 //!
 //! Everything here returns the typed [`TrainError`]; the binary adds context with `anyhow`.
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod commands;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod fuzz;
 pub mod hybrid_bench;

@@ -1,6 +1,7 @@
 //! The training loop: AdamW with warm-up + cosine, gradient clipping, periodic evaluation,
 //! atomic checkpoints, exact resume, divergence detection and Ctrl-C handling.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::Split;
+use crate::distributed::{self, AllReduce};
 use crate::metrics::{self, MetricRow, Reference};
 use crate::rng::SplitMix64;
 use crate::schedule::Schedule;
@@ -411,11 +413,14 @@ pub struct TrainReport<B: Backend> {
     /// Validation cross-entropy of the final model on the whole validation split (only when
     /// the run finished).
     pub final_val_loss: Option<f64>,
+    /// Seconds per step spent in the group's all-reduce (in a group, over this session's
+    /// steps).
+    pub all_reduce_s_per_step: Option<f64>,
 }
 
 /// Serializes seeding the backend and initializing the weights: the NdArray backend's RNG is
 /// global, and concurrent initializations would otherwise interleave their draws.
-static INIT_LOCK: Mutex<()> = Mutex::new(());
+pub(crate) static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// FNV-1a over the token streams.
 pub fn fingerprint(split: &Split) -> u64 {
@@ -429,21 +434,26 @@ pub fn fingerprint(split: &Split) -> u64 {
     h
 }
 
-/// A batch of `batch` random windows of `seq_len + 1` tokens, `[batch, seq_len + 1]`.
+/// Rows `rows` of a batch of `batch` random windows of `seq_len + 1` tokens,
+/// `[rows.len(), seq_len + 1]`. The generator advances by the whole batch, so every process of
+/// a group draws the same batch and keeps its own rows.
 fn sample_batch<B: Backend>(
     tokens: &[u32],
     seq_len: usize,
     batch: usize,
+    rows: Range<usize>,
     rng: &mut SplitMix64,
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
     let starts = tokens.len() - seq_len; // windows [s, s + seq_len] with s < starts
-    let mut ids = Vec::with_capacity(batch * (seq_len + 1));
-    for _ in 0..batch {
+    let mut ids = Vec::with_capacity(rows.len() * (seq_len + 1));
+    for row in 0..batch {
         let s = rng.below(starts);
-        ids.extend(tokens[s..=s + seq_len].iter().map(|&t| t as i64));
+        if rows.contains(&row) {
+            ids.extend(tokens[s..=s + seq_len].iter().map(|&t| t as i64));
+        }
     }
-    Tensor::from_data(TensorData::new(ids, [batch, seq_len + 1]), device)
+    Tensor::from_data(TensorData::new(ids, [rows.len(), seq_len + 1]), device)
 }
 
 /// Mean next-token cross-entropy (nats) of windows `[batch, n + 1]`, and the number of targets.
@@ -516,6 +526,15 @@ impl<B: Backend> ModuleVisitor<B> for FiniteCheck {
     }
 }
 
+/// Reads every parameter, which initializes the lazily initialized ones.
+pub(crate) struct Materialize;
+
+impl<B: Backend> ModuleVisitor<B> for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
+}
+
 fn weights_finite<B: Backend, M: Module<B>>(model: &M) -> bool {
     let mut check = FiniteCheck { finite: true };
     model.visit(&mut check);
@@ -575,10 +594,38 @@ where
     B: AutodiffBackend + TernaryBackend,
     B::InnerBackend: TernaryBackend,
 {
+    train_in_group::<B>(job, device, None)
+}
+
+/// Trains as [`train`] does, as one process of a data-parallel `group` when one is given:
+/// each process computes the gradients of its `settings.batch_size` rows of every step's
+/// batch (of `batch_size × processes` windows), the group averages them before clipping and
+/// AdamW, so all hold the same weights; rank 0 alone writes checkpoints and outputs (the other
+/// ranks only read the run directory, on resume). The weights' fingerprints are compared over
+/// the group at the start and at every evaluation.
+///
+/// # Errors
+/// As [`train`], and the group's [`TrainError::Distributed`] errors (a process that stopped or
+/// cannot be reached, processes holding different data, models or weights).
+pub fn train_in_group<B>(
+    job: TrainJob<'_>,
+    device: &B::Device,
+    mut group: Option<&mut dyn AllReduce>,
+) -> Result<TrainReport<B::InnerBackend>, TrainError>
+where
+    B: AutodiffBackend + TernaryBackend,
+    B::InnerBackend: TernaryBackend,
+{
     let run_dir = job.run_dir;
-    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    let (rank, processes) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.processes()));
+    let writer = rank == 0;
     // Held until the run returns: checkpoints and outputs have one writer.
-    let _lock = checkpoint::RunLock::acquire(run_dir)?;
+    let _lock = if writer {
+        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+        Some(checkpoint::RunLock::acquire(run_dir)?)
+    } else {
+        None
+    };
     let data_fingerprint = fingerprint(job.data);
 
     // A fresh start or the state of the latest checkpoint.
@@ -626,9 +673,19 @@ where
                 elapsed_s: 0.0,
                 data_fingerprint,
                 metrics: Vec::new(),
+                processes,
             },
         )
     };
+    if state.processes != processes {
+        return Err(TrainError::InvalidSetting(format!(
+            "{} was trained by {} process(es); resume it with as many (--processes {} or --launch-local {}): the data order depends on it",
+            run_dir.display(),
+            state.processes,
+            state.processes,
+            state.processes
+        )));
+    }
     let settings = state.settings.clone();
     let config = state.model.clone();
     settings.validate()?;
@@ -654,7 +711,12 @@ where
     let model = {
         let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         B::seed(device, settings.seed);
-        config.init::<B>(device)
+        let model = config.init::<B>(device);
+        // Burn draws a parameter's initial values when it is first read: drawn here, in
+        // visiting order and under the lock, the weights depend on the seed alone, not on what
+        // reads them first (the forward pass alone, or a group's fingerprint check).
+        model.visit(&mut Materialize);
+        model
     };
     let mut optim = AdamWConfig::new()
         .with_beta_1(settings.beta1 as f32)
@@ -674,6 +736,22 @@ where
         model = m;
         optim = o;
         last_checkpoint = Some(dir.clone());
+    }
+    if let Some(group) = group.as_deref_mut() {
+        // Same data, model and settings everywhere, then the same weights.
+        let setup = serde_json::to_vec(&(&config, &settings, state.step, job.stop_at))
+            .map_err(|e| TrainError::InvalidSetting(format!("settings: {e}")))?;
+        let setup = distributed::fnv(
+            distributed::fnv(distributed::FNV_OFFSET, &data_fingerprint.to_le_bytes()),
+            &setup,
+        );
+        distributed::check_same(
+            group,
+            setup,
+            "data, tokenizer, model, settings or step",
+            "start every process with the same --data, --tokenizer (or vocabulary), model and training flags, and on --resume the same run directory contents",
+        )?;
+        check_weights(group, &model, state.step)?;
     }
 
     let schedule = settings.schedule();
@@ -699,7 +777,16 @@ where
     let started = Instant::now();
     let elapsed_before = state.elapsed_s;
     let step_at_start = state.step;
-    let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
+    let global_batch = settings.batch_size.checked_mul(processes).ok_or_else(|| {
+        TrainError::InvalidSetting("--batch-size × --processes is too large".into())
+    })?;
+    let tokens_per_step = (global_batch * settings.seq_len) as u64;
+    // A group evaluates the windows one process with the whole batch would (every process
+    // evaluates: the weights are the same, and nobody waits for rank 0).
+    let eval_batch = global_batch;
+    let own_rows = rank * settings.batch_size..(rank + 1) * settings.batch_size;
+    // Time spent in the group's all-reduce in this session.
+    let mut all_reduce_s = 0.0f64;
     let plot_title = format!(
         "{} ({}, d_model {}, {} layers)",
         run_dir
@@ -738,12 +825,28 @@ where
         let batch = sample_batch::<B>(
             &job.data.train,
             settings.seq_len,
-            settings.batch_size,
+            global_batch,
+            own_rows.clone(),
             &mut state.rng,
             device,
         );
         let loss = lm_loss(&model, batch);
-        let loss_value: f64 = loss.clone().into_scalar().elem();
+        let mut loss_value: f64 = loss.clone().into_scalar().elem();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut interrupted = job
+            .stop_flag
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        if let Some(group) = group.as_deref_mut() {
+            // The whole batch's gradient, loss and stop vote, the same in every process.
+            let reduce_started = Instant::now();
+            let averaged =
+                distributed::average_gradients(&model, grads, loss_value, interrupted, group)?;
+            all_reduce_s += reduce_started.elapsed().as_secs_f64();
+            grads = averaged.grads;
+            loss_value = averaged.loss;
+            interrupted = averaged.stop;
+        }
         let step = state.step + 1;
         if !loss_value.is_finite() {
             if let Some(bar) = &progress {
@@ -755,7 +858,6 @@ where
                 last_checkpoint,
             });
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
         state.step = step;
         state.tokens_seen += tokens_per_step;
@@ -771,7 +873,7 @@ where
                 &model.valid(),
                 &job.data.valid,
                 settings.seq_len,
-                settings.batch_size,
+                eval_batch,
                 settings.eval_batches,
             )
         });
@@ -802,10 +904,14 @@ where
             _ => {}
         }
 
-        let interrupted = job
-            .stop_flag
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst));
+        if group.is_none() {
+            // Alone, a Ctrl-C during the evaluation stops after this step already; a group
+            // stops where its vote says, the same step everywhere.
+            interrupted |= job
+                .stop_flag
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::SeqCst));
+        }
         let periodic = settings.checkpoint_every > 0 && step % settings.checkpoint_every == 0;
         let save_now = periodic || interrupted || step == end;
         // The weights are checked at every evaluation too: a NaN weight that does not yet
@@ -827,7 +933,14 @@ where
                 last_checkpoint,
             });
         }
-        if save_now {
+        if let Some(group) = group.as_deref_mut() {
+            if eval_now || save_now {
+                check_weights(group, &model, step)?;
+            }
+        }
+        if !writer {
+            // Checkpoints and outputs are rank 0's.
+        } else if save_now {
             last_checkpoint = Some(checkpoint::save(
                 run_dir,
                 &model,
@@ -851,13 +964,7 @@ where
     let model = model.valid();
     let mut final_val_loss = None;
     if outcome == Outcome::Finished {
-        let v = evaluate(
-            &model,
-            &job.data.valid,
-            settings.seq_len,
-            settings.batch_size,
-            0,
-        );
+        let v = evaluate(&model, &job.data.valid, settings.seq_len, eval_batch, 0);
         if !v.is_finite() {
             return Err(TrainError::Diverged {
                 step: state.step,
@@ -869,9 +976,15 @@ where
         if let Some(last) = state.metrics.last_mut() {
             last.val_loss = Some(v);
         }
-        model.save(&config, run_dir)?;
-        write_outputs(&state)?;
+        if let Some(group) = group {
+            check_weights(group, &model, state.step)?;
+        }
+        if writer {
+            model.save(&config, run_dir)?;
+            write_outputs(&state)?;
+        }
     }
+    let steps_here = state.step - step_at_start;
     Ok(TrainReport {
         model,
         config,
@@ -879,5 +992,23 @@ where
         outcome,
         last_checkpoint,
         final_val_loss,
+        all_reduce_s_per_step: (steps_here > 0 && processes > 1)
+            .then(|| all_reduce_s / steps_here as f64),
     })
+}
+
+/// Compares the weights' fingerprints over the group (after `step` updates).
+fn check_weights<B: Backend, M: Module<B>>(
+    group: &mut dyn AllReduce,
+    model: &M,
+    step: usize,
+) -> Result<(), TrainError> {
+    let hash = distributed::weights_fingerprint(model);
+    distributed::check_same(
+        group,
+        hash,
+        &format!("weights after step {step}"),
+        "the run cannot continue; report it with the command lines used",
+    )?;
+    Ok(())
 }

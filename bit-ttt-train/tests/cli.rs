@@ -1,75 +1,11 @@
 //! The binary end to end: every bad input is a clear error with a non-zero exit (never a
 //! panic), and a small run trains, stops, resumes, evaluates and generates.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bit-ttt-train"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs and expects failure with `needle` in stderr, and no panic.
-fn fails_with(args: &[&str], needle: &str) {
-    let o = run(args);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{args:?} succeeded:\n{}", stdout(&o));
-    assert!(
-        err.contains(needle),
-        "{args:?}: expected {needle:?} in stderr:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
-}
-
-/// A small English-like corpus (about 12 kB).
-fn corpus(dir: &Path) -> PathBuf {
-    let words = [
-        "the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deck", "wind",
-        "and", "of", "a", "to", "in", "was", "his", "he", "it", "with",
-    ];
-    let mut x: u64 = 3;
-    let mut text = String::new();
-    for i in 0..2400 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        text.push_str(words[(x >> 59) as usize % words.len()]);
-        text.push(if i % 11 == 10 { '\n' } else { ' ' });
-    }
-    let path = dir.join("corpus.txt");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-const TINY: &[&str] = &[
-    "--mixer",
-    "ttt_linear",
-    "--preset",
-    "tiny",
-    "--seq-len",
-    "16",
-    "--batch-size",
-    "4",
-    "--vocab-size",
-    "300",
-    "--eval-every",
-    "2",
-    "--eval-batches",
-    "2",
-    "--progress",
-    "quiet",
-];
 
 #[test]
 fn bad_inputs_are_clear_errors() {
@@ -789,43 +725,6 @@ fn a_resume_in_another_process_repeats_an_uninterrupted_run_bit_for_bit() {
             "{mixer}: the final weights differ"
         );
     }
-}
-
-/// The tensors of a safetensors file: name → (header entry, bytes), metadata left out.
-fn tensors(path: &Path) -> std::collections::BTreeMap<String, (serde_json::Value, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8 + n..];
-    header
-        .into_iter()
-        .filter(|(name, _)| name != "__metadata__")
-        .map(|(name, entry)| {
-            let offsets = &entry["data_offsets"];
-            let (start, end) = (
-                offsets[0].as_u64().unwrap() as usize,
-                offsets[1].as_u64().unwrap() as usize,
-            );
-            let values = data[start..end].to_vec();
-            (name, (entry, values))
-        })
-        .collect()
-}
-
-/// Trains a tokenizer of 300 tokens on `data` into `out`.
-fn train_tokenizer(data: &str, out: &str) -> Output {
-    let o = run(&[
-        "tokenizer",
-        "--data",
-        data,
-        "--vocab-size",
-        "300",
-        "--out",
-        out,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    o
 }
 
 /// `convert` of the tiny Hugging Face BitNet fixture (`tests/fixtures/bitnet-tiny`, whose

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod group;
 pub mod info;
 pub mod tokenizer;
 pub mod train;

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use crate::data;
+use crate::distributed::{GroupConfig, TcpGroup};
 use crate::metrics::{METRICS_FILE, PLOT_FILE};
 use crate::tokenizer::Tokenizer;
-use crate::train::{self, Outcome, TrainJob, TrainSettings};
+use crate::train::{self, Outcome, ProgressMode, TrainJob, TrainSettings};
 use crate::{checkpoint, with_backend, TrainError};
 use anyhow::{bail, Context, Result};
 use bit_ttt_burn::model::files::TOKENIZER_FILE;
@@ -15,6 +16,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
 
+use super::group::{self, GroupArgs};
 use super::{
     format_count, parse_mixer, preset, progress_mode, stop_flag, DeviceArgs, Exit, ProgressArg,
     StopOn,
@@ -130,6 +132,8 @@ pub struct TrainArgs {
     progress: Option<ProgressArg>,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    group: GroupArgs,
 }
 
 /// What a run directory remembers of how it was started (for `--resume`).
@@ -273,9 +277,16 @@ fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
 pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Result<Exit> {
     let given =
         |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
+    if let Some(n) = args.group.launch_local {
+        let command = TrainArgs::augment_args(clap::Command::new("train"));
+        return group::launch_local(n, &command, matches);
+    }
+    let group = args.group.config()?;
+    // Rank 0 (or a process training alone) owns the run directory; the others only read it.
+    let writer = group.as_ref().is_none_or(|g| g.rank == 0);
     let device = args.device.device.check()?;
     let run_dir = args.out.clone();
-    if run_dir.is_dir() {
+    if writer && run_dir.is_dir() {
         // Refuse before touching anything if another trainer is at work here; `train` takes
         // the lock again for the run itself.
         drop(checkpoint::RunLock::acquire(&run_dir)?);
@@ -323,7 +334,7 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Resu
                 .filter_map(Result::ok)
                 .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
         });
-        if run_dir.join(RUN_FILE).exists() || has_steps {
+        if writer && (run_dir.join(RUN_FILE).exists() || has_steps) {
             bail!(
                 "{} already holds a training run; continue it with --resume, or choose another --out",
                 run_dir.display()
@@ -367,6 +378,8 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Resu
         settings.validate()?;
         data::check_length(&split, settings.seq_len)?;
         train::check_fits_memory(&config, train::physical_memory_bytes())?;
+    }
+    if !args.resume && writer {
         // Only a run that passed every check leaves files: a failed start can be retried.
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
@@ -399,16 +412,67 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Resu
         extend: args.extend,
         stop_at: args.stop_at,
         stop_flag: Some(stop_flag(stop)),
-        progress: progress_mode(args.progress),
+        progress: if writer {
+            progress_mode(args.progress)
+        } else {
+            ProgressMode::Quiet
+        },
         references: vec![],
     };
-    with_backend!(device, |B, dev| run_training::<B>(job, &dev))
+    match group {
+        None => with_backend!(device, |B, dev| run_training::<B>(job, &dev, None)),
+        Some(group) => {
+            let (rank, processes) = (group.rank, group.processes);
+            with_backend!(device, |B, dev| run_training::<B>(job, &dev, Some(group)))
+                .with_context(|| format!("rank {rank} of {processes}"))
+        }
+    }
 }
 
-fn run_training<B: TernaryBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<Exit> {
+fn run_training<B: TernaryBackend>(
+    job: TrainJob<'_>,
+    device: &B::Device,
+    group: Option<GroupConfig>,
+) -> Result<Exit> {
     let run_dir = job.run_dir.to_path_buf();
-    let report = train::train::<Autodiff<B>>(job, device)?;
+    let report = match group {
+        None => train::train::<Autodiff<B>>(job, device)?,
+        Some(config) => {
+            let (rank, processes) = (config.rank, config.processes);
+            eprintln!(
+                "rank {rank} of {processes}: joining the group (coordinator {})",
+                config.coordinator
+            );
+            let mut member = TcpGroup::join(config)?;
+            let report = train::train_in_group::<Autodiff<B>>(job, device, Some(&mut member))?;
+            if rank != 0 {
+                eprintln!(
+                    "rank {rank} of {processes}: {} steps done; rank 0 reports and writes the run",
+                    report.state.step
+                );
+                return Ok(if report.outcome == Outcome::Interrupted {
+                    Exit::Interrupted
+                } else {
+                    Exit::Ok
+                });
+            }
+            report
+        }
+    };
     let state = &report.state;
+    if let Some(reduce) = report.all_reduce_s_per_step {
+        let step_s = state.metrics.last().map_or(f64::NAN, |m| {
+            (state.settings.batch_size * state.processes * state.settings.seq_len) as f64
+                / m.tokens_per_s
+        });
+        println!(
+            "group: {} processes, {:.0} tok/s; all-reduce {:.1} ms/step ({:.0}% of a step)",
+            state.processes,
+            state.metrics.last().map_or(f64::NAN, |m| m.tokens_per_s),
+            reduce * 1e3,
+            100.0 * reduce / step_s
+        );
+    }
     let last_train = state.metrics.last().map_or(f64::NAN, |m| m.train_loss);
     match report.outcome {
         Outcome::Finished => {
