@@ -424,14 +424,14 @@ pub(crate) static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// FNV-1a over the token streams.
 pub fn fingerprint(split: &Split) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &t in split.train.iter().chain([&u32::MAX]).chain(&split.valid) {
-        for b in t.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
+    split
+        .train
+        .iter()
+        .chain([&u32::MAX])
+        .chain(&split.valid)
+        .fold(distributed::FNV_OFFSET, |h, t| {
+            distributed::fnv(h, &t.to_le_bytes())
+        })
 }
 
 /// Rows `rows` of a batch of `batch` random windows of `seq_len + 1` tokens,
@@ -602,7 +602,7 @@ where
 /// batch (of `batch_size × processes` windows), the group averages them before clipping and
 /// AdamW, so all hold the same weights; rank 0 alone writes checkpoints and outputs (the other
 /// ranks only read the run directory, on resume). The weights' fingerprints are compared over
-/// the group at the start and at every evaluation.
+/// the group at the start and at every evaluation and checkpoint (the last step's included).
 ///
 /// # Errors
 /// As [`train`], and the group's [`TrainError::Distributed`] errors (a process that stopped or
@@ -781,9 +781,8 @@ where
         TrainError::InvalidSetting("--batch-size × --processes is too large".into())
     })?;
     let tokens_per_step = (global_batch * settings.seq_len) as u64;
-    // A group evaluates the windows one process with the whole batch would (every process
-    // evaluates: the weights are the same, and nobody waits for rank 0).
-    let eval_batch = global_batch;
+    // Evaluations use the whole batch: a group evaluates the windows one process would
+    // (every process evaluates: the weights are the same, and nobody waits for rank 0).
     let own_rows = rank * settings.batch_size..(rank + 1) * settings.batch_size;
     // Time spent in the group's all-reduce in this session.
     let mut all_reduce_s = 0.0f64;
@@ -873,7 +872,7 @@ where
                 &model.valid(),
                 &job.data.valid,
                 settings.seq_len,
-                eval_batch,
+                global_batch,
                 settings.eval_batches,
             )
         });
@@ -964,7 +963,7 @@ where
     let model = model.valid();
     let mut final_val_loss = None;
     if outcome == Outcome::Finished {
-        let v = evaluate(&model, &job.data.valid, settings.seq_len, eval_batch, 0);
+        let v = evaluate(&model, &job.data.valid, settings.seq_len, global_batch, 0);
         if !v.is_finite() {
             return Err(TrainError::Diverged {
                 step: state.step,
@@ -976,9 +975,7 @@ where
         if let Some(last) = state.metrics.last_mut() {
             last.val_loss = Some(v);
         }
-        if let Some(group) = group {
-            check_weights(group, &model, state.step)?;
-        }
+        // The last step's checkpoint compared the weights already.
         if writer {
             model.save(&config, run_dir)?;
             write_outputs(&state)?;

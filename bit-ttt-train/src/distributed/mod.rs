@@ -170,7 +170,7 @@ pub fn average_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
     stop: bool,
     group: &mut dyn AllReduce,
 ) -> Result<GroupStep, DistributedError> {
-    let mut gather = GatherGrads::<B> {
+    let mut gather = GatherGrads {
         grads,
         flat: Vec::new(),
         parts: Vec::new(),
@@ -180,7 +180,6 @@ pub fn average_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
         grads,
         mut flat,
         parts,
-        ..
     } = gather;
     flat.extend([loss as f32, f32::from(u8::from(stop))]);
     group.sum(&mut flat)?;
@@ -189,7 +188,7 @@ pub fn average_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
     let extra = flat.len() - EXTRA_VALUES;
     let loss = f64::from(flat[extra]) / f64::from(n);
     let stop = flat[extra + 1] > 0.0;
-    let mut scatter = ScatterGrads::<B> {
+    let mut scatter = ScatterGrads {
         grads,
         flat: &flat[..extra],
         parts: parts.into_iter(),
@@ -205,23 +204,21 @@ pub fn average_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
 }
 
 /// Where one parameter's gradient lies in the flat buffer (`None`: it has none this step).
-struct Part<B: Backend> {
+struct Part {
     id: ParamId,
     len: Option<usize>,
-    device: B::Device,
 }
 
 /// Takes the gradients out of [`GradientsParams`] into one flat buffer, in visiting order.
-struct GatherGrads<B: AutodiffBackend> {
+struct GatherGrads {
     grads: GradientsParams,
     flat: Vec<f32>,
-    parts: Vec<Part<B::InnerBackend>>,
+    parts: Vec<Part>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GatherGrads<B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for GatherGrads {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
-        let device = param.val().inner().device();
         let len = grad.map(|g| {
             // Flattened first: many gradients come out of the backward pass transposed, and
             // reading those element by element is several times slower than this reshape's
@@ -235,24 +232,20 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GatherGrads<B> {
             self.flat.extend_from_slice(values);
             values.len()
         });
-        self.parts.push(Part {
-            id: param.id,
-            len,
-            device,
-        });
+        self.parts.push(Part { id: param.id, len });
     }
 }
 
 /// Puts the averaged gradients back, parameter by parameter, in the same order.
-struct ScatterGrads<'a, B: AutodiffBackend> {
+struct ScatterGrads<'a> {
     grads: GradientsParams,
     flat: &'a [f32],
-    parts: std::vec::IntoIter<Part<B::InnerBackend>>,
+    parts: std::vec::IntoIter<Part>,
     scale: f32,
     offset: usize,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for ScatterGrads<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScatterGrads<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let part = self.parts.next().expect("the same parameters as gathered");
         debug_assert_eq!(part.id, param.id);
@@ -264,9 +257,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for ScatterGrads<'_, B> {
             .map(|v| v * self.scale)
             .collect();
         self.offset += len;
+        let param = param.val();
         let grad = Tensor::<B::InnerBackend, D>::from_data(
-            TensorData::new(values, param.val().shape()),
-            &part.device,
+            TensorData::new(values, param.shape()),
+            &param.inner().device(),
         );
         self.grads.register::<B::InnerBackend, D>(part.id, grad);
     }

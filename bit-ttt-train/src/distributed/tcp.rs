@@ -107,15 +107,8 @@ impl TcpGroup {
             let stream = stream
                 .as_mut()
                 .expect("rank 0 holds every other rank's stream");
-            let failed = |e| peer_error(e, rank, "sending its values", timeout);
-            read_count(stream, values.len()).map_err(failed)?;
-            for totals in values.chunks_mut(CHUNK_VALUES) {
-                let bytes = &mut bytes[..totals.len() * 4];
-                stream.read_exact(bytes).map_err(|e| failed(e.into()))?;
-                for (total, chunk) in totals.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *total += f32::from_le_bytes(chunk.try_into().expect("4 bytes"));
-                }
-            }
+            read_values(stream, values, &mut bytes, |total, v| *total += v)
+                .map_err(|e| peer_error(e, rank, "sending its values", timeout))?;
         }
         for (rank, stream) in self.peers.iter_mut().enumerate().skip(1) {
             let stream = stream
@@ -136,15 +129,8 @@ impl TcpGroup {
         let mut bytes = vec![0u8; CHUNK_VALUES.min(values.len()) * 4];
         write_values(stream, values, &mut bytes)
             .map_err(|e| peer_error(e.into(), 0, "receiving our values", timeout))?;
-        let failed = |e| peer_error(e, 0, "sending the sum", timeout);
-        read_count(stream, values.len()).map_err(failed)?;
-        for sums in values.chunks_mut(CHUNK_VALUES) {
-            let bytes = &mut bytes[..sums.len() * 4];
-            stream.read_exact(bytes).map_err(|e| failed(e.into()))?;
-            for (value, chunk) in sums.iter_mut().zip(bytes.chunks_exact(4)) {
-                *value = f32::from_le_bytes(chunk.try_into().expect("4 bytes"));
-            }
-        }
+        read_values(stream, values, &mut bytes, |value, sum| *value = sum)
+            .map_err(|e| peer_error(e, 0, "sending the sum", timeout))?;
         Ok(())
     }
 }
@@ -212,16 +198,29 @@ impl From<std::io::Error> for PeerFailure {
     }
 }
 
-/// Reads a message's count and checks it is `count` (before any value is read).
-fn read_count(stream: &mut TcpStream, count: usize) -> Result<(), PeerFailure> {
+/// Reads one message of as many values as `values` holds (the count is checked before any
+/// value is read), chunk by chunk through `bytes`, and `combine`s each into its place.
+fn read_values(
+    stream: &mut TcpStream,
+    values: &mut [f32],
+    bytes: &mut [u8],
+    combine: impl Fn(&mut f32, f32),
+) -> Result<(), PeerFailure> {
     let mut header = [0u8; 8];
     stream.read_exact(&mut header)?;
     let sent = u64::from_le_bytes(header);
-    if sent != count as u64 {
+    if sent != values.len() as u64 {
         return Err(PeerFailure::Count {
             sent,
-            expected: count,
+            expected: values.len(),
         });
+    }
+    for chunk in values.chunks_mut(CHUNK_VALUES) {
+        let bytes = &mut bytes[..chunk.len() * 4];
+        stream.read_exact(bytes)?;
+        for (value, b) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+            combine(value, f32::from_le_bytes(b.try_into().expect("4 bytes")));
+        }
     }
     Ok(())
 }
