@@ -95,19 +95,21 @@ impl<B: Backend> BitLinear<B> {
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let weight = self.weight.val();
-        let gamma = weight.clone().abs().mean().clamp_min(self.eps).detach(); // [1]
+        // What the gradient does not flow through is computed on detached tensors: autodiff
+        // then neither records those operations nor keeps their inputs for the backward pass.
+        let gamma = weight.clone().detach().abs().mean().clamp_min(self.eps); // [1]
         let weight_scaled = weight.div(gamma.clone().unsqueeze::<2>()); // [d_output, d_input]
         let weight_codes = straight_through(
             weight_scaled.clone(),
-            weight_scaled.round().clamp(-1.0, 1.0),
+            weight_scaled.clone().detach().round().clamp(-1.0, 1.0),
         );
         let gamma = gamma.reshape([1; D]);
         let output = if self.quantize_activations {
-            let scale = activation_scale(input.clone(), self.eps).detach(); // [..., 1]
+            let scale = activation_scale(input.clone().detach(), self.eps); // [..., 1]
             let input_scaled = input.mul(scale.clone());
             let input_codes = straight_through(
                 input_scaled.clone(),
-                input_scaled.round().clamp(-128.0, 127.0),
+                input_scaled.clone().detach().round().clamp(-128.0, 127.0),
             );
             let acc = linear(input_codes, weight_codes.transpose(), None); // exact integer sums
             acc.mul(gamma.div(scale)) // the kernels' `gamma / s`

@@ -61,7 +61,8 @@ pub fn straight_through<B: Backend, const D: usize>(
     v: Tensor<B, D>,
     quantized: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let offset = quantized.sub(v.clone()).detach();
+    // Both detached first: the subtraction is not recorded by autodiff.
+    let offset = quantized.detach().sub(v.clone().detach());
     v.add(offset)
 }
 

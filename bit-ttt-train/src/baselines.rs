@@ -140,9 +140,32 @@ pub fn bigram_with_lambda(train: &[u32], valid: &[u32], vocab: usize, lambda: f6
     Counts::new(train, vocab).bigram_ce(valid, lambda)
 }
 
+/// The bigram's cross-entropy of each prediction of `valid` (`valid[i + 1]` given `valid[i]`,
+/// nats), fitted on `train` with `lambda`: a context-free reference for losses by position.
+///
+/// # Panics
+/// If a token id is `>= vocab` ([`compute`] checks them first).
+pub fn bigram_token_losses(train: &[u32], valid: &[u32], vocab: usize, lambda: f64) -> Vec<f64> {
+    let counts = Counts::new(train, vocab);
+    valid
+        .windows(2)
+        .map(|p| -counts.p_bigram(p[0], p[1], lambda).ln())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_losses_average_to_the_bigram_cross_entropy() {
+        let train: Vec<u32> = (0..500).map(|i| (i * 7 % 13) as u32).collect();
+        let valid: Vec<u32> = (0..90).map(|i| (i * 5 % 13) as u32).collect();
+        let losses = bigram_token_losses(&train, &valid, 13, 0.7);
+        assert_eq!(losses.len(), 89);
+        let mean = losses.iter().sum::<f64>() / 89.0;
+        assert!((mean - bigram_with_lambda(&train, &valid, 13, 0.7)).abs() < 1e-12);
+    }
 
     #[test]
     fn hand_checked_tiny_corpus() {

@@ -496,7 +496,7 @@ fn measure_prefill(decoder: &CpuDecoder, prompt: &[u32]) -> Result<PrefillResult
 /// stretched to the depth ([`CpuDecoder::stretch_state`]: a KV cache of that many rows, a TTT
 /// state of that position; a step reads what it would after reading them all). The best of
 /// two rounds, each from a copy of that state; only the decode is timed.
-fn measure_depths(
+pub(crate) fn measure_depths(
     decoder: &CpuDecoder,
     contexts: &[usize],
     mini_batch: usize,

@@ -608,7 +608,7 @@ fn remove_stale_temporaries(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::lm_loss;
+    use crate::evaluation::lm_loss;
     use burn::backend::{Autodiff, NdArray};
     use burn::optim::{AdamWConfig, GradientsParams};
     use burn::record::NamedMpkFileRecorder;

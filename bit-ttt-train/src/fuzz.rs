@@ -278,6 +278,7 @@ fn checkpoint_job<'a>(
         stop_flag: None,
         progress: ProgressMode::Quiet,
         references: Vec::new(),
+        threads: 1,
     }
 }
 

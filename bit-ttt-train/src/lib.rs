@@ -18,12 +18,15 @@ pub mod data;
 pub mod device;
 pub mod distributed;
 pub mod error;
+pub mod evaluation;
 pub mod fuzz;
 pub mod hybrid_bench;
 pub mod metrics;
 pub mod rng;
 pub mod schedule;
+pub mod study;
 pub mod tokenizer;
 pub mod train;
+pub mod train_bench;
 
 pub use error::TrainError;

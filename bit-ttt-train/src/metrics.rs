@@ -211,6 +211,119 @@ pub fn plot_loss(
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 
+/// Draws named lines of (x, y) points as a PNG, x on a log scale if `log_x` (points with
+/// x ≤ 0 are then left out).
+///
+/// # Errors
+/// [`TrainError::Io`] if drawing or writing fails.
+pub fn plot_lines(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    log_x: bool,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), TrainError> {
+    let err = |e: String| TrainError::io(path, std::io::Error::other(e));
+    let points = || {
+        series
+            .iter()
+            .flat_map(|(_, p)| p.iter().copied())
+            .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!log_x || x > 0.0))
+    };
+    if points().next().is_none() {
+        return Ok(());
+    }
+    let (x_lo, x_hi) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (x, _)| {
+        (lo.min(x), hi.max(x))
+    });
+    let (y_lo, y_hi) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, y)| {
+        (lo.min(y), hi.max(y))
+    });
+    let pad = 0.05 * (y_hi - y_lo).max(0.05);
+    let (y_lo, y_hi) = (y_lo - pad, y_hi + pad);
+    let x_hi = if x_hi > x_lo { x_hi } else { x_lo + 1.0 };
+    let labels = ensure_font();
+    let tmp = path.with_extension(format!("tmp-{}.png", std::process::id()));
+    {
+        let root = BitMapBackend::new(&tmp, (960, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20);
+        if labels {
+            builder
+                .caption(title, ("sans-serif", 24))
+                .x_label_area_size(45)
+                .y_label_area_size(60);
+        }
+        let colors = [
+            RGBColor(31, 119, 180),
+            RGBColor(174, 199, 232),
+            RGBColor(214, 39, 40),
+            RGBColor(255, 152, 150),
+            RGBColor(44, 160, 44),
+            RGBColor(152, 223, 138),
+            RGBColor(148, 103, 189),
+            RGBColor(140, 86, 75),
+        ];
+        // One drawing routine for both x scales.
+        macro_rules! draw {
+            ($chart:expr) => {{
+                let mut chart = $chart;
+                if labels {
+                    chart
+                        .configure_mesh()
+                        .x_desc(x_desc)
+                        .y_desc(y_desc)
+                        .x_label_formatter(&|x| format!("{x:.0}"))
+                        .y_label_formatter(&|y| format!("{y:.2}"))
+                        .draw()
+                        .map_err(|e| err(e.to_string()))?;
+                }
+                for (i, (name, pts)) in series.iter().enumerate() {
+                    let color = colors[i % colors.len()];
+                    let pts: Vec<(f64, f64)> = pts
+                        .iter()
+                        .copied()
+                        .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!log_x || x > 0.0))
+                        .collect();
+                    chart
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                        .map_err(|e| err(e.to_string()))?;
+                    let line = chart
+                        .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                        .map_err(|e| err(e.to_string()))?;
+                    if labels {
+                        line.label(name.as_str()).legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                        });
+                    }
+                }
+                if labels {
+                    chart
+                        .configure_series_labels()
+                        .background_style(WHITE.mix(0.85))
+                        .border_style(BLACK)
+                        .label_font(("sans-serif", 16))
+                        .draw()
+                        .map_err(|e| err(e.to_string()))?;
+                }
+            }};
+        }
+        if log_x {
+            draw!(builder
+                .build_cartesian_2d((x_lo..x_hi).log_scale(), y_lo..y_hi)
+                .map_err(|e| err(e.to_string()))?);
+        } else {
+            draw!(builder
+                .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
+                .map_err(|e| err(e.to_string()))?);
+        }
+        root.present().map_err(|e| err(e.to_string()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +350,36 @@ mod tests {
         plot_loss(&png, &rows, &[("bigram".into(), 1.5)], "test", "validation").unwrap();
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn line_plots_on_linear_and_log_scales() {
+        let dir = tempfile::tempdir().unwrap();
+        let series = vec![
+            ("a".to_string(), vec![(1.0, 5.0), (16.0, 4.5), (256.0, 4.2)]),
+            (
+                "b".to_string(),
+                vec![(0.0, 5.1), (16.0, 4.6), (256.0, f64::NAN)],
+            ),
+        ];
+        for log_x in [false, true] {
+            let png = dir.path().join(format!("lines-{log_x}.png"));
+            plot_lines(&png, "t", "x", "y", log_x, &series).unwrap();
+            assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+        }
+        // Nothing to draw: no file.
+        let empty = dir.path().join("empty.png");
+        plot_lines(
+            &empty,
+            "t",
+            "x",
+            "y",
+            true,
+            &[("c".into(), vec![(0.0, 1.0)])],
+        )
+        .unwrap();
+        assert!(!empty.exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }

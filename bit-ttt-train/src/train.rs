@@ -10,8 +10,7 @@ use std::time::Instant;
 use bit_ttt_burn::{BitLlama, BitLlamaConfig, TernaryBackend};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::log_softmax;
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, TrainerState};
 use crate::data::Split;
 use crate::distributed::{self, AllReduce};
+use crate::evaluation::{batch_gradients, evaluate};
 use crate::metrics::{self, MetricRow, Reference};
 use crate::rng::SplitMix64;
 use crate::schedule::Schedule;
@@ -384,6 +384,10 @@ pub struct TrainJob<'a> {
     pub progress: ProgressMode,
     /// Reference lines for the loss plot (e.g. the baselines).
     pub references: Vec<Reference>,
+    /// Compute threads of a training step and of the evaluations (each thread runs its share
+    /// of the batch; [`crate::evaluation::default_threads`] on the CPU, 1 on a GPU). The trained
+    /// weights depend on it through floating-point rounding only.
+    pub threads: usize,
 }
 
 /// How a run ended.
@@ -456,62 +460,6 @@ fn sample_batch<B: Backend>(
     Tensor::from_data(TensorData::new(ids, [rows.len(), seq_len + 1]), device)
 }
 
-/// Mean next-token cross-entropy (nats) of windows `[batch, n + 1]`, and the number of targets.
-pub fn lm_loss<B: TernaryBackend>(model: &BitLlama<B>, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let [batch, len] = windows.dims();
-    let n = len - 1;
-    let inputs = windows.clone().narrow(1, 0, n);
-    let targets = windows.narrow(1, 1, n).reshape([batch * n, 1]);
-    let logits = model.forward(inputs); // [batch, n, vocab]
-    let vocab = logits.dims()[2];
-    let log_probs = log_softmax(logits.reshape([batch * n, vocab]), 1);
-    log_probs.gather(1, targets).mean().neg()
-}
-
-/// Mean next-token cross-entropy, nats/token, of `tokens` cut into consecutive windows of
-/// `seq_len` predictions (each window starts with no context). Every token but the first is
-/// predicted once. `max_batches` limits the work to the first batches (0: all).
-///
-/// # Panics
-/// If `tokens` has fewer than 2 tokens or holds ids outside the model's vocabulary.
-pub fn evaluate<B: TernaryBackend>(
-    model: &BitLlama<B>,
-    tokens: &[u32],
-    seq_len: usize,
-    batch_size: usize,
-    max_batches: usize,
-) -> f64 {
-    assert!(tokens.len() >= 2, "nothing to evaluate");
-    let device = model.embedding.weight.device();
-    let starts: Vec<usize> = (0..tokens.len() - 1).step_by(seq_len).collect();
-    let (full, last): (Vec<usize>, Vec<usize>) = starts
-        .into_iter()
-        .partition(|&s| s + seq_len < tokens.len());
-    let mut groups: Vec<(Vec<usize>, usize)> = full
-        .chunks(batch_size)
-        .map(|c| (c.to_vec(), seq_len))
-        .collect();
-    if let Some(&s) = last.first() {
-        groups.push((vec![s], tokens.len() - 1 - s));
-    }
-    if max_batches > 0 {
-        groups.truncate(max_batches);
-    }
-    let (mut total, mut count) = (0.0f64, 0usize);
-    for (starts, n) in groups {
-        let ids: Vec<i64> = starts
-            .iter()
-            .flat_map(|&s| tokens[s..=s + n].iter().map(|&t| t as i64))
-            .collect();
-        let windows =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [starts.len(), n + 1]), &device);
-        let loss: f64 = lm_loss(model, windows).into_scalar().elem();
-        total += loss * (starts.len() * n) as f64;
-        count += starts.len() * n;
-    }
-    total / count as f64
-}
-
 /// Whether every parameter is finite.
 struct FiniteCheck {
     finite: bool,
@@ -559,21 +507,28 @@ pub fn physical_memory_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Refuses a model whose training state alone (weights, gradients and AdamW moments in f32)
-/// would not fit `memory` bytes: an allocation failure would abort the process instead of
-/// reporting an error.
+/// Refuses a model whose training state alone (weights, gradients and AdamW moments in f32,
+/// plus one more set of gradients for each of the `parts` a batch is split into beyond the
+/// first, see [`batch_gradients`]) would not fit `memory` bytes: an allocation failure would
+/// abort the process instead of reporting an error.
 ///
 /// # Errors
 /// [`TrainError::InvalidSetting`] with the sizes.
-pub fn check_fits_memory(config: &BitLlamaConfig, memory: Option<u64>) -> Result<(), TrainError> {
+pub fn check_fits_memory(
+    config: &BitLlamaConfig,
+    memory: Option<u64>,
+    parts: usize,
+) -> Result<(), TrainError> {
     let (Some(memory), Some(weights)) = (memory, config.matrix_weights()) else {
         return Ok(());
     };
-    let needed = weights.saturating_mul(TRAINING_BYTES_PER_PARAMETER);
+    let per_parameter =
+        TRAINING_BYTES_PER_PARAMETER.saturating_add(4u64.saturating_mul(parts.max(1) as u64 - 1));
+    let needed = weights.saturating_mul(per_parameter);
     if needed > memory {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(TrainError::InvalidSetting(format!(
-            "model: at least {weights} parameters; to train it needs about {:.1} GiB (f32 weights, gradients and AdamW moments), more than this machine's {:.1} GiB",
+            "model: at least {weights} parameters; to train it needs about {:.1} GiB (f32 weights, gradients and AdamW moments, and a set of gradients per extra thread), more than this machine's {:.1} GiB; fewer --threads or a smaller model",
             gib(needed),
             gib(memory)
         )));
@@ -706,7 +661,11 @@ where
         )));
     }
 
-    check_fits_memory(&config, physical_memory_bytes())?;
+    check_fits_memory(
+        &config,
+        physical_memory_bytes(),
+        job.threads.min(settings.batch_size),
+    )?;
 
     let model = {
         let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -829,9 +788,7 @@ where
             &mut state.rng,
             device,
         );
-        let loss = lm_loss(&model, batch);
-        let mut loss_value: f64 = loss.clone().into_scalar().elem();
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (mut loss_value, mut grads) = batch_gradients(&model, batch, job.threads);
         let mut interrupted = job
             .stop_flag
             .as_ref()
@@ -874,6 +831,7 @@ where
                 settings.seq_len,
                 global_batch,
                 settings.eval_batches,
+                job.threads,
             )
         });
         state.metrics.push(MetricRow {
@@ -963,7 +921,14 @@ where
     let model = model.valid();
     let mut final_val_loss = None;
     if outcome == Outcome::Finished {
-        let v = evaluate(&model, &job.data.valid, settings.seq_len, global_batch, 0);
+        let v = evaluate(
+            &model,
+            &job.data.valid,
+            settings.seq_len,
+            global_batch,
+            0,
+            job.threads,
+        );
         if !v.is_finite() {
             return Err(TrainError::Diverged {
                 step: state.step,

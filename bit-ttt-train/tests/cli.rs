@@ -161,7 +161,7 @@ fn demo_validates_first_and_runs_on_a_small_budget() {
     };
     fails(
         demo(&["--data", &few]),
-        "too few for sequences of 64 tokens",
+        "too few for sequences of 256 tokens",
     );
     fails(
         demo(&["--data", &good, "--prompt", ""]),
@@ -199,6 +199,37 @@ fn demo_validates_first_and_runs_on_a_small_budget() {
         .parse()
         .unwrap();
     assert!(ce.is_finite() && ce > 0.0, "{row}");
+    // Cross-entropy by position, in windows of the training length and of four times it.
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("256 tokens, model") || l.starts_with("1024 tokens, model")
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "no by-position rows in:\n{text}");
+    assert_eq!(text.matches("tokens, bigram").count(), 2, "{text}");
+    // 256 tokens: buckets 0–16, 16–64, 64–256, no 256+, then all; 1024 tokens: all five.
+    assert_eq!(
+        rows[0].split_whitespace().filter(|w| *w == "-").count(),
+        1,
+        "{}",
+        rows[0]
+    );
+    let all: Vec<f64> = rows
+        .iter()
+        .map(|r| r.split_whitespace().last().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        (all[0] - ce).abs() < 5e-4,
+        "windows of the training length: {} vs {ce}",
+        all[0]
+    );
+    let cost = text
+        .lines()
+        .find(|l| l.contains("windows of 1024 tokens cost"))
+        .unwrap_or_else(|| panic!("no cost line in:\n{text}"));
+    assert!(cost.contains(&format!("{:+.3}", all[1] - all[0])), "{cost}");
     // A fresh demo replaced the earlier checkpoints with its own.
     assert!(!marker.exists());
     assert!(out.join("checkpoints").join("step-000002").is_dir());
@@ -805,4 +836,129 @@ fn convert_writes_a_packed_file_that_generate_runs() {
         &["convert", "--hf", &hf_s, "--out", &out_s],
         "unsupported checkpoint",
     );
+}
+
+#[test]
+fn study_trains_six_matched_models_and_writes_its_table_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = corpus(dir.path()).to_string_lossy().into_owned();
+    let other = dir.path().join("other.txt");
+    std::fs::write(
+        &other,
+        "Call me Ishmael. Some years ago, never mind how long. ".repeat(40),
+    )
+    .unwrap();
+    let other = other.to_string_lossy().into_owned();
+    let out = dir.path().join("study");
+    let out_s = out.to_string_lossy().into_owned();
+    let study = |extra: &[&str]| {
+        let mut a = vec![
+            "study",
+            "--out",
+            &out_s,
+            "--data",
+            &good,
+            "--vocab-size",
+            "300",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "4",
+            "--long-window",
+            "64",
+            "--decode-context",
+            "8,200",
+        ];
+        a.extend(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    for (extra, needle) in [
+        (
+            &["--minutes-per-model", "0"][..],
+            "--minutes-per-model must be",
+        ),
+        (
+            &["--long-window", "8"][..],
+            "shorter than the training windows",
+        ),
+        (&["--threads", "0"][..], "--threads must be at least 1"),
+        (
+            &["--decode-context", "300000"][..],
+            "above the study's 262144 tokens",
+        ),
+        (&["--eval-data", "/nonexistent/x.txt"][..], "does not exist"),
+        (
+            &["--long-window", "100000"][..],
+            "too few for sequences of 100000 tokens",
+        ),
+    ] {
+        let args = study(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&refs, needle);
+        assert!(!out.exists(), "{extra:?} wrote the study directory");
+    }
+
+    // A budget of 10 steps (the least) per model.
+    let args = study(&["--minutes-per-model", "0.0001", "--eval-data", &other]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&refs);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("study.json")).unwrap()).unwrap();
+    let table = std::fs::read_to_string(out.join("study.md")).unwrap();
+    assert!(table.contains("| interpolated bigram | - | - |"), "{table}");
+    assert_eq!(json["bigram"]["by_position"].as_array().unwrap().len(), 2);
+    assert_eq!(stdout(&o).matches("| ttt_mlp-ternary |").count(), 1);
+    assert_eq!(json["steps"], 10);
+    let models = json["models"].as_array().unwrap();
+    let names: Vec<&str> = models.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "attention-f32",
+            "attention-ternary",
+            "ttt_linear-f32",
+            "ttt_linear-ternary",
+            "ttt_mlp-f32",
+            "ttt_mlp-ternary"
+        ]
+    );
+    let target = models[2]["parameters"].as_f64().unwrap();
+    for m in models {
+        let name = m["name"].as_str().unwrap();
+        assert!(
+            table.contains(&format!("| {name} |")),
+            "{name} missing from the table"
+        );
+        let p = m["parameters"].as_f64().unwrap();
+        assert!(
+            (p - target).abs() / target < 0.03,
+            "{name}: {p} parameters vs {target}"
+        );
+        let scores = m["scores"].as_array().unwrap();
+        assert_eq!(scores.len(), 2, "validation and other.txt");
+        assert_eq!(scores[1]["name"], "other.txt");
+        for s in scores {
+            let nats = s["nats_per_token"].as_f64().unwrap();
+            // Trained a little: below the uniform guess over the vocabulary, above zero.
+            assert!(nats > 0.0 && nats < (300f64).ln() + 0.5, "{name}: {nats}");
+            assert!(s["bits_per_byte"].as_f64().unwrap() > 0.0);
+            // Buckets 0–16, 16–64 of the 64-token windows.
+            assert_eq!(s["by_position"].as_array().unwrap().len(), 2, "{name}");
+        }
+        let decode = m["decode_ms"].as_array().unwrap();
+        assert_eq!(decode.len(), 2);
+        assert!(decode.iter().all(|d| d[1].as_f64().unwrap() > 0.0));
+        assert!(
+            m["curve"].as_array().unwrap().len() >= 2,
+            "{name}: a loss curve"
+        );
+    }
+    for png in ["loss_curves.png", "loss_by_position.png"] {
+        assert_eq!(
+            &std::fs::read(out.join(png)).unwrap()[1..4],
+            b"PNG",
+            "{png}"
+        );
+    }
 }

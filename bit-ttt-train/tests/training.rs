@@ -75,6 +75,8 @@ fn job<'a>(dir: &'a std::path::Path, data: &'a Split) -> TrainJob<'a> {
         stop_flag: None,
         progress: ProgressMode::Quiet,
         references: vec![],
+        // The split of a batch over threads is exercised by every test of this file.
+        threads: 2,
     }
 }
 

@@ -8,6 +8,7 @@
 //! (with the typed [`TrainError`](crate::TrainError) inside where there is one).
 
 pub mod bench;
+pub mod bench_train;
 pub mod convert;
 pub mod demo;
 pub mod eval;
@@ -15,6 +16,7 @@ pub mod export;
 pub mod generate;
 pub mod group;
 pub mod info;
+pub mod study;
 pub mod tokenizer;
 pub mod train;
 
@@ -33,11 +35,13 @@ use bit_ttt_burn::{BitLlamaConfig, GenerationConfig, MixerKind, SamplingConfig};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use bench::BenchArgs;
+use bench_train::BenchTrainArgs;
 use convert::ConvertArgs;
 use demo::DemoArgs;
 use eval::EvalArgs;
 use export::ExportArgs;
 use generate::GenerateArgs;
+use study::StudyArgs;
 use tokenizer::TokenizerArgs;
 use train::TrainArgs;
 
@@ -71,6 +75,13 @@ pub enum Command {
     /// Measure CPU decode (fused and through Burn ops) and prefill of a packed random-weight
     /// model against the machine's read bandwidth.
     Bench(BenchArgs),
+    /// Measure training throughput (tokens/s of forward, backward and AdamW) of the demo's
+    /// model and 125m, ternary and f32, by thread count.
+    BenchTrain(BenchTrainArgs),
+    /// Attention, TTT-Linear and TTT-MLP, each f32 and ternary, trained with one token budget
+    /// at matched parameter counts and compared (loss, loss by position, decode time by
+    /// context): a table and plots.
+    Study(StudyArgs),
     /// Print the compiled-in backends and versions.
     Info,
 }
@@ -118,6 +129,8 @@ pub fn execute(cli: Cli, matches: &clap::ArgMatches, stop: &StopOn) -> Result<Ex
         Command::Export(args) => export::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchTrain(args) => bench_train::run(args),
+        Command::Study(args) => study::run(args),
         Command::Info => {
             info::run();
             Ok(Exit::Ok)
@@ -154,6 +167,32 @@ pub struct DeviceArgs {
     /// Backend: ndarray (CPU), wgpu or cuda (the latter two need the cargo feature of that name).
     #[arg(long, value_enum, default_value = "ndarray")]
     pub device: DeviceKind,
+}
+
+/// CPU compute threads of training and evaluation: `--threads`.
+#[derive(Args, Debug, Clone)]
+pub struct ThreadsArg {
+    /// Compute threads on the CPU (ndarray): each computes its share of a batch's rows (at most
+    /// one thread per row), Burn's operations being single-threaded [default:
+    /// RAYON_NUM_THREADS, else one per CPU; 1 on a GPU]. The trained weights depend on it
+    /// through floating-point rounding only. A split model (--n-gpu-layers) ignores it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ThreadsArg {
+    /// The thread count for `device`.
+    ///
+    /// # Errors
+    /// `--threads 0`.
+    pub fn resolve(&self, device: DeviceKind) -> Result<usize> {
+        match (self.threads, device) {
+            (Some(0), _) => bail!("--threads must be at least 1"),
+            (Some(n), _) => Ok(n),
+            (None, DeviceKind::Ndarray) => Ok(crate::evaluation::default_threads()),
+            (None, _) => Ok(1),
+        }
+    }
 }
 
 /// A model split between the GPU and the CPU: `--n-gpu-layers`, `--gpu-memory`, `--context`.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::group::{self, GroupArgs};
 use super::{
     format_count, parse_mixer, preset, progress_mode, stop_flag, DeviceArgs, Exit, ProgressArg,
-    StopOn,
+    StopOn, ThreadsArg,
 };
 
 // No doc comment: clap would show it in place of the subcommand's own (in main.rs).
@@ -63,6 +63,10 @@ pub struct TrainArgs {
     /// Override the TTT mini-batch size.
     #[arg(long)]
     mini_batch_size: Option<usize>,
+    /// TTT inner-loop base learning rate (eta's scale) [default: the paper's, 1.0 for
+    /// TTT-Linear, 0.1 for TTT-MLP].
+    #[arg(long)]
+    ttt_base_lr: Option<f64>,
     /// Sequence mixer: ttt_linear, ttt_mlp or attention.
     #[arg(long, default_value = "ttt_linear", value_parser = parse_mixer)]
     mixer: MixerKind,
@@ -132,6 +136,8 @@ pub struct TrainArgs {
     progress: Option<ProgressArg>,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    threads: ThreadsArg,
     #[command(flatten)]
     group: GroupArgs,
 }
@@ -240,6 +246,9 @@ fn resume_model(
             *field = v;
         }
     }
+    if args.ttt_base_lr.is_some() {
+        config.ttt_base_lr = args.ttt_base_lr;
+    }
     Ok(config)
 }
 
@@ -266,6 +275,9 @@ fn model_config(args: &TrainArgs, vocab: usize) -> Result<BitLlamaConfig> {
     if let Some(v) = args.mini_batch_size {
         config.mini_batch_size = v;
     }
+    if args.ttt_base_lr.is_some() {
+        config.ttt_base_lr = args.ttt_base_lr;
+    }
     config
         .validate()
         .map_err(|m| TrainError::InvalidSetting(format!("model: {m}")))?;
@@ -285,6 +297,7 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Resu
     // Rank 0 (or a process training alone) owns the run directory; the others only read it.
     let writer = group.as_ref().is_none_or(|g| g.rank == 0);
     let device = args.device.device.check()?;
+    let threads = args.threads.resolve(device)?;
     let run_dir = args.out.clone();
     if writer && run_dir.is_dir() {
         // Refuse before touching anything if another trainer is at work here; `train` takes
@@ -377,7 +390,11 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Resu
     if !args.resume {
         settings.validate()?;
         data::check_length(&split, settings.seq_len)?;
-        train::check_fits_memory(&config, train::physical_memory_bytes())?;
+        train::check_fits_memory(
+            &config,
+            train::physical_memory_bytes(),
+            threads.min(settings.batch_size),
+        )?;
     }
     if !args.resume && writer {
         // Only a run that passed every check leaves files: a failed start can be retried.
@@ -418,6 +435,7 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>, stop: &StopOn) -> Resu
             ProgressMode::Quiet
         },
         references: vec![],
+        threads,
     };
     match group {
         None => with_backend!(device, |B, dev| run_training::<B>(job, &dev, None)),

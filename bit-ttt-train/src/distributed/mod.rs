@@ -446,7 +446,7 @@ mod tests {
             let ids: Vec<i64> = (0..9).map(|i| ((i * 7 + g.rank * 3) % 16) as i64).collect();
             let windows =
                 Tensor::<B, 2, burn::tensor::Int>::from_data(TensorData::new(ids, [1, 9]), &device);
-            let loss = crate::train::lm_loss(&model, windows);
+            let loss = crate::evaluation::lm_loss(&model, windows);
             let loss_value: f64 = burn::tensor::ElementConversion::elem(loss.clone().into_scalar());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let own: Vec<f32> = grads
