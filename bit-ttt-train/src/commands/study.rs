@@ -26,8 +26,8 @@ pub struct StudyArgs {
     #[arg(long, num_args = 1..)]
     eval_data: Vec<PathBuf>,
     /// Training time of the slowest model in minutes; the tokens that buys are every model's
-    /// budget (with the default the study takes well under an hour on 2 cores: a 2-minute
-    /// study took 9.4 minutes there).
+    /// budget (with the default the study should take under an hour on 2 cores: a 2-minute
+    /// study took 11.7 minutes there).
     #[arg(long, default_value_t = 8.0)]
     minutes_per_model: f64,
     /// Vocabulary of the byte-level BPE trained on the data.
