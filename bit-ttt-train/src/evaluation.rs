@@ -156,6 +156,16 @@ impl Evaluation {
         self.count_by_position[position] += 1;
     }
 
+    /// The losses of a stream's predictions (loss `i` predicts token `i + 1`) placed as
+    /// [`evaluate_positions`] places them in windows of `window` tokens: at position `i % window`.
+    pub fn of_stream(losses: &[f64], window: usize) -> Self {
+        let mut evaluation = Self::default();
+        for (i, &loss) in losses.iter().enumerate() {
+            evaluation.add(i % window.max(1), loss);
+        }
+        evaluation
+    }
+
     /// Predictions counted.
     pub fn tokens(&self) -> usize {
         self.count_by_position.iter().sum()
@@ -354,6 +364,14 @@ mod tests {
         let one = evaluate_positions(&model, &tokens, 8, 3, 0, 1);
         assert_eq!(one.tokens(), 99, "every token but the first");
         assert_eq!(one.count_by_position.len(), 8);
+        // A stream's losses placed by position land where the windows put them.
+        let stream: Vec<f64> = (0..99).map(|i| i as f64).collect();
+        let placed = Evaluation::of_stream(&stream, 8);
+        assert_eq!(placed.count_by_position, one.count_by_position);
+        assert_eq!(
+            placed.loss_by_position[3],
+            (0..99).filter(|i| i % 8 == 3).sum::<usize>() as f64
+        );
         for threads in [2, 3] {
             assert_eq!(evaluate_positions(&model, &tokens, 8, 3, 0, threads), one);
         }

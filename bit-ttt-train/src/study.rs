@@ -392,10 +392,7 @@ fn bigram_score(data: &Split, settings: &StudySettings) -> Result<TextScore, Tra
     let base = crate::baselines::compute(&data.train, &data.valid, vocab)?;
     let losses =
         crate::baselines::bigram_token_losses(&data.train, &data.valid, vocab, base.lambda);
-    let mut long = Evaluation::default();
-    for (i, &loss) in losses.iter().enumerate() {
-        long.add(i % settings.long_window, loss);
-    }
+    let long = Evaluation::of_stream(&losses, settings.long_window);
     Ok(TextScore::new(
         "validation",
         base.bigram,

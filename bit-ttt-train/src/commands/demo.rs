@@ -369,13 +369,11 @@ fn by_position<B: TernaryBackend>(
     for &w in &windows {
         let batch = (tokens_per_batch / w).max(1);
         let result = evaluation::evaluate_positions(model, &split.valid, w, batch, 0, threads);
-        // Prediction i (of valid[i + 1]) sits at position i mod w of its window.
-        let mut bigram = Evaluation::default();
-        for (i, &loss) in bigram_losses.iter().enumerate() {
-            bigram.add(i % w, loss);
-        }
         rows.push((format!("{w} tokens, model"), result));
-        rows.push((format!("{w} tokens, bigram"), bigram));
+        rows.push((
+            format!("{w} tokens, bigram"),
+            Evaluation::of_stream(&bigram_losses, w),
+        ));
     }
     let edges = POSITION_EDGES;
     let names: Vec<String> = rows[rows.len() - 1]
