@@ -8,7 +8,7 @@
 //! The task: regress the outputs of a fixed random "teacher" MLP (32 → 64 → 8, tanh) from
 //! Gaussian inputs. Both students have the same shape (32 → 128 → 8, GELU) and the same optimizer.
 
-use bit_ttt::bit_ttt_burn::{BitLinear, BitLinearConfig};
+use bit_ttt::bit_ttt_burn::{BitLinear, BitLinearConfig, TernaryBackend};
 use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module};
@@ -45,7 +45,7 @@ trait Student<B: Backend>: Module<B> {
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2>;
 }
 
-impl<B: Backend> Student<B> for TernaryMlp<B> {
+impl<B: TernaryBackend> Student<B> for TernaryMlp<B> {
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.down.forward(gelu(self.up.forward(x)))
     }

@@ -4,7 +4,11 @@ use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::{backend::Backend, module::linear, Tensor};
 
-use crate::quantize::{activation_scale, quantize_weight, straight_through};
+use crate::TernaryBackend;
+
+use crate::quantize::{
+    activation_scale, quantize_weight, straight_through, SharedWeightCodes, TernaryWeightCodes,
+};
 
 /// Configuration to create a [`BitLinear`] layer with [`init`](BitLinearConfig::init).
 #[derive(Config, Debug)]
@@ -80,7 +84,7 @@ impl BitLinearConfig {
     }
 }
 
-impl<B: Backend> BitLinear<B> {
+impl<B: TernaryBackend> BitLinear<B> {
     /// Applies the quantized linear transformation, with the straight-through estimator.
     ///
     /// The product is taken between the integer codes (ternary weights, int8 activations, held
@@ -97,13 +101,11 @@ impl<B: Backend> BitLinear<B> {
         let weight = self.weight.val();
         // What the gradient does not flow through is computed on detached tensors: autodiff
         // then neither records those operations nor keeps their inputs for the backward pass.
-        let gamma = weight.clone().detach().abs().mean().clamp_min(self.eps); // [1]
-        let weight_scaled = weight.div(gamma.clone().unsqueeze::<2>()); // [d_output, d_input]
-        let weight_codes = straight_through(
-            weight_scaled.clone(),
-            weight_scaled.clone().detach().round().clamp(-1.0, 1.0),
-        );
-        let gamma = gamma.reshape([1; D]);
+        // Inside a `SharedWeightCodes` scope the weight was quantized once for all threads.
+        let prepared = SharedWeightCodes::<B>::lookup(&self.weight.id)
+            .unwrap_or_else(|| TernaryWeightCodes::new(weight.clone(), self.eps));
+        let weight_codes = prepared.apply(weight); // [d_output, d_input], values in {-1, 0, 1}
+        let gamma = prepared.gamma().reshape([1; D]);
         let output = if self.quantize_activations {
             let scale = activation_scale(input.clone().detach(), self.eps); // [..., 1]
             let input_scaled = input.mul(scale.clone());

@@ -63,6 +63,8 @@ pub fn batch_gradients<B: AutodiffBackend + TernaryBackend>(
         return (value, GradientsParams::from_grads(loss.backward(), model));
     }
     let device = windows.device();
+    // Each weight quantized once for all parts, on all threads.
+    let shared = std::sync::Arc::new(model.shared_weight_codes(parts));
     let bounds: Vec<(usize, usize)> = (0..parts)
         .map(|p| (p * rows / parts, (p + 1) * rows / parts))
         .collect();
@@ -72,9 +74,10 @@ pub fn batch_gradients<B: AutodiffBackend + TernaryBackend>(
             .map(|&(start, end)| {
                 let part = windows.clone().narrow(0, start, end - start); // [end - start, n + 1]
                 let local = model.clone().fork(&device);
+                let shared = shared.clone();
                 scope.spawn(move || {
                     let weight = (end - start) as f64 / rows as f64;
-                    let loss = lm_loss(&local, part).mul_scalar(weight);
+                    let loss = shared.scope(|| lm_loss(&local, part)).mul_scalar(weight);
                     let value: f64 = loss.clone().into_scalar().elem();
                     (value, GradientsParams::from_grads(loss.backward(), &local))
                 })

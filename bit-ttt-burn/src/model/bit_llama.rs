@@ -7,6 +7,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::mixer::MixerState;
 use crate::model::block::Block;
 use crate::model::BitLlamaConfig;
+use crate::quantize::SharedWeightCodes;
 use crate::{BitTttError, Projection, ProjectionConfig, TernaryBackend};
 
 /// A Llama-shaped language model whose projections are ternary and whose mixers are TTT layers
@@ -75,6 +76,24 @@ impl BitLlamaConfig {
 }
 
 impl<B: TernaryBackend> BitLlama<B> {
+    /// Every ternary projection's weight quantized once (on `threads` threads), for forwards
+    /// of copies of this model run inside the result's
+    /// [`scope`](SharedWeightCodes::scope) before its weights change: training on several
+    /// threads then quantizes each weight once per step instead of once per thread.
+    pub fn shared_weight_codes(&self, threads: usize) -> SharedWeightCodes<B> {
+        let weights = self
+            .projections()
+            .into_iter()
+            .filter_map(|(_, projection)| match projection {
+                Projection::Ternary(layer) => {
+                    Some((layer.weight.id, layer.weight.val(), layer.eps))
+                }
+                _ => None,
+            })
+            .collect();
+        SharedWeightCodes::new(weights, threads)
+    }
+
     /// Logits for every position of a batch of whole sequences.
     ///
     /// # Shapes

@@ -87,6 +87,21 @@ pub trait TernaryBackend: Backend {
         weight: &Self::PackedWeights,
         precision: ActivationPrecision,
     ) -> FloatTensor<Self>;
+
+    /// Training's straight-through offset of a latent weight in one fused pass, where the
+    /// backend has one: `(offset, 1/gamma)` with `offset = codes − weight · (1/gamma)` and
+    /// `codes = clamp(round(weight / gamma), -1, 1)`, `gamma` a `[1]` tensor (see
+    /// [`TernaryWeightCodes`](crate::quantize::TernaryWeightCodes)). `None` (the default)
+    /// lets the caller compute it op by op.
+    ///
+    /// # Shapes
+    /// - weight, offset: `[d_output, d_input]`
+    fn ternary_ste_offset(
+        _weight: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, f32)> {
+        None
+    }
 }
 
 /// The CPU computation every path shares: `x` holds `tokens` rows of `weight.cols()` values.
@@ -172,6 +187,33 @@ mod ndarray_kernel {
         )
     }
 
+    /// The fused straight-through offset of an f32 weight (other element types: op by op).
+    fn ternary_ste_offset_ndarray(
+        weight: NdArrayTensor,
+        gamma: NdArrayTensor,
+    ) -> Option<(NdArrayTensor, f32)> {
+        let (NdArrayTensor::F32(weight), NdArrayTensor::F32(gamma)) = (&weight, &gamma) else {
+            return None;
+        };
+        let gamma = *gamma.view().iter().next()?;
+        let inv_gamma = 1.0 / gamma;
+        let weight = weight.view();
+        let shape = weight.shape().to_vec();
+        let mut offset = vec![0.0f32; weight.len()];
+        match weight.as_slice() {
+            Some(w) => cpu::ternary_ste_offset(w, gamma, inv_gamma, &mut offset),
+            // Not in row-major order: gathered once.
+            None => {
+                let w: Vec<f32> = weight.iter().copied().collect();
+                cpu::ternary_ste_offset(&w, gamma, inv_gamma, &mut offset)
+            }
+        }
+        Some((
+            NdArrayTensor::from_data(TensorData::new(offset, shape)),
+            inv_gamma,
+        ))
+    }
+
     // `NdArray`'s own bounds name a private type, so the impls name its element types.
     macro_rules! impl_for_ndarray {
         ($($float:ty, $int:ty);*) => {$(
@@ -192,6 +234,13 @@ mod ndarray_kernel {
                     precision: ActivationPrecision,
                 ) -> NdArrayTensor {
                     ternary_linear_ndarray::<Self>(input, weight.view(), precision)
+                }
+
+                fn ternary_ste_offset(
+                    weight: NdArrayTensor,
+                    gamma: NdArrayTensor,
+                ) -> Option<(NdArrayTensor, f32)> {
+                    ternary_ste_offset_ndarray(weight, gamma)
                 }
             }
         )*};
@@ -217,6 +266,15 @@ impl<B: TernaryBackend> TernaryBackend for Autodiff<B> {
     ) -> FloatTensor<Self> {
         let output = B::ternary_linear(Self::inner(input), weight, precision);
         Self::from_inner(output)
+    }
+
+    /// The inner backend's, on the inner tensors: the offset is a constant of the graph.
+    fn ternary_ste_offset(
+        weight: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, f32)> {
+        let (offset, inv_gamma) = B::ternary_ste_offset(Self::inner(weight), Self::inner(gamma))?;
+        Some((Self::from_inner(offset), inv_gamma))
     }
 }
 

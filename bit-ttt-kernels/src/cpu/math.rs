@@ -242,9 +242,59 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `1.5 · 2²³`: adding and subtracting it rounds an f32 of magnitude below 2²² to an integer,
+/// half to even (the default rounding mode), without a call to `rintf`.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// The straight-through offset of a ternary weight (training's BitLinear): with
+/// `codes = clamp(round(w / gamma), -1, 1)` (round half to even, Burn's `round`, `/` as Burn's
+/// division does it), `offset = codes − w · inv_gamma`, so that `w · inv_gamma + offset` is
+/// exactly `codes` for the `w · inv_gamma` the caller computes the same way.
+///
+/// One pass in place of the op-by-op division, rounding, clamp, product and difference: the
+/// codes equal those of `bit_ttt_burn::quantize::ternary_codes` for the same `gamma`.
+///
+/// # Shapes
+/// - weight, offset: `[n]`
+pub fn ternary_ste_offset(weight: &[f32], gamma: f32, inv_gamma: f32, offset: &mut [f32]) {
+    assert_eq!(weight.len(), offset.len(), "ternary_ste_offset: lengths");
+    for (o, &w) in offset.iter_mut().zip(weight) {
+        // Clamped to ±2 first, so the magic-number rounding is exact; rounding then clamping to
+        // ±1 gives the codes of rounding the unclamped value (NaN stays NaN).
+        let v = (w / gamma).clamp(-2.0, 2.0);
+        let code = ((v + ROUND_MAGIC) - ROUND_MAGIC).clamp(-1.0, 1.0);
+        *o = code - w * inv_gamma;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ternary_ste_offset_gives_the_codes() {
+        // gamma 0.5: w / gamma = [1.5, 0.5, -0.5, -1.5, 0.24, 3.0, -7.0, 0.0, -0.0, 1.0]
+        // → half to even [2, 0, -0, -2, 0, 3, -7, 0, -0, 1] → clamp [1, 0, 0, -1, 0, 1, -1, 0, 0, 1].
+        let w = [0.75f32, 0.25, -0.25, -0.75, 0.12, 1.5, -3.5, 0.0, -0.0, 0.5];
+        let expected = [1.0f32, 0.0, 0.0, -1.0, 0.0, 1.0, -1.0, 0.0, 0.0, 1.0];
+        let (gamma, inv_gamma) = (0.5f32, 2.0f32);
+        let mut offset = [0.0; 10];
+        ternary_ste_offset(&w, gamma, inv_gamma, &mut offset);
+        for i in 0..w.len() {
+            assert_eq!(w[i] * inv_gamma + offset[i], expected[i], "element {i}");
+        }
+        // An odd gamma whose reciprocal is inexact: the sum is still exactly the code, and the
+        // code is the rounding of the division (as `f32::round_ties_even` gives it).
+        let gamma = 0.3f32;
+        let inv_gamma = 1.0 / gamma;
+        let w: Vec<f32> = (0..1001).map(|i| (i as f32 - 500.0) * 0.0013).collect();
+        let mut offset = vec![0.0; w.len()];
+        ternary_ste_offset(&w, gamma, inv_gamma, &mut offset);
+        for (i, (&w, &o)) in w.iter().zip(&offset).enumerate() {
+            let code = (w / gamma).round_ties_even().clamp(-1.0, 1.0);
+            assert_eq!(w * inv_gamma + o, code, "element {i}");
+        }
+    }
 
     #[test]
     fn norms_by_hand() {

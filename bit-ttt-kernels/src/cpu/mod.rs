@@ -61,7 +61,7 @@ pub use dense::gemv_f32_dense;
 pub use int8_rows::{dot_i8, dot_i8_scalar, Int8Rows};
 pub use math::{
     add_vec_mat, axpy, dot, gelu_tanh, gelu_tanh_bwd, layer_norm, ln_l2_bwd, relu2_mul, rms_norm,
-    rope_angles, rotate_pairs, sigmoid_tanh, silu, silu_mul, silu_mul_scalar,
+    rope_angles, rotate_pairs, sigmoid_tanh, silu, silu_mul, silu_mul_scalar, ternary_ste_offset,
 };
 pub use ttt_head::{TttHeadInputs, TttHeadState, TttInner, TttLayerParams, TttStep};
 
