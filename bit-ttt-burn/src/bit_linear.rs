@@ -123,7 +123,9 @@ impl<B: TernaryBackend> BitLinear<B> {
             None => output,
         }
     }
+}
 
+impl<B: Backend> BitLinear<B> {
     /// The effective weight the forward multiplies by, `Wq · gamma`, `[d_output, d_input]`.
     pub fn effective_weight(&self) -> Tensor<B, 2> {
         quantize_weight(self.weight.val(), self.eps)

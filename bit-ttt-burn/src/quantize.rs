@@ -83,27 +83,30 @@ pub fn straight_through<B: Backend, const D: usize>(
 /// besides the latent weight itself, computed once on detached tensors.
 ///
 /// [`apply`](Self::apply) returns `W · (1/gamma) + offset` with `offset = Wq − W · (1/gamma)`
-/// (the same product both times, so the sum is exactly the codes `Wq`): one recorded
-/// multiplication links the codes to `W`, whose gradient is therefore the codes' times
-/// `1/gamma`, the straight-through gradient of `W / gamma`. Preparing once and applying many
-/// times is what lets several threads share one quantization of a step's weights
-/// ([`SharedWeightCodes`]).
+/// (the same product both times, so the sum is exactly the codes `Wq` for every weight below
+/// `2²⁴ · gamma` in magnitude): autodiff records the product and the sum, so the gradient to
+/// `W` is the codes' times `1/gamma`, the straight-through gradient of `W / gamma`. A backend
+/// without a fused pass ([`TernaryBackend::ternary_ste_offset`]) divides by `gamma` instead,
+/// as the op-by-op forward always did. Preparing once and applying many times is what lets
+/// several threads share one quantization of a step's weights ([`SharedWeightCodes`]).
 #[derive(Debug, Clone)]
 pub struct TernaryWeightCodes<B: Backend> {
-    /// `Wq − W · (1/gamma)`, `[d_output, d_input]`, detached.
+    /// `Wq` minus the scaled weight (`W · (1/gamma)` or `W / gamma`), `[d_output, d_input]`,
+    /// detached.
     offset: Tensor<B, 2>,
-    /// `1/gamma`.
-    inv_gamma: InverseScale<B>,
+    /// How `W` is scaled to the codes' range.
+    scale: WeightScale<B>,
     /// The absmean scale `gamma`, `[1]`, detached.
     gamma: Tensor<B, 1>,
 }
 
-/// Where `1/gamma` lives: a host number where the backend computed the offset in one pass
-/// (reading `gamma` there is free, and ndarray multiplies by a scalar faster than by a
-/// broadcast tensor); a `[1, 1]` tensor elsewhere, so a GPU never waits for it.
+/// How `W` is scaled: by a host `1/gamma` where the backend computed the offset in one pass
+/// (reading `gamma` there is free, and ndarray multiplies by a scalar faster than it divides
+/// by a broadcast tensor); elsewhere divided by the `[1, 1]` tensor `gamma`, so a GPU never
+/// waits for a number to come back.
 #[derive(Debug, Clone)]
-enum InverseScale<B: Backend> {
-    Host(f32),
+enum WeightScale<B: Backend> {
+    HostInverse(f32),
     Device(Tensor<B, 2>),
 }
 
@@ -123,41 +126,40 @@ impl<B: TernaryBackend> TernaryWeightCodes<B> {
         match fused {
             Some((offset, inv_gamma)) => Self {
                 offset: Tensor::from_primitive(TensorPrimitive::Float(offset)),
-                inv_gamma: InverseScale::Host(inv_gamma),
+                scale: WeightScale::HostInverse(inv_gamma),
                 gamma,
             },
             None => Self::op_by_op(weight, gamma),
         }
     }
 
-    /// [`new`](Self::new) with Burn's ops, for backends without a fused pass.
+    /// [`new`](Self::new) with Burn's ops, for backends without a fused pass: the codes of
+    /// [`ternary_codes`] and `offset = Wq − W / gamma`.
     fn op_by_op(weight: Tensor<B, 2>, gamma: Tensor<B, 1>) -> Self {
-        let inv_gamma = gamma.clone().recip().unsqueeze::<2>(); // [1, 1]
-        let codes = weight
-            .clone()
-            .div(gamma.clone().unsqueeze::<2>()) // as in `ternary_codes`
-            .round()
-            .clamp(-1.0, 1.0);
-        let offset = codes.sub(weight.mul(inv_gamma.clone()));
+        let gamma_2d = gamma.clone().unsqueeze::<2>(); // [1, 1]
+        let scaled = weight.div(gamma_2d.clone()); // [d_output, d_input]
+        let codes = scaled.clone().round().clamp(-1.0, 1.0);
         Self {
-            offset,
-            inv_gamma: InverseScale::Device(inv_gamma),
+            offset: codes.sub(scaled),
+            scale: WeightScale::Device(gamma_2d),
             gamma,
         }
     }
 
     /// The codes `Wq` in value, the straight-through gradient of `W / gamma` to `weight`, which
-    /// must hold the values this was prepared from.
+    /// must hold the values this was prepared from (stale codes are not detected).
     ///
     /// # Shapes
     /// - `weight`, returns: `[d_output, d_input]`
     pub fn apply(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-        let scaled = match &self.inv_gamma {
-            InverseScale::Host(inv_gamma) => weight.mul_scalar(*inv_gamma),
-            InverseScale::Device(inv_gamma) => weight.mul(inv_gamma.clone().detach()),
+        let scaled = match &self.scale {
+            WeightScale::HostInverse(inv_gamma) => weight.mul_scalar(*inv_gamma),
+            WeightScale::Device(gamma) => weight.div(gamma.clone().detach()),
         };
-        // A fresh detached node per use: a node shared by two threads' graphs would make
-        // Burn's autodiff merge them into one.
+        // A fresh detached node per use, so each thread's graph holds only its own nodes: a
+        // first version that shared the offset's node deadlocked in Burn's autodiff (one
+        // thread's backward held its graph while another, holding the graph locator, waited
+        // for that graph).
         scaled.add(self.offset.clone().detach())
     }
 
@@ -301,10 +303,11 @@ mod tests {
             let codes = codes.into_data();
             let fused = TernaryWeightCodes::new(weight.clone(), 1e-5);
             assert!(
-                matches!(fused.inv_gamma, InverseScale::Host(_)),
+                matches!(fused.scale, WeightScale::HostInverse(_)),
                 "ndarray fuses"
             );
             let op_by_op = TernaryWeightCodes::op_by_op(weight.clone(), gamma.clone());
+            // Both give exactly the codes of `ternary_codes`, ties rounded half to even included.
             for prepared in [&fused, &op_by_op] {
                 prepared
                     .apply(weight.clone())
@@ -315,11 +318,6 @@ mod tests {
                     .into_data()
                     .assert_eq(&gamma.to_data(), true);
             }
-            // The same offsets to the bit: the fused pass is the op-by-op recipe.
-            fused
-                .offset
-                .into_data()
-                .assert_eq(&op_by_op.offset.into_data(), true);
         }
     }
 
