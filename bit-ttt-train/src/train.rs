@@ -509,8 +509,9 @@ pub fn physical_memory_bytes() -> Option<u64> {
 
 /// Refuses a model whose training state alone (weights, gradients and AdamW moments in f32,
 /// plus one more set of gradients for each of the `parts` a batch is split into beyond the
-/// first, see [`batch_gradients`]) would not fit `memory` bytes: an allocation failure would
-/// abort the process instead of reporting an error.
+/// first, see [`batch_gradients`], and with ternary weights split in parts the step's shared
+/// straight-through offsets, one f32 per weight) would not fit `memory` bytes: an allocation
+/// failure would abort the process instead of reporting an error.
 ///
 /// # Errors
 /// [`TrainError::InvalidSetting`] with the sizes.
@@ -522,13 +523,16 @@ pub fn check_fits_memory(
     let (Some(memory), Some(weights)) = (memory, config.matrix_weights()) else {
         return Ok(());
     };
-    let per_parameter =
-        TRAINING_BYTES_PER_PARAMETER.saturating_add(4u64.saturating_mul(parts.max(1) as u64 - 1));
+    let parts = parts.max(1) as u64;
+    let shared_codes = if config.ternary && parts > 1 { 4 } else { 0 };
+    let per_parameter = TRAINING_BYTES_PER_PARAMETER
+        .saturating_add(4u64.saturating_mul(parts - 1))
+        .saturating_add(shared_codes);
     let needed = weights.saturating_mul(per_parameter);
     if needed > memory {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(TrainError::InvalidSetting(format!(
-            "model: at least {weights} parameters; to train it needs about {:.1} GiB (f32 weights, gradients and AdamW moments, and a set of gradients per extra thread), more than this machine's {:.1} GiB; fewer --threads or a smaller model",
+            "model: at least {weights} parameters; to train it needs about {:.1} GiB (f32 weights, gradients and AdamW moments, a set of gradients per extra thread, and the shared ternary offsets when split), more than this machine's {:.1} GiB; fewer --threads or a smaller model",
             gib(needed),
             gib(memory)
         )));
@@ -973,4 +977,29 @@ fn check_weights<B: Backend, M: Module<B>>(
         "the run cannot continue; report it with the command lines used",
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_check_counts_threads_and_shared_ternary_offsets() {
+        let config = BitLlamaConfig::ttt_125m(256);
+        let weights = config.matrix_weights().unwrap();
+        // One part: 16 bytes a weight; two: a second gradient set, and for ternary weights
+        // the shared offsets.
+        let fits = |config: &BitLlamaConfig, bytes: u64, parts| {
+            check_fits_memory(config, Some(weights * bytes), parts).is_ok()
+        };
+        let f32_config = config.clone().with_ternary(false);
+        assert!(fits(&config, 16, 1) && !fits(&config, 15, 1));
+        assert!(fits(&f32_config, 20, 2) && !fits(&f32_config, 19, 2));
+        assert!(fits(&config, 24, 2) && !fits(&config, 23, 2));
+        assert!(fits(&config, 28, 3) && !fits(&config, 27, 3));
+        assert!(
+            check_fits_memory(&config, None, 8).is_ok(),
+            "unknown memory"
+        );
+    }
 }
