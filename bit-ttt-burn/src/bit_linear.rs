@@ -4,11 +4,10 @@ use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::{backend::Backend, module::linear, Tensor};
 
-use crate::TernaryBackend;
-
 use crate::quantize::{
     activation_scale, quantize_weight, straight_through, SharedWeightCodes, TernaryWeightCodes,
 };
+use crate::TernaryBackend;
 
 /// Configuration to create a [`BitLinear`] layer with [`init`](BitLinearConfig::init).
 #[derive(Config, Debug)]

@@ -202,20 +202,16 @@ impl<B: TernaryBackend> SharedWeightCodes<B> {
         for (i, weight) in weights.into_iter().enumerate() {
             parts[i % threads].push(weight);
         }
-        let codes = if threads == 1 {
-            parts.into_iter().flat_map(quantize).collect()
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = parts
-                    .into_iter()
-                    .map(|part| scope.spawn(move || quantize(part)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                    .collect()
-            })
-        };
+        let codes = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| scope.spawn(move || quantize(part)))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
         Self { codes }
     }
 
