@@ -176,6 +176,29 @@ impl<B: Backend> TttCache<B> {
             .collect()
     }
 
+    /// Moves past `tokens` whole mini-batches read from a mini-batch boundary, whose end fast
+    /// weights are `state` (what [`super::dual_whole_mini_batches`] returns). The gradient sums
+    /// are not read at a boundary, so they are left as they are.
+    ///
+    /// # Panics
+    /// If the cache is not at a mini-batch boundary or `tokens` is not a whole number of
+    /// mini-batches.
+    pub(crate) fn finish_whole_mini_batches(&mut self, state: Vec<Tensor<B, 4>>, tokens: usize) {
+        assert!(
+            self.position_in_mini_batch() == 0 && tokens.is_multiple_of(self.mini_batch_size),
+            "{tokens} tokens from position {} are not whole mini-batches of {}",
+            self.position_in_mini_batch(),
+            self.mini_batch_size
+        );
+        assert_eq!(
+            state.len(),
+            self.state.len(),
+            "fast weights of another inner model"
+        );
+        self.state = state;
+        self.seq_len_offset += tokens;
+    }
+
     /// Takes in the gradient sums of `len` more tokens; at the end of a mini-batch, steps the
     /// weights (`W_end = W_start − token_eta_last · grads`) and clears the sums.
     ///

@@ -14,8 +14,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use super::autodiff::Lift;
 use super::gelu::{gelu_tanh, gelu_tanh_bwd};
 use super::inner::{ln_params, InnerLinear, InnerMlp, InnerModule};
-use super::ln::{ln_fused_l2_bwd, ln_fwd};
-use super::mini_batch::{MiniBatch, MiniBatchOutput};
+use super::ln::{ln_fused_l2_bwd, ln_fused_l2_bwd_shifted, ln_fwd};
+use super::mini_batch::{MiniBatch, MiniBatchOutput, WholeMiniBatches};
 
 /// For each affine map `z = a W + b` of the inner model, evaluated at `W_start` on the keys:
 /// its input `a` and the gradient `∂ℓ/∂z` of each token's own loss.
@@ -219,4 +219,106 @@ pub fn dual_mini_batch<B: Backend>(
         InnerModule::Linear(inner) => dual_linear(inner, state, earlier, mini_batch),
         InnerModule::Mlp(inner) => dual_mlp(inner, state, earlier, mini_batch),
     }
+}
+
+/// The dual form over `n` whole mini-batches read from a mini-batch boundary: what
+/// [`dual_mini_batch`] computes one mini-batch at a time, with everything that does not depend
+/// on the fast weights formed once for all mini-batches: `XV − XK − beta`, `eta`,
+/// `eta ⊙ (XQ XKᵀ + 1)` (which turns `b1`'s correction into the same product), the step sizes
+/// of the end-of-mini-batch update (`token_eta[K−1] · ttt_lr_eta`, folded into `XK`), and the
+/// output LayerNorm. Each mini-batch then records a fixed, short list of operations: under
+/// autodiff every operation costs bookkeeping (and, for a slice, a zero-filled gradient of the
+/// whole input), which dominates small models.
+///
+/// Returns the outputs `XQ + LN(f_res(XQ; W_i))` and the fast weights after the last
+/// mini-batch (`W_end` of each, `[W1, b1]` or `[W1, b1, W2, b2]`).
+///
+/// # Shapes
+/// - state: as the inner model's, `[batch, heads, rows, cols]` each
+/// - output: `[batch, heads, n · K, head_dim]`
+pub fn dual_whole_mini_batches<B: Backend>(
+    inner: &InnerModule<B>,
+    state: &[Tensor<B, 4>],
+    batches: &WholeMiniBatches<B>,
+) -> (Tensor<B, 4>, Vec<Tensor<B, 4>>) {
+    let k = batches.mini_batch_size();
+    let n = batches.count();
+    let [batch, heads, tokens, head_dim] = batches.xq.dims();
+    assert_eq!(
+        tokens,
+        n * k,
+        "{tokens} tokens are not whole mini-batches of {k}"
+    );
+    let (norm_weight, norm_bias, eps) = match inner {
+        InnerModule::Linear(inner) => (&inner.ttt_norm_weight, &inner.ttt_norm_bias, inner.eps),
+        InnerModule::Mlp(inner) => (&inner.ttt_norm_weight, &inner.ttt_norm_bias, inner.eps),
+    };
+    let (gamma, beta) = ln_params(&Lift::identity(), norm_weight, norm_bias);
+
+    let target_minus_beta = batches.xv.clone() - batches.xk.clone() - beta.clone(); // [batch, heads, n·K, head_dim]
+    let lr = batches.ttt_lr_eta.clone().reshape([batch, heads, n, 1, k]); // [batch, heads, n, 1, K]
+    let token_eta = batches.token_eta.clone();
+    let eta = (token_eta.clone().reshape([1, 1, 1, k, 1]) * lr.clone()).tril(0); // [batch, heads, n, K, K]
+    let xq = batches.xq.clone().reshape([batch, heads, n, k, head_dim]); // [batch, heads, n, K, head_dim]
+    let xk = batches.xk.clone().reshape([batch, heads, n, k, head_dim]); // [batch, heads, n, K, head_dim]
+    let attn1 = xq.matmul(xk.clone().swap_dims(3, 4)); // [batch, heads, n, K, K]
+    let eta_attn1 = (eta.clone() * attn1.add_scalar(1.0)).reshape([batch, heads, tokens, k]); // [batch, heads, n·K, K]
+    let eta = eta.reshape([batch, heads, tokens, k]); // [batch, heads, n·K, K]
+    let lr_end = lr * token_eta.narrow(0, k - 1, 1).reshape([1, 1, 1, 1, 1]); // [batch, heads, n, 1, K]
+    let xk_end_t = (xk * lr_end.clone().swap_dims(3, 4))
+        .swap_dims(3, 4)
+        .reshape([batch, heads, n * head_dim, k]); // [batch, heads, n·head_dim, K]
+    let lr_end = lr_end.reshape([batch, heads, n, k]); // [batch, heads, n, K]
+
+    let mut weights = state.to_vec();
+    let mut z_bars = Vec::with_capacity(n);
+    for i in 0..n {
+        let rows = i * k;
+        let xq_i = batches.xq.clone().narrow(2, rows, k); // [batch, heads, K, head_dim]
+        let xk_i = batches.xk.clone().narrow(2, rows, k); // [batch, heads, K, head_dim]
+        let target_i = target_minus_beta.clone().narrow(2, rows, k); // [batch, heads, K, head_dim]
+        let eta_attn1_i = eta_attn1.clone().narrow(2, rows, k); // [batch, heads, K, K]
+        let xk_end_t_i = xk_end_t.clone().narrow(2, i * head_dim, head_dim); // [batch, heads, head_dim, K]
+        let lr_end_i = lr_end.clone().narrow(2, i, 1); // [batch, heads, 1, K]
+        let (w1, b1) = (weights[0].clone(), weights[1].clone());
+        let z1 = xk_i.matmul(w1.clone()) + b1.clone(); // [batch, heads, K, cols of W1]
+        match inner {
+            InnerModule::Linear(_) => {
+                let grad_z1 = ln_fused_l2_bwd_shifted(z1, target_i, gamma.clone(), eps);
+                let z1_bar =
+                    xq_i.matmul(w1.clone()) + b1.clone() - eta_attn1_i.matmul(grad_z1.clone()); // [batch, heads, K, head_dim]
+                weights = vec![
+                    w1 - xk_end_t_i.matmul(grad_z1.clone()),
+                    b1 - lr_end_i.matmul(grad_z1),
+                ];
+                z_bars.push(z1_bar);
+            }
+            InnerModule::Mlp(_) => {
+                let (w2, b2) = (weights[2].clone(), weights[3].clone());
+                let x2 = gelu_tanh(z1.clone()); // [batch, heads, K, hidden]
+                let z2 = x2.clone().matmul(w2.clone()) + b2.clone(); // [batch, heads, K, head_dim]
+                let grad_z2 = ln_fused_l2_bwd_shifted(z2, target_i, gamma.clone(), eps);
+                let grad_z1 =
+                    grad_z2.clone().matmul(w2.clone().swap_dims(2, 3)) * gelu_tanh_bwd(z1); // [batch, heads, K, hidden]
+                let z1_bar =
+                    xq_i.matmul(w1.clone()) + b1.clone() - eta_attn1_i.matmul(grad_z1.clone()); // [batch, heads, K, hidden]
+                let x2_bar = gelu_tanh(z1_bar); // [batch, heads, K, hidden]
+                let x2_t = x2.swap_dims(2, 3); // [batch, heads, hidden, K]
+                let eta_attn2_i = eta.clone().narrow(2, rows, k)
+                    * x2_bar.clone().matmul(x2_t.clone()).add_scalar(1.0); // [batch, heads, K, K]
+                let z2_bar =
+                    x2_bar.matmul(w2.clone()) + b2.clone() - eta_attn2_i.matmul(grad_z2.clone()); // [batch, heads, K, head_dim]
+                weights = vec![
+                    w1 - xk_end_t_i.matmul(grad_z1.clone()),
+                    b1 - lr_end_i.clone().matmul(grad_z1),
+                    w2 - (x2_t * lr_end_i.clone()).matmul(grad_z2.clone()),
+                    b2 - lr_end_i.matmul(grad_z2),
+                ];
+                z_bars.push(z2_bar);
+            }
+        }
+    }
+    let z_bar = Tensor::cat(z_bars, 2); // [batch, heads, n·K, head_dim]
+    let output = batches.xq.clone() + ln_fwd(z_bar, gamma, beta, eps);
+    (output, weights)
 }

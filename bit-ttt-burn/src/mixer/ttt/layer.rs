@@ -9,10 +9,10 @@ use crate::{Projection, ProjectionConfig, TernaryBackend};
 use super::autodiff::{autodiff_mini_batch, InnerModel};
 use super::cache::{primal_mini_batch, TttCache};
 use super::config::{InnerLoopImpl, TttConfig, TttInner};
-use super::dual::dual_mini_batch;
+use super::dual::{dual_mini_batch, dual_whole_mini_batches};
 use super::gelu::gelu_tanh;
 use super::inner::{InnerLinear, InnerMlp, InnerModule};
-use super::mini_batch::MiniBatch;
+use super::mini_batch::{MiniBatch, WholeMiniBatches};
 
 /// A TTT layer: a sequence mixer whose hidden state is the weights of an inner model, trained
 /// by gradient steps on a self-supervised loss as the sequence is read (Sun et al. 2024).
@@ -330,6 +330,36 @@ impl<B: TernaryBackend> TttLayer<B> {
 
         let mut outputs = Vec::with_capacity(seq.div_ceil(self.mini_batch_size) + 1);
         let mut start = 0;
+        // Whole mini-batches from a boundary: the dual form reads them at once.
+        let whole = if inner_loop == InnerLoopImpl::Dual && cache.position_in_mini_batch() == 0 {
+            seq / self.mini_batch_size * self.mini_batch_size
+        } else {
+            0
+        };
+        if whole > 0 {
+            let leading = |x: &Tensor<B, 4>| {
+                if whole == seq {
+                    x.clone()
+                } else {
+                    x.clone().narrow(2, 0, whole) // [batch, heads, whole, head_dim]
+                }
+            };
+            let batches = WholeMiniBatches {
+                xq: self.rope_mini_batches(leading(&xq)),
+                xk: self.rope_mini_batches(leading(&xk)),
+                xv: leading(&xv),
+                token_eta: token_eta.clone(),
+                ttt_lr_eta: if whole == seq {
+                    ttt_lr_eta.clone()
+                } else {
+                    ttt_lr_eta.clone().narrow(2, 0, whole) // [batch, heads, whole]
+                },
+            };
+            let (output, state) = dual_whole_mini_batches(&self.inner, cache.state(), &batches);
+            cache.finish_whole_mini_batches(state, whole);
+            outputs.push(output);
+            start = whole;
+        }
         while start < seq {
             let position = cache.position_in_mini_batch();
             let len = (self.mini_batch_size - position).min(seq - start);
@@ -380,6 +410,20 @@ impl<B: TernaryBackend> TttLayer<B> {
             None => hidden,
         };
         self.o_proj.forward(hidden)
+    }
+
+    /// RoPE of every mini-batch at positions `0..K`, for tokens that are whole mini-batches from
+    /// a boundary.
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, heads, n · K, head_dim]`
+    fn rope_mini_batches(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, heads, tokens, head_dim] = x.dims();
+        let k = self.mini_batch_size;
+        let per_mini_batch = x.reshape([batch, heads * tokens / k, k, head_dim]); // [batch, heads·n, K, head_dim]
+        self.rope
+            .apply(per_mini_batch, 0)
+            .reshape([batch, heads, tokens, head_dim])
     }
 
     /// `[batch, seq, d_model]` → `[batch, heads, seq, head_dim]`.

@@ -25,7 +25,7 @@ pub fn ln_fwd<B: Backend, const D: usize>(
 /// The gradient of `½ ‖ln_fwd(x) − target‖²` with respect to `x`, row by row, in closed form
 /// (reference: `ln_fused_l2_bwd`):
 ///
-/// `∇x = (D·ĝ − Σĝ − x̂ Σ(ĝ ⊙ x̂)) / (D · std)` with `ĝ = (ln_fwd(x) − target) ⊙ gamma`.
+/// `∇x = (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂)) / std` with `ĝ = (ln_fwd(x) − target) ⊙ gamma`.
 ///
 /// # Shapes
 /// - x, target: `[..., d]`
@@ -38,13 +38,27 @@ pub fn ln_fused_l2_bwd<B: Backend, const D: usize>(
     beta: Tensor<B, D>,
     eps: f64,
 ) -> Tensor<B, D> {
-    let d = x.dims()[D - 1] as f64;
+    ln_fused_l2_bwd_shifted(x, target - beta, gamma, eps)
+}
+
+/// [`ln_fused_l2_bwd`] with `target − beta` given: `ln_fwd(x) − target = x̂ ⊙ gamma − (target −
+/// beta)`. The dual form over whole mini-batches forms `target − beta` once for all of them.
+///
+/// # Shapes
+/// - x, target_minus_beta: `[..., d]`
+/// - gamma: broadcastable to `[..., d]`
+/// - output: `[..., d]`
+pub fn ln_fused_l2_bwd_shifted<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    target_minus_beta: Tensor<B, D>,
+    gamma: Tensor<B, D>,
+    eps: f64,
+) -> Tensor<B, D> {
     let (x_hat, std) = normalize(x, eps);
-    let y = x_hat.clone() * gamma.clone() + beta;
-    let grad_x_hat = (y - target) * gamma;
-    let sum_grad = grad_x_hat.clone().sum_dim(D - 1); // [..., 1]
-    let sum_grad_x_hat = (grad_x_hat.clone() * x_hat.clone()).sum_dim(D - 1); // [..., 1]
-    (grad_x_hat.mul_scalar(d) - sum_grad - x_hat * sum_grad_x_hat) / std.mul_scalar(d)
+    let grad_x_hat = (x_hat.clone() * gamma.clone() - target_minus_beta) * gamma;
+    let mean_grad = grad_x_hat.clone().mean_dim(D - 1); // [..., 1]
+    let mean_grad_x_hat = (grad_x_hat.clone() * x_hat.clone()).mean_dim(D - 1); // [..., 1]
+    (grad_x_hat - mean_grad - x_hat * mean_grad_x_hat) / std
 }
 
 /// `(x̂, std)`: the normalised input `[..., d]` and `sqrt(σ² + eps)` `[..., 1]`.

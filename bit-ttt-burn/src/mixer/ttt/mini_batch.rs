@@ -59,6 +59,40 @@ impl<B: Backend> MiniBatch<B> {
     }
 }
 
+/// The inputs of `n` whole mini-batches, one after the other along the token axis, starting at
+/// a mini-batch boundary: what the dual form reads at once in [`super::dual_whole_mini_batches`].
+///
+/// # Shapes
+/// - `xq`, `xk`, `xv`: `[batch, heads, n · K, head_dim]` (after RoPE on `xq`/`xk`, positions
+///   `0..K` in every mini-batch)
+/// - `token_eta`: `[K]`, the per-position factor of every mini-batch
+/// - `ttt_lr_eta`: `[batch, heads, n · K]`
+#[derive(Clone, Debug)]
+pub struct WholeMiniBatches<B: Backend> {
+    /// Queries, `[batch, heads, n · K, head_dim]`.
+    pub xq: Tensor<B, 4>,
+    /// Keys, `[batch, heads, n · K, head_dim]`.
+    pub xk: Tensor<B, 4>,
+    /// Values, `[batch, heads, n · K, head_dim]`.
+    pub xv: Tensor<B, 4>,
+    /// `token_eta` of positions `0..K`, `[K]`.
+    pub token_eta: Tensor<B, 1>,
+    /// Per-token, per-head learning rates, `[batch, heads, n · K]`.
+    pub ttt_lr_eta: Tensor<B, 3>,
+}
+
+impl<B: Backend> WholeMiniBatches<B> {
+    /// The mini-batch size `K`.
+    pub fn mini_batch_size(&self) -> usize {
+        self.token_eta.dims()[0]
+    }
+
+    /// The number of mini-batches `n`.
+    pub fn count(&self) -> usize {
+        self.xq.dims()[2] / self.mini_batch_size()
+    }
+}
+
 /// What one inner-loop step over a [`MiniBatch`] returns.
 #[derive(Clone, Debug)]
 pub struct MiniBatchOutput<B: Backend> {

@@ -57,6 +57,54 @@ fn autodiff_dual_and_primal_agree_on_outputs_and_final_weights() {
     }
 }
 
+#[test]
+fn whole_mini_batches_at_once_equal_them_one_by_one() {
+    // One call of 48 tokens reads its three mini-batches at once (`dual_whole_mini_batches`);
+    // calls of 5 + 43 tokens start off a boundary and go mini-batch by mini-batch; calls of
+    // 16 + 32 read whole mini-batches from a later boundary. Same outputs and fast weights.
+    let device = Default::default();
+    for inner in [TttInner::Linear, TttInner::Mlp] {
+        let layer = TttConfig::new(16, 2)
+            .with_inner(inner)
+            .with_use_gate(true)
+            .with_ternary(false)
+            .init::<NdArray>(&device);
+        let x = input::<NdArray>([2, 48, 16], 3, 1.0, &device);
+        let read = |splits: &[usize]| {
+            let mut cache = layer.new_cache(2);
+            let mut outputs = Vec::new();
+            let mut start = 0;
+            for &len in splits {
+                let part = x.clone().narrow(1, start, len); // [2, len, 16]
+                outputs.push(layer.forward_with_cache(part, &mut cache));
+                start += len;
+            }
+            (Tensor::cat(outputs, 1), layer.current_weights(&cache))
+        };
+        let (at_once, at_once_weights) = read(&[48]);
+        for splits in [&[5, 43][..], &[16, 32]] {
+            let (out, weights) = read(splits);
+            let diff = max_abs_diff(at_once.clone(), out);
+            assert!(
+                diff < 1e-5,
+                "{inner:?} {splits:?}: outputs differ by {diff}"
+            );
+            for (index, (a, b)) in at_once_weights.iter().zip(weights).enumerate() {
+                let diff = max_abs_diff(a.clone(), b);
+                assert!(
+                    diff < 1e-5,
+                    "{inner:?} {splits:?}: fast weight {index} differs by {diff}"
+                );
+            }
+        }
+        let moved = max_abs_diff(
+            at_once_weights[0].clone(),
+            layer.inner.init_state(2)[0].clone(),
+        );
+        assert!(moved > 1e-3, "{inner:?}: W1 moved only {moved}");
+    }
+}
+
 /// A parameter's path, values and gradient.
 struct Collected {
     path: String,
