@@ -177,8 +177,8 @@ impl<B: Backend> TttCache<B> {
     }
 
     /// Moves past `tokens` whole mini-batches read from a mini-batch boundary, whose end fast
-    /// weights are `state` (what [`super::dual_whole_mini_batches`] returns). The gradient sums
-    /// are not read at a boundary, so they are left as they are.
+    /// weights are `state` (what [`super::dual_whole_mini_batches`] returns); the gradient sums
+    /// are cleared, as at the end of any mini-batch.
     ///
     /// # Panics
     /// If the cache is not at a mini-batch boundary or `tokens` is not a whole number of
@@ -196,6 +196,7 @@ impl<B: Backend> TttCache<B> {
             "fast weights of another inner model"
         );
         self.state = state;
+        self.grads = self.state.iter().map(|w| w.zeros_like()).collect();
         self.seq_len_offset += tokens;
     }
 

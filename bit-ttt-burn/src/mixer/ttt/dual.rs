@@ -249,15 +249,20 @@ pub fn dual_whole_mini_batches<B: Backend>(
         n * k,
         "{tokens} tokens are not whole mini-batches of {k}"
     );
-    let (norm_weight, norm_bias, eps) = match inner {
-        InnerModule::Linear(inner) => (&inner.ttt_norm_weight, &inner.ttt_norm_bias, inner.eps),
-        InnerModule::Mlp(inner) => (&inner.ttt_norm_weight, &inner.ttt_norm_bias, inner.eps),
+    let (norm_weight, norm_bias, eps, fast_weights) = match inner {
+        InnerModule::Linear(inner) => (&inner.ttt_norm_weight, &inner.ttt_norm_bias, inner.eps, 2),
+        InnerModule::Mlp(inner) => (&inner.ttt_norm_weight, &inner.ttt_norm_bias, inner.eps, 4),
     };
+    assert_eq!(
+        state.len(),
+        fast_weights,
+        "fast weights of another inner model"
+    );
     let (gamma, beta) = ln_params(&Lift::identity(), norm_weight, norm_bias);
 
     let target_minus_beta = batches.xv.clone() - batches.xk.clone() - beta.clone(); // [batch, heads, n·K, head_dim]
     let lr = batches.ttt_lr_eta.clone().reshape([batch, heads, n, 1, k]); // [batch, heads, n, 1, K]
-    let token_eta = batches.token_eta.clone();
+    let token_eta = batches.token_eta.clone(); // [K]
     let eta = (token_eta.clone().reshape([1, 1, 1, k, 1]) * lr.clone()).tril(0); // [batch, heads, n, K, K]
     let xq = batches.xq.clone().reshape([batch, heads, n, k, head_dim]); // [batch, heads, n, K, head_dim]
     let xk = batches.xk.clone().reshape([batch, heads, n, k, head_dim]); // [batch, heads, n, K, head_dim]

@@ -290,8 +290,10 @@ impl<B: TernaryBackend> TttLayer<B> {
     /// before post-norm, gate and output projection, continuing from `cache` and advancing it.
     ///
     /// The tokens are split at mini-batch boundaries (of the whole sequence, counting the
-    /// tokens `cache` has seen); each piece is one call of the chosen implementation.
-    /// `single_token_primal` sends pieces of one token to the primal form.
+    /// tokens `cache` has seen); each piece is one call of the chosen implementation. In the
+    /// dual form, from a boundary, the leading whole mini-batches are one call of
+    /// [`dual_whole_mini_batches`]. `single_token_primal` sends pieces of one token to the
+    /// primal form.
     ///
     /// # Shapes
     /// - x: `[batch, seq, d_model]`
@@ -331,7 +333,10 @@ impl<B: TernaryBackend> TttLayer<B> {
         let mut outputs = Vec::with_capacity(seq.div_ceil(self.mini_batch_size) + 1);
         let mut start = 0;
         // Whole mini-batches from a boundary: the dual form reads them at once.
-        let whole = if inner_loop == InnerLoopImpl::Dual && cache.position_in_mini_batch() == 0 {
+        let whole = if inner_loop == InnerLoopImpl::Dual
+            && cache.position_in_mini_batch() == 0
+            && !(single_token_primal && seq == 1)
+        {
             seq / self.mini_batch_size * self.mini_batch_size
         } else {
             0
